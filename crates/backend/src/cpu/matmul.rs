@@ -1,0 +1,144 @@
+//! `nn.Linear` forward and backward on the `gemm` crate. Transposes are expressed as strides, so
+//! no operand is ever copied.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+fn parallelism() -> Parallelism {
+    Parallelism::Rayon(rayon::current_num_threads())
+}
+
+/// `dst[m, n] (+)= lhs[m, k] @ rhs[k, n]` with explicit (row, column) strides for each operand.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided(
+    dst: &mut [f32],
+    accumulate: bool,
+    lhs: &[f32],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[f32],
+    (rhs_rs, rhs_cs): (usize, usize),
+    m: usize,
+    k: usize,
+    n: usize,
+    par: Parallelism,
+) {
+    assert!(dst.len() >= m * n);
+    assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
+    assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
+    // SAFETY: the asserts above keep every access inside the three slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_cs as isize,
+            lhs_rs as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// out[rows, n] = inp[rows, k] @ weight[n, k]^T + bias[n]
+pub(crate) fn forward(
+    out: &mut [f32],
+    inp: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    rows: usize,
+    k: usize,
+    n: usize,
+) {
+    // The bias is written first and the product accumulated onto it: one pass, no temporary.
+    if let Some(bias) = bias {
+        out[..rows * n]
+            .par_chunks_mut(n * (super::CHUNK / n).max(1))
+            .for_each(|c| c.chunks_mut(n).for_each(|row| row.copy_from_slice(bias)));
+    }
+    gemm_strided(
+        out,
+        bias.is_some(),
+        inp,
+        (k, 1),
+        weight,
+        (1, k),
+        rows,
+        k,
+        n,
+        parallelism(),
+    );
+}
+
+/// dinp[rows, k] (+)= dout @ weight;  dweight[n, k] += dout^T @ inp;  dbias[n] += sum_rows dout
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    dinp: Option<&mut [f32]>,
+    accumulate: bool,
+    dweight: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    rows: usize,
+    k: usize,
+    n: usize,
+) {
+    if let Some(dinp) = dinp {
+        gemm_strided(
+            dinp,
+            accumulate,
+            dout,
+            (n, 1),
+            weight,
+            (k, 1),
+            rows,
+            n,
+            k,
+            parallelism(),
+        );
+    }
+    gemm_strided(
+        dweight,
+        true,
+        dout,
+        (1, n),
+        inp,
+        (k, 1),
+        n,
+        rows,
+        k,
+        parallelism(),
+    );
+    if let Some(dbias) = dbias {
+        // Each task owns a block of columns and sums all rows in order: deterministic.
+        const COLS: usize = 64;
+        dbias
+            .par_chunks_mut(COLS)
+            .enumerate()
+            .for_each(|(blk, db)| {
+                let c0 = blk * COLS;
+                let mut acc = [0.0f32; COLS];
+                for r in 0..rows {
+                    let row = &dout[r * n + c0..r * n + c0 + db.len()];
+                    for (a, &g) in acc.iter_mut().zip(row) {
+                        *a += g;
+                    }
+                }
+                for (d, a) in db.iter_mut().zip(acc) {
+                    *d += a;
+                }
+            });
+    }
+}

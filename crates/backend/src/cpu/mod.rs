@@ -1,0 +1,361 @@
+//! The CPU backend: f32 kernels on host memory, multi-threaded with rayon (the global pool,
+//! sized by `--threads`) and the `gemm` crate. Every reduction runs over fixed-size chunks
+//! combined in a fixed order, so results do not depend on the thread count.
+
+mod activation;
+mod adamw;
+mod attention;
+mod dropout;
+mod layernorm;
+mod loss;
+mod matmul;
+mod residual;
+
+use crate::{Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, Tensor};
+use anyhow::{bail, Result};
+
+/// Elements per task in elementwise kernels: large enough to amortise scheduling, a multiple
+/// of 4 so that each task starts on a Philox block.
+pub(crate) const CHUNK: usize = 1 << 14;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Cpu;
+
+pub struct CpuBuffer {
+    data: Vec<f32>,
+    dtype: DType,
+}
+
+impl Buffer for CpuBuffer {
+    fn tensor(&self) -> Tensor {
+        // SAFETY: the view covers exactly this buffer's elements (f32 or i32, both 4 bytes).
+        unsafe { Tensor::from_raw(self.data.as_ptr() as usize, self.data.len(), self.dtype) }
+    }
+}
+
+/// Reads a view as a slice.
+///
+/// SAFETY (for all three helpers): views are made by `CpuBuffer::tensor` and `Tensor::slice`,
+/// so they point to live host memory of the right length; the model guarantees that an output
+/// view never overlaps another view of the same call.
+fn f32s<'a>(t: Tensor) -> &'a [f32] {
+    debug_assert_eq!(t.dtype(), DType::F32);
+    unsafe { std::slice::from_raw_parts(t.addr() as *const f32, t.len()) }
+}
+
+#[allow(clippy::mut_from_ref)]
+fn f32s_mut<'a>(t: Tensor) -> &'a mut [f32] {
+    debug_assert_eq!(t.dtype(), DType::F32);
+    unsafe { std::slice::from_raw_parts_mut(t.addr() as *mut f32, t.len()) }
+}
+
+fn i32s<'a>(t: Tensor) -> &'a [i32] {
+    debug_assert_eq!(t.dtype(), DType::I32);
+    unsafe { std::slice::from_raw_parts(t.addr() as *const i32, t.len()) }
+}
+
+impl Backend for Cpu {
+    type Buffer = CpuBuffer;
+
+    fn device(&self) -> String {
+        "cpu".into()
+    }
+
+    fn alloc(&self, dtype: DType, len: usize) -> Result<CpuBuffer> {
+        if !matches!(dtype, DType::F32 | DType::I32) {
+            bail!("the CPU backend stores f32 and i32 only, not {dtype:?}");
+        }
+        let mut data = Vec::new();
+        if data.try_reserve_exact(len).is_err() {
+            bail!(
+                "cannot allocate {:.1} MiB of host memory",
+                (len * 4) as f64 / 1048576.0
+            );
+        }
+        data.resize(len, 0.0);
+        Ok(CpuBuffer { data, dtype })
+    }
+
+    fn upload(&self, dst: Tensor, src: &[f32]) -> Result<()> {
+        f32s_mut(dst).copy_from_slice(src);
+        Ok(())
+    }
+
+    fn download(&self, src: Tensor, dst: &mut [f32]) -> Result<()> {
+        dst.copy_from_slice(f32s(src));
+        Ok(())
+    }
+
+    fn fill(&self, dst: Tensor, value: f32) -> Result<()> {
+        use rayon::prelude::*;
+        f32s_mut(dst)
+            .par_chunks_mut(CHUNK)
+            .for_each(|c| c.fill(value));
+        Ok(())
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn matmul_forward(
+        &self,
+        out: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        matmul::forward(
+            f32s_mut(out),
+            f32s(inp),
+            f32s(weight),
+            bias.map(f32s),
+            rows,
+            k,
+            n,
+        );
+        Ok(())
+    }
+
+    fn matmul_backward(
+        &self,
+        dinp: Option<Tensor>,
+        accumulate: bool,
+        dweight: Tensor,
+        dbias: Option<Tensor>,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        matmul::backward(
+            dinp.map(f32s_mut),
+            accumulate,
+            f32s_mut(dweight),
+            dbias.map(f32s_mut),
+            f32s(dout),
+            f32s(inp),
+            f32s(weight),
+            rows,
+            k,
+            n,
+        );
+        Ok(())
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        rows: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()> {
+        layernorm::forward(
+            f32s_mut(out),
+            f32s_mut(mean),
+            f32s_mut(rstd),
+            f32s(inp),
+            f32s(weight),
+            f32s(bias),
+            rows,
+            c,
+            eps,
+        );
+        Ok(())
+    }
+
+    fn layernorm_backward(
+        &self,
+        dinp: Tensor,
+        accumulate: bool,
+        dweight: Tensor,
+        dbias: Tensor,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()> {
+        layernorm::backward(
+            f32s_mut(dinp),
+            accumulate,
+            f32s_mut(dweight),
+            f32s_mut(dbias),
+            f32s(dout),
+            f32s(inp),
+            f32s(weight),
+            f32s(mean),
+            f32s(rstd),
+            rows,
+            c,
+        );
+        Ok(())
+    }
+
+    fn attention_forward(
+        &self,
+        out: Tensor,
+        att: Tensor,
+        qkv: Tensor,
+        key_padding: Option<Tensor>,
+        shape: &AttentionShape,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
+        attention::forward(
+            f32s_mut(out),
+            f32s_mut(att),
+            f32s(qkv),
+            key_padding.map(f32s),
+            shape,
+            dropout,
+        );
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        dqkv: Tensor,
+        dout: Tensor,
+        qkv: Tensor,
+        att: Tensor,
+        shape: &AttentionShape,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
+        attention::backward(
+            f32s_mut(dqkv),
+            f32s(dout),
+            f32s(qkv),
+            f32s(att),
+            shape,
+            dropout,
+        );
+        Ok(())
+    }
+
+    fn activation_forward(
+        &self,
+        out: Tensor,
+        inp: Tensor,
+        act: Activation,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
+        activation::forward(f32s_mut(out), f32s(inp), act, dropout);
+        Ok(())
+    }
+
+    fn activation_backward(
+        &self,
+        dinp: Tensor,
+        dout: Tensor,
+        inp: Tensor,
+        act: Activation,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
+        activation::backward(f32s_mut(dinp), f32s(dout), f32s(inp), act, dropout);
+        Ok(())
+    }
+
+    fn residual_forward(
+        &self,
+        out: Tensor,
+        resid: Tensor,
+        inp: Tensor,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
+        residual::forward(f32s_mut(out), f32s(resid), f32s(inp), dropout);
+        Ok(())
+    }
+
+    fn residual_backward(
+        &self,
+        dresid: Tensor,
+        dinp: Tensor,
+        dout: Tensor,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
+        residual::backward(f32s_mut(dresid), f32s_mut(dinp), f32s(dout), dropout);
+        Ok(())
+    }
+
+    fn mse_loss(&self, dinp: Tensor, inp: Tensor, target: Tensor) -> Result<f32> {
+        Ok(loss::mse(f32s_mut(dinp), f32s(inp), f32s(target)))
+    }
+
+    fn cross_entropy(
+        &self,
+        dlogits: Tensor,
+        logits: Tensor,
+        targets: Tensor,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<f32> {
+        loss::cross_entropy(f32s_mut(dlogits), f32s(logits), i32s(targets), rows, vocab)
+    }
+
+    fn sum_squares(&self, t: Tensor) -> Result<f64> {
+        Ok(adamw::sum_squares(f32s(t)))
+    }
+
+    fn scale(&self, t: Tensor, s: f32) -> Result<()> {
+        use rayon::prelude::*;
+        f32s_mut(t)
+            .par_chunks_mut(CHUNK)
+            .for_each(|c| c.iter_mut().for_each(|x| *x *= s));
+        Ok(())
+    }
+
+    fn adamw(&self, param: Tensor, grad: Tensor, m: Tensor, v: Tensor, hp: &AdamW) -> Result<()> {
+        adamw::step(f32s_mut(param), f32s(grad), f32s_mut(m), f32s_mut(v), hp);
+        Ok(())
+    }
+}
+
+/// Sums `f(chunk)` over fixed-size chunks of `0..n` in parallel, then adds the partial sums in
+/// chunk order: the result is the same for every thread count.
+pub(crate) fn deterministic_sum(
+    n: usize,
+    chunk: usize,
+    f: impl Fn(std::ops::Range<usize>) -> f64 + Sync,
+) -> f64 {
+    use rayon::prelude::*;
+    let chunks = n.div_ceil(chunk);
+    // Small fixed-size stack array of partials per group keeps the step allocation-free.
+    const GROUP: usize = 256;
+    let mut total = 0.0;
+    for g in (0..chunks).step_by(GROUP) {
+        let mut partial = [0.0f64; GROUP];
+        let m = GROUP.min(chunks - g);
+        partial[..m].par_iter_mut().enumerate().for_each(|(i, p)| {
+            let c = g + i;
+            *p = f(c * chunk..((c + 1) * chunk).min(n));
+        });
+        total += partial[..m].iter().sum::<f64>();
+    }
+    total
+}
+
+/// A raw pointer that may cross threads: kernels use it where parallel tasks write disjoint
+/// parts of one output (each attention head its own columns).
+#[derive(Clone, Copy)]
+pub(crate) struct SendPtr(pub *mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    /// A method, not field access, so closures capture the `Sync` wrapper, not the raw pointer.
+    pub(crate) fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}

@@ -1,0 +1,241 @@
+//! The backend API: every kernel flint's models call, as one trait.
+//!
+//! Kernels take [`Tensor`]s, which are plain views (address, length, dtype) into buffers the
+//! backend allocated, like device pointers in CUDA: the model plans its buffers up front and
+//! hands out non-overlapping views, so a kernel call never allocates. The CPU backend
+//! ([`cpu::Cpu`]) is the reference; a CUDA backend implements the same trait on device memory
+//! and a stream (`synchronize` waits for it).
+//!
+//! Conventions, as in llm.c: shapes in the doc comment of each call; `rows` are tokens;
+//! parameter gradients always accumulate (`+=`, the optimizer zeroes them), input gradients
+//! accumulate only where the call says so.
+
+pub mod cpu;
+pub mod philox;
+mod tensor;
+
+pub use tensor::{Buffer, DType, Tensor};
+
+use anyhow::Result;
+
+/// Pointwise activation of a feed-forward block.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Relu,
+    /// `F.gelu(x)`: exact, with erf.
+    Gelu,
+    /// `F.gelu(x, approximate="tanh")`, as in GPT-2.
+    GeluTanh,
+}
+
+/// Dropout applied inside a kernel. The mask is a pure function of `(seed, offset, index)`
+/// through Philox (see [`philox`]), so forward and backward regenerate the same mask, and it
+/// does not depend on the thread count or the device.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    /// Probability of zeroing an element; kept elements are scaled by `1 / (1 - p)`.
+    pub p: f32,
+    pub seed: u64,
+    /// Distinguishes call sites and steps: two dropouts with the same seed and offset share masks.
+    pub offset: u64,
+}
+
+/// Shape of multi-head self-attention over a `[rows, 3 * heads * head_dim]` packed q|k|v input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub batch: usize,
+    pub seq: usize,
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Token `(b, t)` is row `b * seq + t` when true, `t * batch + b` otherwise (PyTorch's
+    /// `batch_first`), so neither layout needs a transpose.
+    pub batch_first: bool,
+    /// Query `t` sees keys `0..=t` only.
+    pub causal: bool,
+}
+
+impl AttentionShape {
+    pub fn rows(&self) -> usize {
+        self.batch * self.seq
+    }
+    pub fn row(&self, b: usize, t: usize) -> usize {
+        if self.batch_first {
+            b * self.seq + t
+        } else {
+            t * self.batch + b
+        }
+    }
+    pub fn width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+}
+
+/// `torch.optim.AdamW` hyper-parameters for one update; `step` counts from 1.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamW {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    pub step: u32,
+}
+
+pub trait Backend: Send + Sync {
+    type Buffer: Buffer;
+
+    /// Human-readable device, e.g. `cpu`.
+    fn device(&self) -> String;
+    fn alloc(&self, dtype: DType, len: usize) -> Result<Self::Buffer>;
+    fn upload(&self, dst: Tensor, src: &[f32]) -> Result<()>;
+    fn download(&self, src: Tensor, dst: &mut [f32]) -> Result<()>;
+    fn fill(&self, dst: Tensor, value: f32) -> Result<()>;
+    /// Waits until every queued kernel has finished.
+    fn synchronize(&self) -> Result<()>;
+
+    /// `out[rows, n] = inp[rows, k] @ weight[n, k]^T + bias[n]` (PyTorch `nn.Linear` layout).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_forward(
+        &self,
+        out: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()>;
+
+    /// Backward of [`Backend::matmul_forward`] given `dout[rows, n]`: `dinp[rows, k]` (`+=` when
+    /// `accumulate`, else `=`), `dweight[n, k] +=`, `dbias[n] +=`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward(
+        &self,
+        dinp: Option<Tensor>,
+        accumulate: bool,
+        dweight: Tensor,
+        dbias: Option<Tensor>,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()>;
+
+    /// `out[rows, c] = (inp - mean) * rstd * weight + bias` per row; saves `mean[rows]`, `rstd[rows]`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(
+        &self,
+        out: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        rows: usize,
+        c: usize,
+        eps: f32,
+    ) -> Result<()>;
+
+    /// Backward of [`Backend::layernorm_forward`]: `dinp` (`+=` when `accumulate`), `dweight +=`, `dbias +=`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &self,
+        dinp: Tensor,
+        accumulate: bool,
+        dweight: Tensor,
+        dbias: Tensor,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Tensor,
+        mean: Tensor,
+        rstd: Tensor,
+        rows: usize,
+        c: usize,
+    ) -> Result<()>;
+
+    /// Scaled dot-product attention per (batch, head): `att[batch, heads, seq, seq]` saves the
+    /// softmax probabilities (before dropout); `out[rows, heads * head_dim]` is
+    /// `dropout(att) @ v`. `key_padding[batch, seq]` is 1.0 where a key is padding.
+    fn attention_forward(
+        &self,
+        out: Tensor,
+        att: Tensor,
+        qkv: Tensor,
+        key_padding: Option<Tensor>,
+        shape: &AttentionShape,
+        dropout: Option<Dropout>,
+    ) -> Result<()>;
+
+    /// Backward of [`Backend::attention_forward`]: writes (`=`) all of `dqkv[rows, 3 * width]`.
+    fn attention_backward(
+        &self,
+        dqkv: Tensor,
+        dout: Tensor,
+        qkv: Tensor,
+        att: Tensor,
+        shape: &AttentionShape,
+        dropout: Option<Dropout>,
+    ) -> Result<()>;
+
+    /// `out = dropout(act(inp))`, elementwise.
+    fn activation_forward(
+        &self,
+        out: Tensor,
+        inp: Tensor,
+        act: Activation,
+        dropout: Option<Dropout>,
+    ) -> Result<()>;
+
+    /// Backward of [`Backend::activation_forward`]: `dinp = act'(inp) * dropout(dout)`.
+    fn activation_backward(
+        &self,
+        dinp: Tensor,
+        dout: Tensor,
+        inp: Tensor,
+        act: Activation,
+        dropout: Option<Dropout>,
+    ) -> Result<()>;
+
+    /// `out = resid + dropout(inp)`, the residual connection of a Transformer block.
+    fn residual_forward(
+        &self,
+        out: Tensor,
+        resid: Tensor,
+        inp: Tensor,
+        dropout: Option<Dropout>,
+    ) -> Result<()>;
+
+    /// Backward of [`Backend::residual_forward`]: `dresid += dout`, `dinp = dropout(dout)`.
+    fn residual_backward(
+        &self,
+        dresid: Tensor,
+        dinp: Tensor,
+        dout: Tensor,
+        dropout: Option<Dropout>,
+    ) -> Result<()>;
+
+    /// `F.mse_loss(inp, target)` (mean); writes `dinp = d loss / d inp`, returns the loss.
+    fn mse_loss(&self, dinp: Tensor, inp: Tensor, target: Tensor) -> Result<f32>;
+
+    /// `F.cross_entropy(logits[rows, vocab], targets[rows])` (mean over rows); fused with its
+    /// backward: writes `dlogits`, returns the loss. `targets` is an i32 tensor.
+    fn cross_entropy(
+        &self,
+        dlogits: Tensor,
+        logits: Tensor,
+        targets: Tensor,
+        rows: usize,
+        vocab: usize,
+    ) -> Result<f32>;
+
+    /// Sum of squares of `t` (for global-norm clipping).
+    fn sum_squares(&self, t: Tensor) -> Result<f64>;
+
+    /// `t *= s`.
+    fn scale(&self, t: Tensor, s: f32) -> Result<()>;
+
+    /// One `torch.optim.AdamW` update of `param` from `grad`, with moments `m` and `v`.
+    fn adamw(&self, param: Tensor, grad: Tensor, m: Tensor, v: Tensor, hp: &AdamW) -> Result<()>;
+}

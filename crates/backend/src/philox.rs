@@ -1,0 +1,130 @@
+//! Philox4x32-10 (Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC'11), the
+//! counter-based generator cuRAND and PyTorch's CUDA dropout use. Random number `i` of a
+//! stream is a pure function of `(seed, offset, i)`, so any thread, or a GPU, can produce any
+//! element without sequential state: masks are identical for every thread count and device.
+
+use crate::Dropout;
+
+const M0: u32 = 0xD251_1F53;
+const M1: u32 = 0xCD9E_8D57;
+const W0: u32 = 0x9E37_79B9;
+const W1: u32 = 0xBB67_AE85;
+
+#[inline(always)]
+fn mulhilo(a: u32, b: u32) -> (u32, u32) {
+    let p = a as u64 * b as u64;
+    ((p >> 32) as u32, p as u32)
+}
+
+/// The 4 words for counter `(block, offset)` under key `seed`.
+#[inline(always)]
+pub fn philox4x32(seed: u64, offset: u64, block: u64) -> [u32; 4] {
+    let mut c = [
+        block as u32,
+        (block >> 32) as u32,
+        offset as u32,
+        (offset >> 32) as u32,
+    ];
+    let mut k = [seed as u32, (seed >> 32) as u32];
+    for round in 0..10 {
+        if round > 0 {
+            k[0] = k[0].wrapping_add(W0);
+            k[1] = k[1].wrapping_add(W1);
+        }
+        let (hi0, lo0) = mulhilo(M0, c[0]);
+        let (hi1, lo1) = mulhilo(M1, c[2]);
+        c = [hi1 ^ c[1] ^ k[0], lo1, hi0 ^ c[3] ^ k[1], lo0];
+    }
+    c
+}
+
+/// Uniform u32 number `i` of the stream `(seed, offset)`.
+pub fn uniform_u32(seed: u64, offset: u64, i: u64) -> u32 {
+    philox4x32(seed, offset, i / 4)[(i % 4) as usize]
+}
+
+/// Writes the dropout multipliers of elements `start..start + out.len()`: 0 for a dropped
+/// element, `1 / (1 - p)` for a kept one. Element `i` is dropped when its uniform u32 falls
+/// below `p * 2^32`.
+pub fn dropout_multipliers(d: &Dropout, start: usize, out: &mut [f32]) {
+    if d.p >= 1.0 {
+        out.fill(0.0);
+        return;
+    }
+    let threshold = (d.p as f64 * 4294967296.0) as u64;
+    let keep = 1.0 / (1.0 - d.p);
+    let mut i = start;
+    let mut j = 0;
+    while j < out.len() {
+        let words = philox4x32(d.seed, d.offset, (i / 4) as u64);
+        let lane0 = i % 4;
+        let n = (4 - lane0).min(out.len() - j);
+        for &w in &words[lane0..lane0 + n] {
+            out[j] = if (w as u64) < threshold { 0.0 } else { keep };
+            j += 1;
+        }
+        i += n;
+    }
+}
+
+/// Standard normal number `i` of the stream `(seed, offset)` (Box–Muller on two uniforms), for
+/// parameter initialisation and synthetic inputs that must not depend on the thread count.
+pub fn normal(seed: u64, offset: u64, i: u64) -> f32 {
+    let w = philox4x32(seed, offset, i);
+    let u1 = ((w[0] as f64) + 1.0) / 4294967297.0;
+    let u2 = (w[1] as f64) / 4294967296.0;
+    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+}
+
+/// Uniform number in `[0, 1)`, element `i` of the stream `(seed, offset)`.
+pub fn uniform(seed: u64, offset: u64, i: u64) -> f32 {
+    (uniform_u32(seed, offset, i) >> 8) as f32 / 16777216.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Known-answer test from the Random123 distribution (kat_vectors, philox4x32_10).
+    #[test]
+    fn matches_random123_known_answers() {
+        assert_eq!(
+            philox4x32(0, 0, 0),
+            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+        );
+        let all_ones = philox4x32(u64::MAX, u64::MAX, u64::MAX);
+        assert_eq!(all_ones, [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]);
+    }
+
+    #[test]
+    fn dropout_keeps_about_one_minus_p_and_is_position_pure() {
+        let d = Dropout {
+            p: 0.25,
+            seed: 7,
+            offset: 3,
+        };
+        let mut all = vec![0.0; 10_000];
+        dropout_multipliers(&d, 0, &mut all);
+        let kept = all.iter().filter(|&&x| x > 0.0).count() as f64 / all.len() as f64;
+        assert!((kept - 0.75).abs() < 0.02, "kept fraction {kept}");
+        assert!(all
+            .iter()
+            .all(|&x| x == 0.0 || (x - 4.0 / 3.0).abs() < 1e-6));
+        // Any sub-range, starting anywhere, reproduces the same multipliers.
+        let mut part = vec![0.0; 37];
+        dropout_multipliers(&d, 1001, &mut part);
+        assert_eq!(&part[..], &all[1001..1038]);
+    }
+
+    #[test]
+    fn normal_has_unit_moments() {
+        let n = 20_000;
+        let xs: Vec<f64> = (0..n).map(|i| normal(1, 2, i) as f64).collect();
+        let mean = xs.iter().sum::<f64>() / n as f64;
+        let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
+        assert!(
+            mean.abs() < 0.03 && (var - 1.0).abs() < 0.05,
+            "{mean} {var}"
+        );
+    }
+}

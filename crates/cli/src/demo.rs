@@ -1,0 +1,27 @@
+//! `flint demo`: the seed program.
+
+use anyhow::Result;
+use flint_backend::{cpu::Cpu, philox, Backend};
+use flint_model::layout::shape_str;
+use flint_model::{params, BatchShape, Encoder, EncoderConfig, Masks, Mode};
+
+pub fn run(verbose: bool) -> Result<()> {
+    let (seq, batch) = (10, 32);
+    let config = EncoderConfig::seed();
+    let init = params::init_params(&params::param_layout(&config), 0);
+    let d_model = config.d_model;
+    let mut model = Encoder::new(Cpu, config, &init)?;
+    println!("Using device: {}", model.backend().device());
+    model.plan(BatchShape { batch, seq })?;
+    if verbose {
+        println!("{}", model.describe_plan()?);
+    }
+    let x: Vec<f32> = (0..seq * batch * d_model)
+        .map(|i| philox::uniform(0, 1, i as u64))
+        .collect();
+    model.set_input(&x, None)?;
+    // A fresh nn.Module is in training mode, so the seed runs with dropout active.
+    model.forward(Masks::default(), Mode::Train { seed: 0, step: 1 })?;
+    println!("Output shape: {}", shape_str(&[seq, batch, d_model]));
+    Ok(())
+}

@@ -1,0 +1,198 @@
+//! The activation plan: every buffer a training step touches, sized from the batch shape
+//! before the first step, in one allocation.
+
+use crate::layout::{shape_str, Layout};
+use crate::EncoderConfig;
+use flint_backend::Tensor;
+
+/// Shape of one batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchShape {
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// What one layer keeps from forward for backward. Pre-norm: `norm1 = LN1(x)`,
+/// `res1 = x + attn`, `norm2 = LN2(res1)`, `res2 = res1 + ff` (the output). Post-norm:
+/// `res1 = x + attn`, `norm1 = LN1(res1)`, `res2 = norm1 + ff`, `norm2 = LN2(res2)` (the output).
+#[derive(Clone, Copy)]
+pub struct LayerActs {
+    pub qkv: Tensor,
+    pub att: Tensor,
+    pub atty: Tensor,
+    pub res1: Tensor,
+    pub norm1: Tensor,
+    pub fch: Tensor,
+    pub res2: Tensor,
+    pub norm2: Tensor,
+    pub mean1: Tensor,
+    pub rstd1: Tensor,
+    pub mean2: Tensor,
+    pub rstd2: Tensor,
+}
+
+/// Every view into the activation buffer.
+pub struct Acts {
+    pub input: Tensor,
+    /// `[batch, seq]`, 1.0 where a key is padding.
+    pub key_padding: Tensor,
+    pub layers: Vec<LayerActs>,
+    pub final_out: Tensor,
+    pub final_mean: Tensor,
+    pub final_rstd: Tensor,
+    // Forward scratch, shared by all layers (recomputed in backward where needed).
+    pub sa: Tensor,
+    pub ff: Tensor,
+    pub ffo: Tensor,
+    // Gradients: one layer's worth, reused by every layer.
+    pub dout: Tensor,
+    pub dstream: [Tensor; 2],
+    pub dres: Tensor,
+    pub dnorm: Tensor,
+    pub dffo: Tensor,
+    pub dff: Tensor,
+    pub dfch: Tensor,
+    pub dsa: Tensor,
+    pub datty: Tensor,
+    pub dqkv: Tensor,
+}
+
+const LAYER_ACTS: [&str; 12] = [
+    "qkv", "att", "atty", "res1", "norm1", "fch", "res2", "norm2", "mean1", "rstd1", "mean2",
+    "rstd2",
+];
+
+pub fn plan(c: &EncoderConfig, s: BatchShape) -> Layout {
+    let (r, e, f) = (s.batch * s.seq, c.d_model, c.dim_feedforward);
+    let att = [s.batch, c.nhead, s.seq, s.seq];
+    let mut p = Layout::default();
+    p.push("input", &[r, e]);
+    p.push("key_padding", &[s.batch, s.seq]);
+    for l in 0..c.num_layers {
+        let shapes: [&[usize]; 12] = [
+            &[r, 3 * e],
+            &att,
+            &[r, e],
+            &[r, e],
+            &[r, e],
+            &[r, f],
+            &[r, e],
+            &[r, e],
+            &[r],
+            &[r],
+            &[r],
+            &[r],
+        ];
+        for (name, shape) in LAYER_ACTS.iter().zip(shapes) {
+            p.push(format!("layers.{l}.{name}"), shape);
+        }
+    }
+    for (name, shape) in [
+        ("norm.out", &[r, e][..]),
+        ("norm.mean", &[r]),
+        ("norm.rstd", &[r]),
+        ("scratch.sa", &[r, e]),
+        ("scratch.ff", &[r, f]),
+        ("scratch.ffo", &[r, e]),
+        ("grad.out", &[r, e]),
+        ("grad.stream0", &[r, e]),
+        ("grad.stream1", &[r, e]),
+        ("grad.res", &[r, e]),
+        ("grad.norm", &[r, e]),
+        ("grad.ffo", &[r, e]),
+        ("grad.ff", &[r, f]),
+        ("grad.fch", &[r, f]),
+        ("grad.sa", &[r, e]),
+        ("grad.atty", &[r, e]),
+        ("grad.qkv", &[r, 3 * e]),
+    ] {
+        p.push(name, shape);
+    }
+    p
+}
+
+impl Acts {
+    /// Views of a buffer laid out by [`plan`] for `num_layers` layers.
+    pub fn new(plan: &Layout, base: Tensor, num_layers: usize) -> Self {
+        let v = |i: usize| plan.view(base, i);
+        let layers = (0..num_layers)
+            .map(|l| {
+                let w = |i: usize| v(2 + l * LAYER_ACTS.len() + i);
+                LayerActs {
+                    qkv: w(0),
+                    att: w(1),
+                    atty: w(2),
+                    res1: w(3),
+                    norm1: w(4),
+                    fch: w(5),
+                    res2: w(6),
+                    norm2: w(7),
+                    mean1: w(8),
+                    rstd1: w(9),
+                    mean2: w(10),
+                    rstd2: w(11),
+                }
+            })
+            .collect();
+        let t = 2 + num_layers * LAYER_ACTS.len();
+        Acts {
+            input: v(0),
+            key_padding: v(1),
+            layers,
+            final_out: v(t),
+            final_mean: v(t + 1),
+            final_rstd: v(t + 2),
+            sa: v(t + 3),
+            ff: v(t + 4),
+            ffo: v(t + 5),
+            dout: v(t + 6),
+            dstream: [v(t + 7), v(t + 8)],
+            dres: v(t + 9),
+            dnorm: v(t + 10),
+            dffo: v(t + 11),
+            dff: v(t + 12),
+            dfch: v(t + 13),
+            dsa: v(t + 14),
+            datty: v(t + 15),
+            dqkv: v(t + 16),
+        }
+    }
+}
+
+/// The plan as a table: one line per kind of buffer (layers folded together), then the total.
+pub fn describe(plan: &Layout, num_layers: usize) -> String {
+    let mut rows: Vec<(String, String, usize, usize)> = Vec::new();
+    for e in plan.entries() {
+        let (name, per_layer) = match e.name.strip_prefix("layers.") {
+            Some(rest) => (
+                format!("layers.*.{}", rest.split_once('.').map_or(rest, |(_, n)| n)),
+                true,
+            ),
+            None => (e.name.clone(), false),
+        };
+        match rows.iter_mut().find(|r| r.0 == name) {
+            Some(row) => row.3 += e.numel() * 4,
+            None => rows.push((
+                name,
+                shape_str(&e.shape),
+                if per_layer { num_layers } else { 1 },
+                e.numel() * 4,
+            )),
+        }
+    }
+    let mut out = String::from("activation plan (f32):\n");
+    for (name, shape, count, bytes) in rows {
+        let times = if count > 1 {
+            format!(" x {count}")
+        } else {
+            String::new()
+        };
+        out += &format!("  {name:<20} {shape:<22}{times:<6} {}\n", mib(bytes));
+    }
+    out += &format!("  {:<49} {}", "total", mib(plan.total() * 4));
+    out
+}
+
+pub fn mib(bytes: usize) -> String {
+    format!("{:>10.2} MiB", bytes as f64 / 1048576.0)
+}

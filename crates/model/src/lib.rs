@@ -1,0 +1,12 @@
+//! flint's models, written once against [`flint_backend::Backend`]: today the Transformer
+//! encoder with `nn.TransformerEncoder` semantics.
+
+pub mod activations;
+mod config;
+mod encoder;
+pub mod layout;
+pub mod params;
+
+pub use activations::BatchShape;
+pub use config::{EncoderActivation, EncoderConfig};
+pub use encoder::{Encoder, Masks, Mode};

@@ -1,0 +1,90 @@
+//! `torch.optim.AdamW` over the flat parameter buffer: moments in two more flat buffers, one
+//! fused update per run of tensors that share a weight decay.
+
+use anyhow::Result;
+use flint_backend::{AdamW as Hyper, Backend, Buffer, DType, Tensor};
+use flint_model::layout::{Entry, Layout};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWConfig {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    /// `torch.optim.AdamW`'s defaults.
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 1e-2,
+        }
+    }
+}
+
+pub struct AdamW<B: Backend> {
+    pub config: AdamWConfig,
+    m: B::Buffer,
+    v: B::Buffer,
+    /// `(offset, len, decays)`: maximal runs of consecutive tensors with the same decay choice.
+    groups: Vec<(usize, usize, bool)>,
+    step: u32,
+}
+
+impl<B: Backend> AdamW<B> {
+    /// `decays(entry)` says whether weight decay applies to a tensor (all of them, as
+    /// PyTorch's default param group, or matrices only, as GPT training does).
+    pub fn new(
+        backend: &B,
+        layout: &Layout,
+        config: AdamWConfig,
+        decays: impl Fn(&Entry) -> bool,
+    ) -> Result<Self> {
+        let mut groups: Vec<(usize, usize, bool)> = Vec::new();
+        for e in layout.entries() {
+            let d = decays(e);
+            match groups.last_mut() {
+                Some(g) if g.2 == d && g.0 + g.1 == e.offset => g.1 += e.numel(),
+                _ => groups.push((e.offset, e.numel(), d)),
+            }
+        }
+        let m = backend.alloc(DType::F32, layout.total())?;
+        let v = backend.alloc(DType::F32, layout.total())?;
+        Ok(AdamW {
+            config,
+            m,
+            v,
+            groups,
+            step: 0,
+        })
+    }
+
+    pub fn step(&mut self, backend: &B, params: Tensor, grads: Tensor) -> Result<()> {
+        self.step += 1;
+        let c = self.config;
+        for &(offset, len, decays) in &self.groups {
+            let hp = Hyper {
+                lr: c.lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                weight_decay: if decays { c.weight_decay } else { 0.0 },
+                step: self.step,
+            };
+            let view = |t: Tensor| t.slice(offset, len);
+            backend.adamw(
+                view(params),
+                view(grads),
+                view(self.m.tensor()),
+                view(self.v.tensor()),
+                &hp,
+            )?;
+        }
+        Ok(())
+    }
+}
