@@ -87,24 +87,17 @@ fn multipliers(d: &Dropout, start: usize, out: &mut [f32]) {
     let keep = 1.0 / (1.0 - d.p);
     let pick = |w: u32| if (w as u64) < threshold { 0.0 } else { keep };
     let (mut i, mut j) = (start, 0);
-    // Head up to a block boundary, then LANES blocks at a time, then the tail.
-    while j < out.len() && (i % (4 * LANES) != 0) {
-        out[j] = pick(uniform_u32(d.seed, d.offset, i as u64));
-        i += 1;
-        j += 1;
-    }
-    while out.len() - j >= 4 * LANES {
-        let words = philox_lanes(d.seed, d.offset, (i / 4) as u64);
-        for (o, w) in out[j..j + 4 * LANES].iter_mut().zip(words.iter()) {
+    while j < out.len() {
+        // The LANES-block group holding element i; short heads and tails use part of one.
+        let first = i - i % (4 * LANES);
+        let words = philox_lanes(d.seed, d.offset, (first / 4) as u64);
+        let from = i - first;
+        let n = (4 * LANES - from).min(out.len() - j);
+        for (o, w) in out[j..j + n].iter_mut().zip(&words[from..from + n]) {
             *o = pick(*w);
         }
-        i += 4 * LANES;
-        j += 4 * LANES;
-    }
-    while j < out.len() {
-        out[j] = pick(uniform_u32(d.seed, d.offset, i as u64));
-        i += 1;
-        j += 1;
+        i += n;
+        j += n;
     }
 }
 

@@ -32,7 +32,10 @@ pub struct EncoderConfig {
     pub dim_feedforward: usize,
     #[serde(default = "defaults::dropout")]
     pub dropout: f32,
-    #[serde(default = "defaults::activation")]
+    #[serde(
+        default = "defaults::activation",
+        deserialize_with = "defaults::named_activation"
+    )]
     pub activation: EncoderActivation,
     #[serde(default = "defaults::layer_norm_eps")]
     pub layer_norm_eps: f32,
@@ -49,6 +52,7 @@ pub struct EncoderConfig {
 
 mod defaults {
     use super::EncoderActivation;
+    use serde::Deserialize;
     pub fn dim_feedforward() -> usize {
         2048
     }
@@ -57,6 +61,21 @@ mod defaults {
     }
     pub fn activation() -> EncoderActivation {
         EncoderActivation::Relu
+    }
+    /// `activation`, with errors that name the field (serde's say only "unknown variant").
+    pub fn named_activation<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<EncoderActivation, D::Error> {
+        use serde::de::Error;
+        let name = String::deserialize(d)
+            .map_err(|e| D::Error::custom(format!("field `activation`: {e}")))?;
+        match name.as_str() {
+            "relu" => Ok(EncoderActivation::Relu),
+            "gelu" => Ok(EncoderActivation::Gelu),
+            _ => Err(D::Error::custom(format!(
+                "field `activation` is `{name}`, expected `relu` or `gelu`"
+            ))),
+        }
     }
     pub fn layer_norm_eps() -> f32 {
         1e-5
@@ -115,7 +134,39 @@ impl EncoderConfig {
                 self.layer_norm_eps
             );
         }
+        if self.param_bytes().is_none() {
+            bail!(
+                "fields `d_model` ({}), `dim_feedforward` ({}) and `num_layers` ({}) give more \
+                 parameters than this machine can address",
+                self.d_model,
+                self.dim_feedforward,
+                self.num_layers
+            );
+        }
         Ok(())
+    }
+
+    /// Bytes of the f32 parameters of this encoder, `None` when that overflows `isize`
+    /// (so that building the parameter layout cannot overflow).
+    fn param_bytes(&self) -> Option<usize> {
+        let (e, f) = (self.d_model, self.dim_feedforward);
+        let attention = e.checked_mul(e)?.checked_add(e)?.checked_mul(4)?;
+        let feedforward = e
+            .checked_mul(f)?
+            .checked_mul(2)?
+            .checked_add(e)?
+            .checked_add(f)?;
+        let norms = e.checked_mul(4)?;
+        let layer = attention.checked_add(feedforward)?.checked_add(norms)?;
+        let final_norm = if self.final_norm {
+            e.checked_mul(2)?
+        } else {
+            0
+        };
+        let total = layer
+            .checked_mul(self.num_layers)?
+            .checked_add(final_norm)?;
+        total.checked_mul(4).filter(|&b| b <= isize::MAX as usize)
     }
 
     pub fn head_dim(&self) -> usize {

@@ -33,6 +33,16 @@ pub fn describe(c: &EncoderConfig) -> String {
 pub fn run<B: Backend>(backend: B, req: &ForwardRequest) -> Result<ForwardReport> {
     let config = EncoderConfig::from_json_file(&req.config)?;
     let weights = TensorFile::open(&req.weights)?;
+    let layers = state_dict::layer_count(&weights)?;
+    if layers != config.num_layers {
+        bail!(
+            "{}: the state_dict has {layers} layers (`layers.0.` to `layers.{}.`), but {} says num_layers={}",
+            req.weights.display(),
+            layers - 1,
+            req.config.display(),
+            config.num_layers
+        );
+    }
     let layout = flint_model::params::param_layout(&config);
     let params = state_dict::load(&weights, &layout, &describe(&config))?;
 
@@ -44,11 +54,16 @@ pub fn run<B: Backend>(backend: B, req: &ForwardRequest) -> Result<ForwardReport
         } else {
             "[seq, batch, d_model]"
         };
+        let want = match shape[..] {
+            [a, b, _] => format!("{} = ", shape_str(&[a, b, config.d_model])),
+            _ => String::new(),
+        };
         bail!(
-            "{}: tensor `src` has shape {}, expected {layout} with d_model={}",
+            "{}: tensor `src` has shape {}, expected {want}{layout} with d_model={} from {}",
             req.input.display(),
             shape_str(&shape),
-            config.d_model
+            config.d_model,
+            req.config.display()
         );
     }
     let (seq, batch) = if config.batch_first {

@@ -18,13 +18,29 @@ pub fn encoder_prefix(file: &TensorFile) -> Result<String> {
     }
 }
 
+/// How many encoder layers the state_dict holds: one more than the largest `N` in
+/// `<prefix>layers.N.`. Cheap, so a config can be checked before its layout is built.
+pub fn layer_count(file: &TensorFile) -> Result<usize> {
+    let prefix = encoder_prefix(file)?;
+    Ok(file
+        .names()
+        .iter()
+        .filter_map(|n| {
+            let rest = n.strip_prefix(&prefix)?.strip_prefix("layers.")?;
+            rest.split('.').next()?.parse::<usize>().ok()
+        })
+        .map(|i| i + 1)
+        .max()
+        .unwrap_or(0))
+}
+
 /// Reads every tensor of `layout` (`<prefix><name>`) into one buffer in layout order. A missing
 /// tensor, a wrong shape, a tensor the config does not have (more layers, a final norm) or a
 /// non-finite value is an error naming the tensor.
 pub fn load(file: &TensorFile, layout: &Layout, describe_config: &str) -> Result<Vec<f32>> {
     let prefix = encoder_prefix(file)?;
     let path = file.path().display();
-    let mut out = vec![0.0; layout.total()];
+    // Every name and shape first: a config that does not match must not allocate its size.
     for e in layout.entries() {
         let key = format!("{prefix}{}", e.name);
         let Some(shape) = file.shape(&key) else {
@@ -37,8 +53,6 @@ pub fn load(file: &TensorFile, layout: &Layout, describe_config: &str) -> Result
                 shape_str(&e.shape)
             );
         }
-        let values = file.f32_checked(&key, &e.shape)?;
-        out[e.offset..e.offset + e.numel()].copy_from_slice(&values);
     }
     for name in file.names() {
         let Some(own) = name.strip_prefix(&prefix) else {
@@ -47,6 +61,11 @@ pub fn load(file: &TensorFile, layout: &Layout, describe_config: &str) -> Result
         if (own.starts_with("layers.") || own.starts_with("norm.")) && layout.get(own).is_none() {
             bail!("{path}: tensor `{name}` is not part of the config ({describe_config}); fix num_layers or final_norm");
         }
+    }
+    let mut out = vec![0.0; layout.total()];
+    for e in layout.entries() {
+        let values = file.f32_checked(&format!("{prefix}{}", e.name), &e.shape)?;
+        out[e.offset..e.offset + e.numel()].copy_from_slice(&values);
     }
     Ok(out)
 }

@@ -1,6 +1,6 @@
 //! `torch.optim.AdamW` over a flat buffer, and the sum of squares for global-norm clipping.
 
-use super::{deterministic_sum, CHUNK};
+use super::{deterministic_sum, simd, CHUNK};
 use crate::AdamW;
 use rayon::prelude::*;
 
@@ -20,12 +20,14 @@ pub(crate) fn step(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]
         .enumerate()
         .for_each(|(c, ((p, m), v))| {
             let g = &grad[c * CHUNK..c * CHUNK + p.len()];
-            for j in 0..p.len() {
-                m[j] += (1.0 - hp.beta1) * (g[j] - m[j]);
-                v[j] = hp.beta2 * v[j] + (1.0 - hp.beta2) * g[j] * g[j];
-                let denom = v[j].sqrt() / bc2_sqrt + hp.eps;
-                p[j] = p[j] * decay - step_size * m[j] / denom;
-            }
+            simd(|| {
+                for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+                    *m += (1.0 - hp.beta1) * (g - *m);
+                    *v = hp.beta2 * *v + (1.0 - hp.beta2) * g * g;
+                    let denom = v.sqrt() / bc2_sqrt + hp.eps;
+                    *p = *p * decay - step_size * *m / denom;
+                }
+            })
         });
 }
 

@@ -359,3 +359,35 @@ impl SendPtr {
         self.0.wrapping_add(offset)
     }
 }
+
+/// Runs `f` compiled for the widest SIMD the CPU has (AVX-512, else AVX2+FMA, else the
+/// baseline): elementwise loops are written once, as plain iterator code, and the compiler
+/// vectorises them for each level once `f` is inlined here.
+#[inline(always)]
+pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { simd_avx512(f) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: as above.
+            return unsafe { simd_avx2(f) };
+        }
+    }
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn simd_avx512<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn simd_avx2<R>(f: impl FnOnce() -> R) -> R {
+    f()
+}

@@ -1,0 +1,672 @@
+//! `flint` as users script it: the real binary, run on files in a scratch directory.
+//!
+//! The PyTorch fixtures live in `crates/train/tests/fixtures/encoder` (see its README): per case
+//! a config, a state_dict and `src` [+ `src_key_padding_mask`] with PyTorch's `output`.
+
+use safetensors::tensor::TensorView;
+use safetensors::{Dtype, SafeTensors};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+const CASES: [&str; 5] = [
+    "post_relu",
+    "pre_gelu",
+    "padding",
+    "causal",
+    "padding_causal",
+];
+/// max |a - b| / max |b| against PyTorch (float64 reference stored as float32).
+const TOL: f64 = 1e-4;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers: a scratch directory, running the binary, safetensors files in memory.
+// ---------------------------------------------------------------------------------------------
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../train/tests/fixtures/encoder")
+        .join(name)
+}
+
+/// A fresh directory under the system temp dir, unique per test, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "flint-cli-test-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("create scratch dir");
+        Scratch(dir)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What one run of the binary did.
+struct Outcome {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+impl Outcome {
+    fn assert_success(&self) -> &Self {
+        assert_eq!(
+            self.code,
+            Some(0),
+            "flint failed\nstdout:\n{}\nstderr:\n{}",
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+}
+
+fn flint<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Outcome {
+    let out = Command::new(env!("CARGO_BIN_EXE_flint"))
+        .args(args)
+        .output()
+        .expect("run the flint binary");
+    Outcome {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// One tensor in memory: dtype, shape and little-endian bytes.
+#[derive(Clone)]
+struct Tensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl Tensor {
+    fn f32(shape: &[usize], values: &[f32]) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), values.len());
+        Tensor {
+            dtype: Dtype::F32,
+            shape: shape.to_vec(),
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    fn values(&self) -> Vec<f32> {
+        assert_eq!(self.dtype, Dtype::F32);
+        self.data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    }
+}
+
+/// A safetensors file in memory, to read, edit and write back.
+#[derive(Clone)]
+struct Tensors {
+    tensors: BTreeMap<String, Tensor>,
+    metadata: HashMap<String, String>,
+}
+
+impl Tensors {
+    fn read(path: &Path) -> Self {
+        let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let st = SafeTensors::deserialize(&bytes).expect("a valid safetensors file");
+        let tensors = st
+            .tensors()
+            .into_iter()
+            .map(|(name, t)| {
+                let tensor = Tensor {
+                    dtype: t.dtype(),
+                    shape: t.shape().to_vec(),
+                    data: t.data().to_vec(),
+                };
+                (name, tensor)
+            })
+            .collect();
+        let metadata = SafeTensors::read_metadata(&bytes)
+            .unwrap()
+            .1
+            .metadata()
+            .clone()
+            .unwrap_or_default();
+        Tensors { tensors, metadata }
+    }
+
+    fn write(&self, path: &Path) {
+        let views = self.tensors.iter().map(|(name, t)| {
+            let view = TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap();
+            (name.clone(), view)
+        });
+        let meta = (!self.metadata.is_empty()).then(|| self.metadata.clone());
+        std::fs::write(path, safetensors::serialize(views, meta).unwrap()).unwrap();
+    }
+
+    fn get(&self, name: &str) -> &Tensor {
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("no tensor `{name}`; have {:?}", self.tensors.keys()))
+    }
+
+    fn set(&mut self, name: &str, t: Tensor) {
+        self.tensors.insert(name.to_string(), t);
+    }
+
+    fn remove(&mut self, name: &str) {
+        self.tensors
+            .remove(name)
+            .expect("the tensor to remove exists");
+    }
+}
+
+/// max |a - b| / max |b|, infinite when `a` is not finite.
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    if a.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, f64::max);
+    let scale = b.iter().map(|y| (*y as f64).abs()).fold(1e-12, f64::max);
+    diff / scale
+}
+
+/// The files of one `flint forward` run: a fixture case's, each replaceable by an edited copy
+/// named `bad_*` in the scratch directory.
+struct Forward {
+    scratch: Scratch,
+    config: PathBuf,
+    weights: PathBuf,
+    input: PathBuf,
+    output: PathBuf,
+    causal: bool,
+}
+
+impl Forward {
+    fn case(name: &str) -> Self {
+        let input = fixture(&format!("{name}.safetensors"));
+        let causal = Tensors::read(&input).metadata["causal"] == "true";
+        let scratch = Scratch::new();
+        Forward {
+            config: fixture(&format!("{name}.json")),
+            weights: fixture(&format!("{name}.weights.safetensors")),
+            input,
+            output: scratch.path("out.safetensors"),
+            causal,
+            scratch,
+        }
+    }
+
+    fn edit_config(mut self, edit: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Self {
+        let mut json: Value =
+            serde_json::from_str(&std::fs::read_to_string(&self.config).unwrap()).unwrap();
+        edit(json.as_object_mut().unwrap());
+        self.config = self.scratch.path("bad_config.json");
+        std::fs::write(&self.config, json.to_string()).unwrap();
+        self
+    }
+
+    fn edit_weights(mut self, edit: impl FnOnce(&mut Tensors)) -> Self {
+        let mut t = Tensors::read(&self.weights);
+        edit(&mut t);
+        self.weights = self.scratch.path("bad_weights.safetensors");
+        t.write(&self.weights);
+        self
+    }
+
+    fn edit_input(mut self, edit: impl FnOnce(&mut Tensors)) -> Self {
+        let mut t = Tensors::read(&self.input);
+        edit(&mut t);
+        self.input = self.scratch.path("bad_input.safetensors");
+        t.write(&self.input);
+        self
+    }
+
+    /// Weights replaced by an arbitrary file's bytes.
+    fn weights_bytes(mut self, bytes: &[u8]) -> Self {
+        self.weights = self.scratch.path("bad_weights.safetensors");
+        std::fs::write(&self.weights, bytes).unwrap();
+        self
+    }
+
+    fn run(&self, extra: &[&str]) -> Outcome {
+        let mut args: Vec<&OsStr> = extra.iter().map(OsStr::new).collect();
+        args.push(OsStr::new("forward"));
+        for (flag, path) in [
+            ("--config", &self.config),
+            ("--weights", &self.weights),
+            ("--input", &self.input),
+            ("--output", &self.output),
+        ] {
+            args.extend([OsStr::new(flag), path.as_os_str()]);
+        }
+        if self.causal {
+            args.push(OsStr::new("--causal"));
+        }
+        flint(args)
+    }
+
+    /// Runs successfully and returns the tensor `output`.
+    fn output(&self, extra: &[&str]) -> Tensor {
+        self.run(extra).assert_success();
+        Tensors::read(&self.output).get("output").clone()
+    }
+
+    /// flint refuses: exit status 2, one `error:` line naming `file` and each of `mentions`,
+    /// no panic, and no output file.
+    fn assert_rejected(&self, file: &Path, mentions: &[&str]) {
+        let out = self.run(&[]);
+        let stderr = out.stderr.trim_end();
+        assert_eq!(out.code, Some(2), "exit status; stderr:\n{stderr}");
+        assert!(!stderr.contains("panicked"), "panicked:\n{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line:\n{stderr}");
+        assert!(
+            stderr.starts_with("error: "),
+            "starts with `error:`:\n{stderr}"
+        );
+        let name = file.file_name().unwrap().to_string_lossy();
+        assert!(stderr.contains(&*name), "names `{name}`:\n{stderr}");
+        for m in mentions {
+            assert!(stderr.contains(m), "mentions `{m}`:\n{stderr}");
+        }
+        assert!(!self.output.exists(), "no output file after an error");
+    }
+}
+
+/// Deterministic values in [-scale, scale) (splitmix64).
+fn noise(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    (0..n as u64)
+        .map(|i| {
+            let mut z = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_add(1);
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward reproduces PyTorch
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn forward_reproduces_pytorch_output_on_every_fixture_case() {
+    for case in CASES {
+        let run = Forward::case(case);
+        let expected = Tensors::read(&run.input);
+        let got = run.output(&[]);
+        assert_eq!(got.dtype, Dtype::F32, "{case}");
+        assert_eq!(got.shape, expected.get("src").shape, "{case}: shape of src");
+        let err = rel_err(&got.values(), &expected.get("output").values());
+        assert!(err <= TOL, "{case}: relative error {err:.3e} > {TOL:e}");
+    }
+}
+
+#[test]
+fn forward_reports_device_and_output_shape() {
+    let run = Forward::case("padding");
+    let out = run.run(&[]);
+    out.assert_success();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines[0], "Using device: cpu");
+    assert!(
+        lines[1].starts_with("Output shape: [3, 5, 16]"),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn forward_accepts_a_bool_padding_mask_like_a_u8_one() {
+    let u8_mask = Forward::case("padding_causal").output(&[]);
+    let bool_mask = Forward::case("padding_causal")
+        .edit_input(|t| {
+            let m = t.get("src_key_padding_mask").clone();
+            t.set(
+                "src_key_padding_mask",
+                Tensor {
+                    dtype: Dtype::BOOL,
+                    data: m.data.iter().map(|&b| (b != 0) as u8).collect(),
+                    ..m
+                },
+            );
+        })
+        .output(&[]);
+    assert_eq!(u8_mask.data, bool_mask.data);
+}
+
+#[test]
+fn forward_output_does_not_depend_on_thread_count() {
+    // Big enough that matmuls and attention split across threads; dropout 0.1 must not matter
+    // (forward runs in eval mode).
+    let (e, heads, ff, layers, seq, batch) = (128, 8, 256, 2, 48, 12);
+    let scratch = Scratch::new();
+    let config = scratch.path("config.json");
+    let config_json = serde_json::json!({
+        "d_model": e, "nhead": heads, "dim_feedforward": ff, "dropout": 0.1,
+        "activation": "gelu", "num_layers": layers, "final_norm": true,
+    });
+    std::fs::write(&config, config_json.to_string()).unwrap();
+
+    let mut weights = Tensors {
+        tensors: BTreeMap::new(),
+        metadata: HashMap::new(),
+    };
+    let mut seed = 0;
+    let mut add = |name: String, shape: &[usize], scale: f32| {
+        seed += 1;
+        let n = shape.iter().product();
+        let values: Vec<f32> = noise(seed, n, scale);
+        weights.set(&name, Tensor::f32(shape, &values));
+    };
+    for l in 0..layers {
+        let p = format!("layers.{l}.");
+        add(format!("{p}self_attn.in_proj_weight"), &[3 * e, e], 0.1);
+        add(format!("{p}self_attn.in_proj_bias"), &[3 * e], 0.1);
+        add(format!("{p}self_attn.out_proj.weight"), &[e, e], 0.1);
+        add(format!("{p}self_attn.out_proj.bias"), &[e], 0.1);
+        add(format!("{p}linear1.weight"), &[ff, e], 0.1);
+        add(format!("{p}linear1.bias"), &[ff], 0.1);
+        add(format!("{p}linear2.weight"), &[e, ff], 0.1);
+        add(format!("{p}linear2.bias"), &[e], 0.1);
+        for norm in ["norm1", "norm2"] {
+            add(format!("{p}{norm}.weight"), &[e], 1.0);
+            add(format!("{p}{norm}.bias"), &[e], 0.1);
+        }
+    }
+    add("norm.weight".into(), &[e], 1.0);
+    add("norm.bias".into(), &[e], 0.1);
+    let weights_path = scratch.path("weights.safetensors");
+    weights.write(&weights_path);
+
+    let mut input = Tensors {
+        tensors: BTreeMap::new(),
+        metadata: HashMap::new(),
+    };
+    input.set(
+        "src",
+        Tensor::f32(&[seq, batch, e], &noise(99, seq * batch * e, 1.0)),
+    );
+    // Each sequence pads a different tail.
+    let mask: Vec<u8> = (0..batch * seq)
+        .map(|i| (i % seq >= seq - i / seq) as u8)
+        .collect();
+    input.set(
+        "src_key_padding_mask",
+        Tensor {
+            dtype: Dtype::U8,
+            shape: vec![batch, seq],
+            data: mask,
+        },
+    );
+    let input_path = scratch.path("input.safetensors");
+    input.write(&input_path);
+
+    let run = Forward {
+        config,
+        weights: weights_path,
+        input: input_path,
+        output: scratch.path("out.safetensors"),
+        causal: true,
+        scratch,
+    };
+    let one = run.output(&["--threads", "1"]);
+    let two = run.output(&["--threads", "2"]);
+    assert!(one.values().iter().all(|v| v.is_finite()));
+    assert!(one.data == two.data, "--threads 1 and 2 differ");
+}
+
+// ---------------------------------------------------------------------------------------------
+// forward refuses bad input with one clear line
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn rejects_unknown_activation() {
+    let run = Forward::case("post_relu").edit_config(|c| {
+        c.insert("activation".into(), "silu".into());
+    });
+    run.assert_rejected(&run.config, &["activation", "silu"]);
+}
+
+#[test]
+fn rejects_d_model_not_divisible_by_nhead() {
+    let run = Forward::case("post_relu").edit_config(|c| {
+        c.insert("nhead".into(), 5.into());
+    });
+    run.assert_rejected(&run.config, &["d_model", "nhead"]);
+}
+
+#[test]
+fn rejects_unknown_config_field() {
+    let run = Forward::case("post_relu").edit_config(|c| {
+        c.insert("n_heads".into(), 4.into());
+    });
+    run.assert_rejected(&run.config, &["n_heads"]);
+}
+
+#[test]
+fn rejects_weights_missing_a_tensor_and_names_it() {
+    let run = Forward::case("post_relu").edit_weights(|w| {
+        w.remove("transformer_encoder.layers.1.linear2.weight");
+    });
+    run.assert_rejected(
+        &run.weights,
+        &["transformer_encoder.layers.1.linear2.weight"],
+    );
+}
+
+#[test]
+fn rejects_two_layer_weights_for_a_three_layer_config() {
+    let run = Forward::case("causal").edit_config(|c| {
+        c.insert("num_layers".into(), 3.into());
+    });
+    run.assert_rejected(
+        &run.weights,
+        &["2 layers", "bad_config.json", "num_layers=3"],
+    );
+}
+
+#[test]
+fn rejects_absurd_layer_count_quickly_instead_of_building_it() {
+    let run = Forward::case("causal").edit_config(|c| {
+        c.insert("num_layers".into(), 100_000_000_000u64.into());
+    });
+    run.assert_rejected(&run.weights, &["2 layers", "num_layers=100000000000"]);
+}
+
+#[test]
+fn rejects_huge_d_model_that_does_not_match_weights_without_allocating_it() {
+    let run = Forward::case("causal").edit_config(|c| {
+        c.insert("d_model".into(), 1_000_000.into());
+    });
+    let in_proj = "layers.0.self_attn.in_proj_weight";
+    run.assert_rejected(&run.weights, &[in_proj, "[48, 16]", "[3000000, 1000000]"]);
+}
+
+#[test]
+fn rejects_d_model_too_large_to_address() {
+    let run = Forward::case("causal").edit_config(|c| {
+        c.insert("d_model".into(), (1u64 << 40).into());
+    });
+    run.assert_rejected(&run.config, &["d_model"]);
+}
+
+#[test]
+fn rejects_final_norm_config_when_weights_have_no_final_norm() {
+    let run = Forward::case("causal").edit_config(|c| {
+        c.insert("final_norm".into(), true.into());
+    });
+    run.assert_rejected(&run.weights, &["norm.weight", "final_norm=true"]);
+}
+
+#[test]
+fn rejects_weights_with_a_final_norm_the_config_lacks() {
+    let run = Forward::case("post_relu").edit_config(|c| {
+        c.insert("final_norm".into(), false.into());
+    });
+    run.assert_rejected(&run.weights, &["transformer_encoder.norm."]);
+}
+
+#[test]
+fn rejects_weights_whose_shape_does_not_match_the_config_naming_both_shapes() {
+    let run = Forward::case("causal").edit_config(|c| {
+        c.insert("dim_feedforward".into(), 32.into());
+    });
+    run.assert_rejected(
+        &run.weights,
+        &["layers.0.linear1.weight", "[24, 16]", "[32, 16]"],
+    );
+}
+
+#[test]
+fn rejects_a_truncated_weights_file() {
+    let bytes = std::fs::read(fixture("causal.weights.safetensors")).unwrap();
+    let run = Forward::case("causal").weights_bytes(&bytes[..bytes.len() / 2]);
+    run.assert_rejected(&run.weights, &["safetensors"]);
+}
+
+#[test]
+fn rejects_a_text_file_as_weights() {
+    let run = Forward::case("causal").weights_bytes(b"these are not the weights you want\n");
+    run.assert_rejected(&run.weights, &["safetensors"]);
+}
+
+#[test]
+fn rejects_input_without_src() {
+    let run = Forward::case("causal").edit_input(|t| t.remove("src"));
+    run.assert_rejected(&run.input, &["`src`"]);
+}
+
+#[test]
+fn rejects_nan_in_src_and_says_so() {
+    let run = Forward::case("causal").edit_input(|t| {
+        let src = t.get("src");
+        let mut values = src.values();
+        values[7] = f32::NAN;
+        let shape = src.shape.clone();
+        t.set("src", Tensor::f32(&shape, &values));
+    });
+    run.assert_rejected(&run.input, &["src", "NaN"]);
+}
+
+#[test]
+fn rejects_infinity_in_weights_naming_the_tensor() {
+    let name = "layers.0.norm1.weight";
+    let run = Forward::case("causal").edit_weights(|w| {
+        let mut values = w.get(name).values();
+        values[0] = f32::INFINITY;
+        w.set(name, Tensor::f32(&[values.len()], &values));
+    });
+    run.assert_rejected(&run.weights, &[name, "inf"]);
+}
+
+#[test]
+fn rejects_padding_mask_of_the_wrong_shape() {
+    // padding is batch_first: src [N=3, S=5, E], so the mask must be [3, 5].
+    let run = Forward::case("padding").edit_input(|t| {
+        t.set(
+            "src_key_padding_mask",
+            Tensor {
+                dtype: Dtype::U8,
+                shape: vec![3, 6],
+                data: vec![0; 18],
+            },
+        );
+    });
+    run.assert_rejected(&run.input, &["src_key_padding_mask", "[3, 6]", "[3, 5]"]);
+}
+
+#[test]
+fn rejects_src_with_the_wrong_d_model() {
+    let run = Forward::case("causal").edit_input(|t| {
+        t.set("src", Tensor::f32(&[5, 3, 17], &vec![0.5; 5 * 3 * 17]));
+    });
+    run.assert_rejected(&run.input, &["`src`", "[5, 3, 17]", "[5, 3, 16]"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// demo, bench and global flags
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn demo_prints_device_and_output_shape() {
+    let out = flint(["demo"]);
+    out.assert_success();
+    assert_eq!(
+        out.stdout.lines().collect::<Vec<_>>(),
+        ["Using device: cpu", "Output shape: [10, 32, 512]"]
+    );
+}
+
+#[test]
+fn bench_json_prints_one_row_per_config() {
+    let out = flint([
+        "bench",
+        "seed",
+        "--json",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--configs",
+        "A",
+    ]);
+    out.assert_success();
+    let rows: Vec<Value> = out
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(rows.len(), 1, "{}", out.stdout);
+    let row = &rows[0];
+    for key in [
+        "config",
+        "seq",
+        "batch",
+        "median_ms",
+        "min_ms",
+        "tokens_per_s",
+    ] {
+        assert!(row.get(key).is_some(), "no `{key}` in {row}");
+    }
+    assert_eq!(row["config"], "A");
+    assert_eq!(row["seq"], 10);
+    assert_eq!(row["batch"], 32);
+    assert!(row["median_ms"].as_f64().unwrap() > 0.0);
+    assert!(row["tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bench_rejects_an_unknown_config_in_one_line() {
+    let out = flint(["bench", "seed", "--configs", "Z"]);
+    assert_eq!(out.code, Some(2));
+    assert_eq!(out.stderr.trim_end().lines().count(), 1, "{}", out.stderr);
+    assert!(out.stderr.starts_with("error: ") && out.stderr.contains("Z"));
+}
+
+#[test]
+fn zero_threads_is_refused() {
+    let out = flint(["--threads", "0", "demo"]);
+    assert_eq!(out.code, Some(2));
+    assert!(out.stderr.starts_with("error: ") && out.stderr.contains("--threads"));
+}
