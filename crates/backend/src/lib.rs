@@ -106,6 +106,23 @@ pub trait Backend: Send + Sync {
         n: usize,
     ) -> Result<()>;
 
+    /// [`Backend::matmul_forward`] with the weight stored transposed, `weight_t[k, n]` (the
+    /// layout of Hugging Face's `Conv1D`): the fast operand order for the CPU's gemm.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_forward_t(
+        &self,
+        out: Tensor,
+        inp: Tensor,
+        weight_t: Tensor,
+        bias: Option<Tensor>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()>;
+
+    /// `out[cols, rows] = inp[rows, cols]^T`.
+    fn transpose(&self, out: Tensor, inp: Tensor, rows: usize, cols: usize) -> Result<()>;
+
     /// Backward of [`Backend::matmul_forward`] given `dout[rows, n]`: `dinp[rows, k]` (`+=` when
     /// `accumulate`, else `=`), `dweight[n, k] +=`, `dbias[n] +=`.
     #[allow(clippy::too_many_arguments)]

@@ -173,6 +173,13 @@ fn matmul_forward_matches_reference() -> Result<()> {
             let (xb, wb, bb) = (buf(&x)?, buf(&w)?, buf(&b)?);
             let bias = with_bias.then(|| bb.tensor());
             Cpu.matmul_forward(out.tensor(), xb.tensor(), wb.tensor(), bias, rows, k, n)?;
+            // The same product from the weight transposed to [k, n] by the transpose kernel.
+            let (wt, out_t) = (filled(k * n, 7.0)?, filled(rows * n, 7.0)?);
+            Cpu.transpose(wt.tensor(), wb.tensor(), n, k)?;
+            let wt_host = read(wt.tensor())?;
+            let wt_want: Vec<f64> = (0..k * n).map(|i| w[(i % n) * k + i / n] as f64).collect();
+            assert_close("transpose", &wt_host, &wt_want, 0.0);
+            Cpu.matmul_forward_t(out_t.tensor(), xb.tensor(), wt.tensor(), bias, rows, k, n)?;
             let want = reference::linear(
                 &f64s(&x),
                 &f64s(&w),
@@ -183,6 +190,12 @@ fn matmul_forward_matches_reference() -> Result<()> {
             );
             let what = format!("matmul {rows}x{k}x{n} bias={with_bias}");
             assert_close(&what, &read(out.tensor())?, &want, FORWARD_TOL);
+            assert_close(
+                &format!("{what} (transposed weight)"),
+                &read(out_t.tensor())?,
+                &want,
+                FORWARD_TOL,
+            );
         }
     }
     Ok(())

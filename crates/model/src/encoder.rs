@@ -34,6 +34,10 @@ pub struct Encoder<B: Backend> {
     backend: B,
     layout: Layout,
     params: B::Buffer,
+    /// The linear weights transposed to `[in, out]`, at the same offsets as in `params`
+    /// (biases and norms unused): the forward's fast gemm operand order. Refreshed by every
+    /// forward, since the optimizer may have changed the parameters.
+    weights_t: B::Buffer,
     grads: B::Buffer,
     planned: Option<Planned<B>>,
     last: Option<(Masks, Mode)>,
@@ -57,11 +61,13 @@ impl<B: Backend> Encoder<B> {
         let params = backend.alloc(DType::F32, layout.total())?;
         backend.upload(params.tensor(), init)?;
         let grads = backend.alloc(DType::F32, layout.total())?;
+        let weights_t = backend.alloc(DType::F32, layout.total())?;
         Ok(Encoder {
             config,
             backend,
             layout,
             params,
+            weights_t,
             grads,
             planned: None,
             last: None,
@@ -189,6 +195,15 @@ impl<B: Backend> Encoder<B> {
         let mut x = a.input;
         for (l, la) in a.layers.iter().enumerate() {
             let w = LayerParams::new(&self.layout, params, l);
+            let wt = LayerParams::new(&self.layout, self.weights_t.tensor(), l);
+            for (dst, src, rows, cols) in [
+                (wt.in_proj_weight, w.in_proj_weight, 3 * e, e),
+                (wt.out_proj_weight, w.out_proj_weight, e, e),
+                (wt.linear1_weight, w.linear1_weight, f, e),
+                (wt.linear2_weight, w.linear2_weight, e, f),
+            ] {
+                b.transpose(dst, src, rows, cols)?;
+            }
             let norm = |out, mean, rstd, inp, weight, bias| {
                 b.layernorm_forward(
                     out,
@@ -215,10 +230,10 @@ impl<B: Backend> Encoder<B> {
             } else {
                 x
             };
-            b.matmul_forward(
+            b.matmul_forward_t(
                 la.qkv,
                 attn_in,
-                w.in_proj_weight,
+                wt.in_proj_weight,
                 Some(w.in_proj_bias),
                 rows,
                 e,
@@ -232,10 +247,10 @@ impl<B: Backend> Encoder<B> {
                 &att_shape,
                 self.dropout(mode, l, 0),
             )?;
-            b.matmul_forward(
+            b.matmul_forward_t(
                 a.sa,
                 la.atty,
-                w.out_proj_weight,
+                wt.out_proj_weight,
                 Some(w.out_proj_bias),
                 rows,
                 e,
@@ -263,20 +278,20 @@ impl<B: Backend> Encoder<B> {
                 )?;
                 la.norm1
             };
-            b.matmul_forward(
+            b.matmul_forward_t(
                 la.fch,
                 ff_in,
-                w.linear1_weight,
+                wt.linear1_weight,
                 Some(w.linear1_bias),
                 rows,
                 e,
                 f,
             )?;
             b.activation_forward(a.ff, la.fch, act, self.dropout(mode, l, 2))?;
-            b.matmul_forward(
+            b.matmul_forward_t(
                 a.ffo,
                 a.ff,
-                w.linear2_weight,
+                wt.linear2_weight,
                 Some(w.linear2_bias),
                 rows,
                 f,

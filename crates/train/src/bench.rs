@@ -91,14 +91,16 @@ pub fn seed<B: Backend>(
         } else {
             (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
         };
+        // Two decimals, like the PyTorch script's rows.
+        let round = |x: f64| (x * 100.0).round() / 100.0;
         let row = BenchRow {
             config: name.into(),
             seq,
             batch,
-            median_ms: median,
-            min_ms: times[0],
-            tokens_per_s: (seq * batch) as f64 / median * 1e3,
-            gflops: step_flops(&model.config, shape) / median / 1e6,
+            median_ms: round(median),
+            min_ms: round(times[0]),
+            tokens_per_s: round((seq * batch) as f64 / median * 1e3),
+            gflops: round(step_flops(&model.config, shape) / median / 1e6),
             threads: rayon::current_num_threads(),
             device: model.backend().device(),
         };

@@ -51,11 +51,19 @@ pub(crate) fn gemm_strided(
     }
 }
 
-/// out[rows, n] = inp[rows, k] @ weight[n, k]^T + bias[n]
+/// A weight matrix and how it is stored.
+pub(crate) enum Weight<'a> {
+    /// `[n, k]`, as `nn.Linear.weight`.
+    OutIn(&'a [f32]),
+    /// `[k, n]`, as Hugging Face's `Conv1D.weight`.
+    InOut(&'a [f32]),
+}
+
+/// out[rows, n] = inp[rows, k] @ W + bias[n], with W = weight^T (OutIn) or weight (InOut)
 pub(crate) fn forward(
     out: &mut [f32],
     inp: &[f32],
-    weight: &[f32],
+    weight: Weight,
     bias: Option<&[f32]>,
     rows: usize,
     k: usize,
@@ -67,18 +75,55 @@ pub(crate) fn forward(
             .par_chunks_mut(n * (super::CHUNK / n).max(1))
             .for_each(|c| c.chunks_mut(n).for_each(|row| row.copy_from_slice(bias)));
     }
+    let (w, strides) = match weight {
+        Weight::OutIn(w) => (w, (1, k)),
+        Weight::InOut(w) => (w, (n, 1)),
+    };
     gemm_strided(
         out,
         bias.is_some(),
         inp,
         (k, 1),
-        weight,
-        (1, k),
+        w,
+        strides,
         rows,
         k,
         n,
         parallelism(),
     );
+}
+
+/// out[cols, rows] = inp[rows, cols]^T, through a TILE x TILE block on the stack so that
+/// both the reads and the writes are whole cache lines.
+pub(crate) fn transpose(out: &mut [f32], inp: &[f32], rows: usize, cols: usize) {
+    const TILE: usize = 16;
+    // Each task owns TILE output rows (TILE input columns).
+    out[..rows * cols]
+        .par_chunks_mut(TILE * rows)
+        .enumerate()
+        .for_each(|(t, out)| {
+            let c0 = t * TILE;
+            let width = out.len() / rows;
+            let mut tile = [[0.0f32; TILE]; TILE];
+            for r0 in (0..rows).step_by(TILE) {
+                let height = TILE.min(rows - r0);
+                for (i, line) in tile.iter_mut().enumerate().take(height) {
+                    let src = (r0 + i) * cols + c0;
+                    match <&[f32; TILE]>::try_from(&inp[src..src + width]) {
+                        // A fixed-size copy compiles to vector moves; a memcpy call per 64
+                        // bytes would cost more than the copy.
+                        Ok(full) => *line = *full,
+                        Err(_) => line[..width].copy_from_slice(&inp[src..src + width]),
+                    }
+                }
+                for j in 0..width {
+                    let dst = &mut out[j * rows + r0..j * rows + r0 + height];
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        *d = tile[i][j];
+                    }
+                }
+            }
+        });
 }
 
 /// dinp[rows, k] (+)= dout @ weight;  dweight[n, k] += dout^T @ inp;  dbias[n] += sum_rows dout

@@ -108,15 +108,28 @@ impl Backend for Cpu {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        matmul::forward(
-            f32s_mut(out),
-            f32s(inp),
-            f32s(weight),
-            bias.map(f32s),
-            rows,
-            k,
-            n,
-        );
+        let w = matmul::Weight::OutIn(f32s(weight));
+        matmul::forward(f32s_mut(out), f32s(inp), w, bias.map(f32s), rows, k, n);
+        Ok(())
+    }
+
+    fn matmul_forward_t(
+        &self,
+        out: Tensor,
+        inp: Tensor,
+        weight_t: Tensor,
+        bias: Option<Tensor>,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let w = matmul::Weight::InOut(f32s(weight_t));
+        matmul::forward(f32s_mut(out), f32s(inp), w, bias.map(f32s), rows, k, n);
+        Ok(())
+    }
+
+    fn transpose(&self, out: Tensor, inp: Tensor, rows: usize, cols: usize) -> Result<()> {
+        matmul::transpose(f32s_mut(out), f32s(inp), rows, cols);
         Ok(())
     }
 
