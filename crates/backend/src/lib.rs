@@ -81,6 +81,14 @@ pub struct AdamW {
     pub step: u32,
 }
 
+/// A transposed copy of a `[rows, cols]` parameter matrix, kept in step with it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mirror {
+    pub out: Tensor,
+    pub rows: usize,
+    pub cols: usize,
+}
+
 pub trait Backend: Send + Sync {
     type Buffer: Buffer;
 
@@ -253,6 +261,16 @@ pub trait Backend: Send + Sync {
     /// `t *= s`.
     fn scale(&self, t: Tensor, s: f32) -> Result<()>;
 
-    /// One `torch.optim.AdamW` update of `param` from `grad`, with moments `m` and `v`.
-    fn adamw(&self, param: Tensor, grad: Tensor, m: Tensor, v: Tensor, hp: &AdamW) -> Result<()>;
+    /// One `torch.optim.AdamW` update of `param` from `grad`, with moments `m` and `v`. With a
+    /// `mirror`, `param` is a `[rows, cols]` matrix whose updated values are also written
+    /// transposed to `mirror.out` (the copy the forward multiplies with), in the same pass.
+    fn adamw(
+        &self,
+        param: Tensor,
+        grad: Tensor,
+        m: Tensor,
+        v: Tensor,
+        hp: &AdamW,
+        mirror: Option<Mirror>,
+    ) -> Result<()>;
 }

@@ -9,7 +9,7 @@ mod reference;
 use anyhow::Result;
 use flint_backend::cpu::{Cpu, CpuBuffer};
 use flint_backend::{
-    philox, Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, Tensor,
+    philox, Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Tensor,
 };
 use reference::{Act, Attn};
 
@@ -856,7 +856,21 @@ fn scale_multiplies_every_element() -> Result<()> {
 
 #[test]
 fn adamw_matches_torch_formula_over_three_steps() -> Result<()> {
-    let n = (1 << 14) + 300;
+    // A [43, 388] matrix: more than one plain chunk, and a partial last slab when mirrored.
+    for mirrored in [false, true] {
+        adamw_three_steps(43, 388, mirrored)?;
+    }
+    Ok(())
+}
+
+fn adamw_three_steps(rows: usize, cols: usize, mirrored: bool) -> Result<()> {
+    let n = rows * cols;
+    let mirror_buf = filled(n, 7.0)?;
+    let mirror = mirrored.then(|| Mirror {
+        out: mirror_buf.tensor(),
+        rows,
+        cols,
+    });
     let (lr, beta1, beta2, eps, weight_decay) = (1e-2f32, 0.9f32, 0.999f32, 1e-8f32, 0.01f32);
     let p0 = randn(1, n);
     let (param, m, v, grad) = (buf(&p0)?, filled(n, 0.0)?, filled(n, 0.0)?, filled(n, 0.0)?);
@@ -876,7 +890,14 @@ fn adamw_matches_torch_formula_over_three_steps() -> Result<()> {
             weight_decay,
             step,
         };
-        Cpu.adamw(param.tensor(), grad.tensor(), m.tensor(), v.tensor(), &hp)?;
+        Cpu.adamw(
+            param.tensor(),
+            grad.tensor(),
+            m.tensor(),
+            v.tensor(),
+            &hp,
+            mirror,
+        )?;
         let f = |x: f32| x as f64;
         reference::adamw_step(
             &mut want,
@@ -901,6 +922,17 @@ fn adamw_matches_torch_formula_over_three_steps() -> Result<()> {
             FORWARD_TOL,
         );
         let got = read(param.tensor())?;
+        if mirrored {
+            let transposed: Vec<f64> = (0..n)
+                .map(|i| got[(i % rows) * cols + i / rows] as f64)
+                .collect();
+            assert_close(
+                "adamw mirror",
+                &read(mirror_buf.tensor())?,
+                &transposed,
+                0.0,
+            );
+        }
         assert_close(
             &format!("adamw step {step}: param"),
             &got,

@@ -5,7 +5,7 @@ use crate::layout::Layout;
 use crate::params::{self, LayerParams};
 use crate::EncoderConfig;
 use anyhow::{bail, Result};
-use flint_backend::{Activation, AttentionShape, Backend, Buffer, DType, Dropout, Tensor};
+use flint_backend::{Activation, AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Tensor};
 
 /// Training (dropout on, drawn from `(seed, step)`) or evaluation (dropout off).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,8 +35,8 @@ pub struct Encoder<B: Backend> {
     layout: Layout,
     params: B::Buffer,
     /// The linear weights transposed to `[in, out]`, at the same offsets as in `params`
-    /// (biases and norms unused): the forward's fast gemm operand order. Refreshed by every
-    /// forward, since the optimizer may have changed the parameters.
+    /// (biases and norms unused): the forward's fast gemm operand order. Written here from the
+    /// initial parameters, then by the optimizer through [`Encoder::mirrors`].
     weights_t: B::Buffer,
     grads: B::Buffer,
     planned: Option<Planned<B>>,
@@ -62,7 +62,7 @@ impl<B: Backend> Encoder<B> {
         backend.upload(params.tensor(), init)?;
         let grads = backend.alloc(DType::F32, layout.total())?;
         let weights_t = backend.alloc(DType::F32, layout.total())?;
-        Ok(Encoder {
+        let encoder = Encoder {
             config,
             backend,
             layout,
@@ -71,7 +71,34 @@ impl<B: Backend> Encoder<B> {
             grads,
             planned: None,
             last: None,
-        })
+        };
+        for (index, mirror) in encoder.mirrors().into_iter().enumerate() {
+            if let Some(m) = mirror {
+                let src = encoder.layout.view(encoder.params.tensor(), index);
+                encoder.backend.transpose(m.out, src, m.rows, m.cols)?;
+            }
+        }
+        Ok(encoder)
+    }
+
+    /// For each parameter tensor (in layout order), the transposed copy the forward reads, if
+    /// any: whoever updates the parameters must update these too (the optimizer passes them to
+    /// [`Backend::adamw`]).
+    pub fn mirrors(&self) -> Vec<Option<Mirror>> {
+        let t = self.weights_t.tensor();
+        self.layout
+            .entries()
+            .iter()
+            .enumerate()
+            .map(|(index, e)| {
+                let linear = e.shape.len() == 2;
+                linear.then(|| Mirror {
+                    out: self.layout.view(t, index),
+                    rows: e.shape[0],
+                    cols: e.shape[1],
+                })
+            })
+            .collect()
     }
 
     pub fn backend(&self) -> &B {
@@ -196,14 +223,6 @@ impl<B: Backend> Encoder<B> {
         for (l, la) in a.layers.iter().enumerate() {
             let w = LayerParams::new(&self.layout, params, l);
             let wt = LayerParams::new(&self.layout, self.weights_t.tensor(), l);
-            for (dst, src, rows, cols) in [
-                (wt.in_proj_weight, w.in_proj_weight, 3 * e, e),
-                (wt.out_proj_weight, w.out_proj_weight, e, e),
-                (wt.linear1_weight, w.linear1_weight, f, e),
-                (wt.linear2_weight, w.linear2_weight, e, f),
-            ] {
-                b.transpose(dst, src, rows, cols)?;
-            }
             let norm = |out, mean, rstd, inp, weight, bias| {
                 b.layernorm_forward(
                     out,

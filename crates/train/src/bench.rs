@@ -54,7 +54,7 @@ pub fn seed<B: Backend>(
         lr: 1e-4,
         ..AdamWConfig::default()
     };
-    let mut opt = AdamW::new(model.backend(), &layout, adamw, |_| true)?;
+    let mut opt = AdamW::new(model.backend(), &layout, adamw, |_| true, &model.mirrors())?;
     let mut step = 0u64;
     for &(name, seq, batch) in configs {
         let shape = BatchShape { batch, seq };

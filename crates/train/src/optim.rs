@@ -2,7 +2,7 @@
 //! fused update per run of tensors that share a weight decay.
 
 use anyhow::Result;
-use flint_backend::{AdamW as Hyper, Backend, Buffer, DType, Tensor};
+use flint_backend::{AdamW as Hyper, Backend, Buffer, DType, Mirror, Tensor};
 use flint_model::layout::{Entry, Layout};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -31,26 +31,44 @@ pub struct AdamW<B: Backend> {
     pub config: AdamWConfig,
     m: B::Buffer,
     v: B::Buffer,
-    /// `(offset, len, decays)`: maximal runs of consecutive tensors with the same decay choice.
-    groups: Vec<(usize, usize, bool)>,
+    /// Maximal runs of consecutive tensors with the same decay choice and no mirror; a
+    /// mirrored tensor is a group of its own.
+    groups: Vec<Group>,
     step: u32,
+}
+
+#[derive(Clone, Copy)]
+struct Group {
+    offset: usize,
+    len: usize,
+    decays: bool,
+    mirror: Option<Mirror>,
 }
 
 impl<B: Backend> AdamW<B> {
     /// `decays(entry)` says whether weight decay applies to a tensor (all of them, as
-    /// PyTorch's default param group, or matrices only, as GPT training does).
+    /// PyTorch's default param group, or matrices only, as GPT training does); `mirrors` are
+    /// the model's transposed copies per tensor (`Encoder::mirrors`), updated in the same pass.
     pub fn new(
         backend: &B,
         layout: &Layout,
         config: AdamWConfig,
         decays: impl Fn(&Entry) -> bool,
+        mirrors: &[Option<Mirror>],
     ) -> Result<Self> {
-        let mut groups: Vec<(usize, usize, bool)> = Vec::new();
-        for e in layout.entries() {
-            let d = decays(e);
+        let mut groups: Vec<Group> = Vec::new();
+        for (i, e) in layout.entries().iter().enumerate() {
+            let (decays, mirror) = (decays(e), mirrors.get(i).copied().flatten());
             match groups.last_mut() {
-                Some(g) if g.2 == d && g.0 + g.1 == e.offset => g.1 += e.numel(),
-                _ => groups.push((e.offset, e.numel(), d)),
+                Some(g) if g.decays == decays && g.mirror.is_none() && mirror.is_none() => {
+                    g.len += e.numel()
+                }
+                _ => groups.push(Group {
+                    offset: e.offset,
+                    len: e.numel(),
+                    decays,
+                    mirror,
+                }),
             }
         }
         let m = backend.alloc(DType::F32, layout.total())?;
@@ -67,7 +85,13 @@ impl<B: Backend> AdamW<B> {
     pub fn step(&mut self, backend: &B, params: Tensor, grads: Tensor) -> Result<()> {
         self.step += 1;
         let c = self.config;
-        for &(offset, len, decays) in &self.groups {
+        for &Group {
+            offset,
+            len,
+            decays,
+            mirror,
+        } in &self.groups
+        {
             let hp = Hyper {
                 lr: c.lr,
                 beta1: c.beta1,
@@ -83,6 +107,7 @@ impl<B: Backend> AdamW<B> {
                 view(self.m.tensor()),
                 view(self.v.tensor()),
                 &hp,
+                mirror,
             )?;
         }
         Ok(())

@@ -21,7 +21,14 @@ fn train_two_steps(config: &EncoderConfig) -> Vec<f32> {
         &x.iter().map(|v| v * 0.5).collect::<Vec<_>>(),
     )
     .unwrap();
-    let mut opt = AdamW::new(&Cpu, &layout, AdamWConfig::default(), |_| true).unwrap();
+    let mut opt = AdamW::new(
+        &Cpu,
+        &layout,
+        AdamWConfig::default(),
+        |_| true,
+        &enc.mirrors(),
+    )
+    .unwrap();
     for step in 1..=2 {
         enc.zero_grad().unwrap();
         let masks = Masks {

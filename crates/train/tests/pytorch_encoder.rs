@@ -158,7 +158,7 @@ fn three_adamw_steps_match_pytorch() {
             weight_decay: num("weight_decay"),
         };
         let (mut enc, target) = case.encoder();
-        let mut opt = AdamW::new(&Cpu, enc.layout(), config, |_| true).unwrap();
+        let mut opt = AdamW::new(&Cpu, enc.layout(), config, |_| true, &enc.mirrors()).unwrap();
         let losses3 = case.tensor("losses3");
         for (i, want) in losses3.iter().enumerate() {
             let loss = case.step(&mut enc, &target, i as u64 + 1);

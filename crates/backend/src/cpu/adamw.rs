@@ -1,34 +1,80 @@
 //! `torch.optim.AdamW` over a flat buffer, and the sum of squares for global-norm clipping.
 
-use super::{deterministic_sum, simd, CHUNK};
+use super::{deterministic_sum, simd, SendPtr, CHUNK};
 use crate::AdamW;
 use rayon::prelude::*;
 
 /// One AdamW update, in PyTorch's order of operations:
 /// p *= 1 - lr*wd;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;
 /// p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-pub(crate) fn step(param: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32], hp: &AdamW) {
+/// With a mirror `(out, rows, cols)`, also `out[cols, rows] = p^T`, a slab of rows at a time
+/// while the slab is still in cache.
+pub(crate) fn step(
+    param: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    hp: &AdamW,
+    mirror: Option<(&mut [f32], usize, usize)>,
+) {
     let t = hp.step as i32;
     let bc1 = 1.0 - (hp.beta1 as f64).powi(t);
-    let bc2_sqrt = (1.0 - (hp.beta2 as f64).powi(t)).sqrt() as f32;
-    let step_size = (hp.lr as f64 / bc1) as f32;
-    let decay = 1.0 - hp.lr * hp.weight_decay;
+    let c = Consts {
+        beta1: hp.beta1,
+        beta2: hp.beta2,
+        eps: hp.eps,
+        bc2_sqrt: (1.0 - (hp.beta2 as f64).powi(t)).sqrt() as f32,
+        step_size: (hp.lr as f64 / bc1) as f32,
+        decay: 1.0 - hp.lr * hp.weight_decay,
+    };
+    // Row slabs for a mirrored matrix (16 rows: one cache line of each mirror row), plain
+    // chunks otherwise.
+    let (chunk, mirror) = match mirror {
+        Some((out, rows, cols)) => {
+            assert_eq!(param.len(), rows * cols);
+            (16 * cols, Some((SendPtr(out.as_mut_ptr()), rows, cols)))
+        }
+        None => (CHUNK, None),
+    };
     param
-        .par_chunks_mut(CHUNK)
-        .zip(m.par_chunks_mut(CHUNK))
-        .zip(v.par_chunks_mut(CHUNK))
+        .par_chunks_mut(chunk)
+        .zip(m.par_chunks_mut(chunk))
+        .zip(v.par_chunks_mut(chunk))
         .enumerate()
-        .for_each(|(c, ((p, m), v))| {
-            let g = &grad[c * CHUNK..c * CHUNK + p.len()];
-            simd(|| {
-                for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
-                    *m += (1.0 - hp.beta1) * (g - *m);
-                    *v = hp.beta2 * *v + (1.0 - hp.beta2) * g * g;
-                    let denom = v.sqrt() / bc2_sqrt + hp.eps;
-                    *p = *p * decay - step_size * *m / denom;
+        .for_each(|(i, ((p, m), v))| {
+            let g = &grad[i * chunk..i * chunk + p.len()];
+            simd(|| update(p, g, m, v, &c));
+            if let Some((out, rows, cols)) = mirror {
+                let r0 = i * 16;
+                for col in 0..cols {
+                    let dst = out.at(col * rows + r0);
+                    for (r, line) in p.chunks_exact(cols).enumerate() {
+                        // SAFETY: this slab owns rows r0.. of the matrix, i.e. columns r0..
+                        // of every mirror row; col * rows + r0 + r < rows * cols.
+                        unsafe { *dst.add(r) = line[col] };
+                    }
                 }
-            })
+            }
         });
+}
+
+struct Consts {
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    bc2_sqrt: f32,
+    step_size: f32,
+    decay: f32,
+}
+
+#[inline(always)]
+fn update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &Consts) {
+    for (((p, m), v), &g) in p.iter_mut().zip(m.iter_mut()).zip(v.iter_mut()).zip(g) {
+        *m += (1.0 - c.beta1) * (g - *m);
+        *v = c.beta2 * *v + (1.0 - c.beta2) * g * g;
+        let denom = v.sqrt() / c.bc2_sqrt + c.eps;
+        *p = *p * c.decay - c.step_size * *m / denom;
+    }
 }
 
 pub(crate) fn sum_squares(x: &[f32]) -> f64 {

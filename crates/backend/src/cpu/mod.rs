@@ -11,7 +11,7 @@ mod loss;
 mod matmul;
 mod residual;
 
-use crate::{Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, Tensor};
+use crate::{Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Tensor};
 use anyhow::{bail, Result};
 
 /// Elements per task in elementwise kernels: large enough to amortise scheduling, a multiple
@@ -329,8 +329,24 @@ impl Backend for Cpu {
         Ok(())
     }
 
-    fn adamw(&self, param: Tensor, grad: Tensor, m: Tensor, v: Tensor, hp: &AdamW) -> Result<()> {
-        adamw::step(f32s_mut(param), f32s(grad), f32s_mut(m), f32s_mut(v), hp);
+    fn adamw(
+        &self,
+        param: Tensor,
+        grad: Tensor,
+        m: Tensor,
+        v: Tensor,
+        hp: &AdamW,
+        mirror: Option<Mirror>,
+    ) -> Result<()> {
+        let mirror = mirror.map(|mi| (f32s_mut(mi.out), mi.rows, mi.cols));
+        adamw::step(
+            f32s_mut(param),
+            f32s(grad),
+            f32s_mut(m),
+            f32s_mut(v),
+            hp,
+            mirror,
+        );
         Ok(())
     }
 }
