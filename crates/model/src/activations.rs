@@ -23,6 +23,8 @@ pub struct LayerActs {
     pub res1: Tensor,
     pub norm1: Tensor,
     pub fch: Tensor,
+    /// `dropout(act(fch))`, kept so backward needs neither the activation nor the mask again.
+    pub ff: Tensor,
     pub res2: Tensor,
     pub norm2: Tensor,
     pub mean1: Tensor,
@@ -40,9 +42,8 @@ pub struct Acts {
     pub final_out: Tensor,
     pub final_mean: Tensor,
     pub final_rstd: Tensor,
-    // Forward scratch, shared by all layers (recomputed in backward where needed).
+    // Forward scratch, shared by all layers.
     pub sa: Tensor,
-    pub ff: Tensor,
     pub ffo: Tensor,
     // Gradients: one layer's worth, reused by every layer.
     pub dout: Tensor,
@@ -57,8 +58,8 @@ pub struct Acts {
     pub dqkv: Tensor,
 }
 
-const LAYER_ACTS: [&str; 12] = [
-    "qkv", "att", "atty", "res1", "norm1", "fch", "res2", "norm2", "mean1", "rstd1", "mean2",
+const LAYER_ACTS: [&str; 13] = [
+    "qkv", "att", "atty", "res1", "norm1", "fch", "ff", "res2", "norm2", "mean1", "rstd1", "mean2",
     "rstd2",
 ];
 
@@ -69,12 +70,13 @@ pub fn plan(c: &EncoderConfig, s: BatchShape) -> Layout {
     p.push("input", &[r, e]);
     p.push("key_padding", &[s.batch, s.seq]);
     for l in 0..c.num_layers {
-        let shapes: [&[usize]; 12] = [
+        let shapes: [&[usize]; 13] = [
             &[r, 3 * e],
             &att,
             &[r, e],
             &[r, e],
             &[r, e],
+            &[r, f],
             &[r, f],
             &[r, e],
             &[r, e],
@@ -92,7 +94,6 @@ pub fn plan(c: &EncoderConfig, s: BatchShape) -> Layout {
         ("norm.mean", &[r]),
         ("norm.rstd", &[r]),
         ("scratch.sa", &[r, e]),
-        ("scratch.ff", &[r, f]),
         ("scratch.ffo", &[r, e]),
         ("grad.out", &[r, e]),
         ("grad.stream0", &[r, e]),
@@ -125,12 +126,13 @@ impl Acts {
                     res1: w(3),
                     norm1: w(4),
                     fch: w(5),
-                    res2: w(6),
-                    norm2: w(7),
-                    mean1: w(8),
-                    rstd1: w(9),
-                    mean2: w(10),
-                    rstd2: w(11),
+                    ff: w(6),
+                    res2: w(7),
+                    norm2: w(8),
+                    mean1: w(9),
+                    rstd1: w(10),
+                    mean2: w(11),
+                    rstd2: w(12),
                 }
             })
             .collect();
@@ -143,18 +145,17 @@ impl Acts {
             final_mean: v(t + 1),
             final_rstd: v(t + 2),
             sa: v(t + 3),
-            ff: v(t + 4),
-            ffo: v(t + 5),
-            dout: v(t + 6),
-            dstream: [v(t + 7), v(t + 8)],
-            dres: v(t + 9),
-            dnorm: v(t + 10),
-            dffo: v(t + 11),
-            dff: v(t + 12),
-            dfch: v(t + 13),
-            dsa: v(t + 14),
-            datty: v(t + 15),
-            dqkv: v(t + 16),
+            ffo: v(t + 4),
+            dout: v(t + 5),
+            dstream: [v(t + 6), v(t + 7)],
+            dres: v(t + 8),
+            dnorm: v(t + 9),
+            dffo: v(t + 10),
+            dff: v(t + 11),
+            dfch: v(t + 12),
+            dsa: v(t + 13),
+            datty: v(t + 14),
+            dqkv: v(t + 15),
         }
     }
 }

@@ -306,10 +306,10 @@ impl<B: Backend> Encoder<B> {
                 e,
                 f,
             )?;
-            b.activation_forward(a.ff, la.fch, act, self.dropout(mode, l, 2))?;
+            b.activation_forward(la.ff, la.fch, act, self.dropout(mode, l, 2))?;
             b.matmul_forward_t(
                 a.ffo,
-                a.ff,
+                la.ff,
                 wt.linear2_weight,
                 Some(w.linear2_bias),
                 rows,
@@ -420,14 +420,13 @@ impl<B: Backend> Encoder<B> {
             };
             b.fill(dff_resid, 0.0)?;
             b.residual_backward(dff_resid, a.dffo, dres2, self.dropout(mode, l, 3))?;
-            b.activation_forward(a.ff, la.fch, act, self.dropout(mode, l, 2))?;
             b.matmul_backward(
                 Some(a.dff),
                 false,
                 g.linear2_weight,
                 Some(g.linear2_bias),
                 a.dffo,
-                a.ff,
+                la.ff,
                 w.linear2_weight,
                 rows,
                 f,
