@@ -36,6 +36,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // Die quietly on a closed pipe (`flint ... | head`), as Unix tools do, instead of panicking.
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of a signal at start-up, before any thread.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     if let Some(n) = cli.threads {
         if n == 0 {

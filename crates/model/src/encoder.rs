@@ -134,10 +134,18 @@ impl<B: Backend> Encoder<B> {
 
     /// The activation plan as a table (bytes per buffer, total), for `--verbose`.
     pub fn describe_plan(&self) -> Result<String> {
-        Ok(activations::describe(
-            &self.planned()?.plan,
-            self.config.num_layers,
-        ))
+        let n = self.layout.total();
+        let line =
+            |name: &str, count: usize| format!("  {name:<49} {}\n", activations::mib(count * 4));
+        let model = format!(
+            "model buffers (f32, {n} parameters):\n{}{}{}{}",
+            line("parameters", n),
+            line("gradients", n),
+            line("transposed weight copies (forward)", n),
+            line("AdamW moments m and v (when training)", 2 * n),
+        );
+        let plan = &self.planned()?.plan;
+        Ok(model + &activations::describe(plan, self.config.num_layers))
     }
 
     fn planned(&self) -> Result<&Planned<B>> {
