@@ -81,6 +81,22 @@ pub struct AdamW {
     pub step: u32,
 }
 
+/// How a weight matrix of a `k -> n` projection is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `[n, k]`, as `nn.Linear.weight`.
+    OutIn,
+    /// `[k, n]`, as Hugging Face's `Conv1D.weight`.
+    InOut,
+}
+
+/// A weight matrix and its layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Weight {
+    pub tensor: Tensor,
+    pub layout: WeightLayout,
+}
+
 /// A transposed copy of a `[rows, cols]` parameter matrix, kept in step with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mirror {
@@ -96,32 +112,20 @@ pub trait Backend: Send + Sync {
     fn device(&self) -> String;
     fn alloc(&self, dtype: DType, len: usize) -> Result<Self::Buffer>;
     fn upload(&self, dst: Tensor, src: &[f32]) -> Result<()>;
+    fn upload_i32(&self, dst: Tensor, src: &[i32]) -> Result<()>;
     fn download(&self, src: Tensor, dst: &mut [f32]) -> Result<()>;
     fn fill(&self, dst: Tensor, value: f32) -> Result<()>;
     /// Waits until every queued kernel has finished.
     fn synchronize(&self) -> Result<()>;
 
-    /// `out[rows, n] = inp[rows, k] @ weight[n, k]^T + bias[n]` (PyTorch `nn.Linear` layout).
+    /// `out[rows, n] = inp[rows, k] @ W + bias[n]`, where `weight` holds W^T (`nn.Linear`) or W
+    /// (`Conv1D`).
     #[allow(clippy::too_many_arguments)]
     fn matmul_forward(
         &self,
         out: Tensor,
         inp: Tensor,
-        weight: Tensor,
-        bias: Option<Tensor>,
-        rows: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()>;
-
-    /// [`Backend::matmul_forward`] with the weight stored transposed, `weight_t[k, n]` (the
-    /// layout of Hugging Face's `Conv1D`): the fast operand order for the CPU's gemm.
-    #[allow(clippy::too_many_arguments)]
-    fn matmul_forward_t(
-        &self,
-        out: Tensor,
-        inp: Tensor,
-        weight_t: Tensor,
+        weight: Weight,
         bias: Option<Tensor>,
         rows: usize,
         k: usize,
@@ -132,17 +136,18 @@ pub trait Backend: Send + Sync {
     fn transpose(&self, out: Tensor, inp: Tensor, rows: usize, cols: usize) -> Result<()>;
 
     /// Backward of [`Backend::matmul_forward`] given `dout[rows, n]`: `dinp[rows, k]` (`+=` when
-    /// `accumulate`, else `=`), `dweight[n, k] +=`, `dbias[n] +=`.
+    /// `accumulate`, else `=`) from `weight`, and `dweight +=` (in its own layout), `dbias[n] +=`.
+    /// `weight` may be a mirror of the forward's weight in the other layout.
     #[allow(clippy::too_many_arguments)]
     fn matmul_backward(
         &self,
         dinp: Option<Tensor>,
         accumulate: bool,
-        dweight: Tensor,
+        dweight: Weight,
         dbias: Option<Tensor>,
         dout: Tensor,
         inp: Tensor,
-        weight: Tensor,
+        weight: Weight,
         rows: usize,
         k: usize,
         n: usize,

@@ -10,8 +10,26 @@ use anyhow::Result;
 use flint_backend::cpu::{Cpu, CpuBuffer};
 use flint_backend::{
     philox, Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Tensor,
+    Weight, WeightLayout,
 };
 use reference::{Act, Attn};
+use WeightLayout::{InOut, OutIn};
+
+/// A weight stored as `nn.Linear` stores it, `[out, in]`.
+fn lin(tensor: Tensor) -> Weight {
+    Weight {
+        tensor,
+        layout: OutIn,
+    }
+}
+
+/// A weight stored as Hugging Face's `Conv1D` stores it, `[in, out]`.
+fn conv(tensor: Tensor) -> Weight {
+    Weight {
+        tensor,
+        layout: InOut,
+    }
+}
 
 /// Forward outputs (f32 kernels) against the f64 reference.
 const FORWARD_TOL: f64 = 1e-5;
@@ -172,14 +190,30 @@ fn matmul_forward_matches_reference() -> Result<()> {
             let out = filled(rows * n, 7.0)?;
             let (xb, wb, bb) = (buf(&x)?, buf(&w)?, buf(&b)?);
             let bias = with_bias.then(|| bb.tensor());
-            Cpu.matmul_forward(out.tensor(), xb.tensor(), wb.tensor(), bias, rows, k, n)?;
+            Cpu.matmul_forward(
+                out.tensor(),
+                xb.tensor(),
+                lin(wb.tensor()),
+                bias,
+                rows,
+                k,
+                n,
+            )?;
             // The same product from the weight transposed to [k, n] by the transpose kernel.
             let (wt, out_t) = (filled(k * n, 7.0)?, filled(rows * n, 7.0)?);
             Cpu.transpose(wt.tensor(), wb.tensor(), n, k)?;
             let wt_host = read(wt.tensor())?;
             let wt_want: Vec<f64> = (0..k * n).map(|i| w[(i % n) * k + i / n] as f64).collect();
             assert_close("transpose", &wt_host, &wt_want, 0.0);
-            Cpu.matmul_forward_t(out_t.tensor(), xb.tensor(), wt.tensor(), bias, rows, k, n)?;
+            Cpu.matmul_forward(
+                out_t.tensor(),
+                xb.tensor(),
+                conv(wt.tensor()),
+                bias,
+                rows,
+                k,
+                n,
+            )?;
             let want = reference::linear(
                 &f64s(&x),
                 &f64s(&w),
@@ -204,32 +238,43 @@ fn matmul_forward_matches_reference() -> Result<()> {
 #[test]
 fn matmul_backward_matches_finite_differences() -> Result<()> {
     for (rows, k, n) in MATMUL_SIZES {
-        for with_bias in [false, true] {
+        for (with_bias, layout) in [(false, OutIn), (true, OutIn), (true, InOut)] {
             let (x, w, b, r) = (
                 randn(1, rows * k),
                 randn(2, n * k),
                 randn(3, n),
                 randn(4, rows * n),
             );
-            let (xb, wb, rb) = (buf(&x)?, buf(&w)?, buf(&r)?);
+            // W^T[n, k] as stored by nn.Linear, or W[k, n] as stored by Conv1D.
+            let stored = match layout {
+                OutIn => w.clone(),
+                InOut => (0..k * n).map(|i| w[(i % n) * k + i / n]).collect(),
+            };
+            let (xb, wb, rb) = (buf(&x)?, buf(&stored)?, buf(&r)?);
             // dinp is overwritten (accumulate = false): start it on garbage.
             let dx = filled(rows * k, 7.0)?;
             let (dw, db) = (filled(n * k, 0.0)?, filled(n, 0.0)?);
             let dbias = with_bias.then(|| db.tensor());
+            let weight = |t| Weight { tensor: t, layout };
             Cpu.matmul_backward(
                 Some(dx.tensor()),
                 false,
-                dw.tensor(),
+                weight(dw.tensor()),
                 dbias,
                 rb.tensor(),
                 xb.tensor(),
-                wb.tensor(),
+                weight(wb.tensor()),
                 rows,
                 k,
                 n,
             )?;
-            let op = format!("matmul {rows}x{k}x{n} bias={with_bias}");
+            let op = format!("matmul {rows}x{k}x{n} bias={with_bias} {layout:?}");
             let (gx, gw, gb) = (read(dx.tensor())?, read(dw.tensor())?, read(db.tensor())?);
+            // Back to the [n, k] order the reference differentiates.
+            let gw: Vec<f32> = match layout {
+                OutIn => gw,
+                InOut => (0..n * k).map(|i| gw[(i % k) * n + i / k]).collect(),
+            };
             let mut inputs = vec![("inp", &x[..]), ("weight", &w[..])];
             let mut grads = vec![&gx[..], &gw[..]];
             if with_bias {
@@ -258,11 +303,11 @@ fn matmul_backward_accumulates_parameter_grads_and_follows_accumulate_flag() -> 
         Cpu.matmul_backward(
             dx.map(|d| d.tensor()),
             acc,
-            dw.tensor(),
+            lin(dw.tensor()),
             Some(db.tensor()),
             rb.tensor(),
             xb.tensor(),
-            wb.tensor(),
+            lin(wb.tensor()),
             rows,
             k,
             n,
@@ -971,7 +1016,7 @@ fn big_kernel_outputs() -> Result<Vec<Vec<f32>>> {
     Cpu.matmul_forward(
         out.tensor(),
         x.tensor(),
-        w.tensor(),
+        lin(w.tensor()),
         Some(b.tensor()),
         rows,
         k,
@@ -981,11 +1026,11 @@ fn big_kernel_outputs() -> Result<Vec<Vec<f32>>> {
     Cpu.matmul_backward(
         Some(dx.tensor()),
         false,
-        dw.tensor(),
+        lin(dw.tensor()),
         Some(db.tensor()),
         r.tensor(),
         x.tensor(),
-        w.tensor(),
+        lin(w.tensor()),
         rows,
         k,
         n,

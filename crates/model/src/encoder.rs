@@ -1,11 +1,14 @@
 //! `nn.TransformerEncoder` forward and backward, explicit layer by layer, on the backend API.
 
-use crate::activations::{self, Acts, BatchShape, LayerActs};
+use crate::activations::{self, Acts, BatchShape};
+use crate::block::{self, Block, Dropouts};
 use crate::layout::Layout;
 use crate::params::{self, LayerParams};
 use crate::EncoderConfig;
 use anyhow::{bail, Result};
-use flint_backend::{Activation, AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Tensor};
+use flint_backend::{
+    AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Tensor, WeightLayout,
+};
 
 /// Training (dropout on, drawn from `(seed, step)`) or evaluation (dropout off).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -210,7 +213,7 @@ impl<B: Backend> Encoder<B> {
         Ok(if c.final_norm {
             p.acts.final_out
         } else {
-            layer_output(c, &p.acts.layers[c.num_layers - 1])
+            block::output(c.norm_first, &p.acts.layers[c.num_layers - 1])
         })
     }
 
@@ -219,126 +222,46 @@ impl<B: Backend> Encoder<B> {
         Ok(self.planned()?.acts.dout)
     }
 
+    fn block(&self, shape: BatchShape, masks: Masks, acts: &Acts) -> Block {
+        let c = &self.config;
+        Block {
+            rows: shape.batch * shape.seq,
+            d_model: c.d_model,
+            d_ff: c.dim_feedforward,
+            eps: c.layer_norm_eps,
+            norm_first: c.norm_first,
+            act: c.activation.into(),
+            attention: self.attention_shape(shape, masks.causal),
+            key_padding: masks.key_padding.then_some(acts.key_padding),
+            layout: WeightLayout::OutIn,
+        }
+    }
+
+    fn dropouts(&self, mode: Mode, layer: usize) -> Dropouts {
+        [0, 1, 2, 3].map(|site| self.dropout(mode, layer, site))
+    }
+
+    /// Parameters, their transposed mirrors and gradients of layer `l`.
+    fn layer_views(&self, l: usize) -> (LayerParams, LayerParams, LayerParams) {
+        let view = |base: Tensor| LayerParams::new(&self.layout, base, l);
+        (
+            view(self.params.tensor()),
+            view(self.weights_t.tensor()),
+            view(self.grads.tensor()),
+        )
+    }
+
     pub fn forward(&mut self, masks: Masks, mode: Mode) -> Result<Tensor> {
         let p = self.planned()?;
         let (b, c, a) = (&self.backend, &self.config, &p.acts);
-        let (rows, e, f) = (p.shape.batch * p.shape.seq, c.d_model, c.dim_feedforward);
-        let att_shape = self.attention_shape(p.shape, masks.causal);
-        let kp = masks.key_padding.then_some(a.key_padding);
-        let act: Activation = c.activation.into();
-        let params = self.params.tensor();
+        let block = self.block(p.shape, masks, a);
         let mut x = a.input;
         for (l, la) in a.layers.iter().enumerate() {
-            let w = LayerParams::new(&self.layout, params, l);
-            let wt = LayerParams::new(&self.layout, self.weights_t.tensor(), l);
-            let norm = |out, mean, rstd, inp, weight, bias| {
-                b.layernorm_forward(
-                    out,
-                    mean,
-                    rstd,
-                    inp,
-                    weight,
-                    bias,
-                    rows,
-                    e,
-                    c.layer_norm_eps,
-                )
-            };
-            let attn_in = if c.norm_first {
-                norm(
-                    la.norm1,
-                    la.mean1,
-                    la.rstd1,
-                    x,
-                    w.norm1_weight,
-                    w.norm1_bias,
-                )?;
-                la.norm1
-            } else {
-                x
-            };
-            b.matmul_forward_t(
-                la.qkv,
-                attn_in,
-                wt.in_proj_weight,
-                Some(w.in_proj_bias),
-                rows,
-                e,
-                3 * e,
-            )?;
-            b.attention_forward(
-                la.atty,
-                la.att,
-                la.qkv,
-                kp,
-                &att_shape,
-                self.dropout(mode, l, 0),
-            )?;
-            b.matmul_forward_t(
-                a.sa,
-                la.atty,
-                wt.out_proj_weight,
-                Some(w.out_proj_bias),
-                rows,
-                e,
-                e,
-            )?;
-            b.residual_forward(la.res1, x, a.sa, self.dropout(mode, l, 1))?;
-            let ff_in = if c.norm_first {
-                norm(
-                    la.norm2,
-                    la.mean2,
-                    la.rstd2,
-                    la.res1,
-                    w.norm2_weight,
-                    w.norm2_bias,
-                )?;
-                la.norm2
-            } else {
-                norm(
-                    la.norm1,
-                    la.mean1,
-                    la.rstd1,
-                    la.res1,
-                    w.norm1_weight,
-                    w.norm1_bias,
-                )?;
-                la.norm1
-            };
-            b.matmul_forward_t(
-                la.fch,
-                ff_in,
-                wt.linear1_weight,
-                Some(w.linear1_bias),
-                rows,
-                e,
-                f,
-            )?;
-            b.activation_forward(la.ff, la.fch, act, self.dropout(mode, l, 2))?;
-            b.matmul_forward_t(
-                a.ffo,
-                la.ff,
-                wt.linear2_weight,
-                Some(w.linear2_bias),
-                rows,
-                f,
-                e,
-            )?;
-            let ff_resid = if c.norm_first { la.res1 } else { la.norm1 };
-            b.residual_forward(la.res2, ff_resid, a.ffo, self.dropout(mode, l, 3))?;
-            if !c.norm_first {
-                norm(
-                    la.norm2,
-                    la.mean2,
-                    la.rstd2,
-                    la.res2,
-                    w.norm2_weight,
-                    w.norm2_bias,
-                )?;
-            }
-            x = layer_output(c, la);
+            let (w, m, _) = self.layer_views(l);
+            x = block.forward(b, &w, &m, x, la, a, self.dropouts(mode, l))?;
         }
-        if let Some((weight, bias)) = params::final_norm(&self.layout, params, c) {
+        if let Some((weight, bias)) = params::final_norm(&self.layout, self.params.tensor(), c) {
+            let (rows, e) = (block.rows, c.d_model);
             b.layernorm_forward(
                 a.final_out,
                 a.final_mean,
@@ -364,22 +287,15 @@ impl<B: Backend> Encoder<B> {
         };
         let p = self.planned()?;
         let (b, c, a) = (&self.backend, &self.config, &p.acts);
-        let (rows, e, f) = (p.shape.batch * p.shape.seq, c.d_model, c.dim_feedforward);
-        let att_shape = self.attention_shape(p.shape, masks.causal);
-        let act: Activation = c.activation.into();
-        let (params, grads) = (self.params.tensor(), self.grads.tensor());
-        let norm_back = |dinp, acc, dw, db, dout, inp, w, mean, rstd| {
-            b.layernorm_backward(dinp, acc, dw, db, dout, inp, w, mean, rstd, rows, e)
-        };
-
+        let block = self.block(p.shape, masks, a);
         let last = c.num_layers - 1;
         let mut dy = a.dout;
         if let (Some((w, _)), Some((dw, db))) = (
-            params::final_norm(&self.layout, params, c),
-            params::final_norm(&self.layout, grads, c),
+            params::final_norm(&self.layout, self.params.tensor(), c),
+            params::final_norm(&self.layout, self.grads.tensor(), c),
         ) {
-            let x = layer_output(c, &a.layers[last]);
-            norm_back(
+            let x = block.output(&a.layers[last]);
+            b.layernorm_backward(
                 a.dstream[0],
                 false,
                 dw,
@@ -389,161 +305,37 @@ impl<B: Backend> Encoder<B> {
                 w,
                 a.final_mean,
                 a.final_rstd,
+                block.rows,
+                c.d_model,
             )?;
             dy = a.dstream[0];
         }
         for l in (0..c.num_layers).rev() {
-            let (la, w, g) = (
-                &a.layers[l],
-                LayerParams::new(&self.layout, params, l),
-                LayerParams::new(&self.layout, grads, l),
-            );
+            let (w, m, g) = self.layer_views(l);
             let x = if l == 0 {
                 a.input
             } else {
-                layer_output(c, &a.layers[l - 1])
+                block.output(&a.layers[l - 1])
             };
             let dx = if dy == a.dstream[0] {
                 a.dstream[1]
             } else {
                 a.dstream[0]
             };
-
-            // Feed-forward block: d res2 arrives in `dy` (pre-norm) or via LN2 (post-norm).
-            let (dres2, ff_in, dff_resid) = if c.norm_first {
-                (dy, la.norm2, a.dres)
-            } else {
-                norm_back(
-                    a.dres,
-                    false,
-                    g.norm2_weight,
-                    g.norm2_bias,
-                    dy,
-                    la.res2,
-                    w.norm2_weight,
-                    la.mean2,
-                    la.rstd2,
-                )?;
-                (a.dres, la.norm1, a.dnorm)
-            };
-            b.fill(dff_resid, 0.0)?;
-            b.residual_backward(dff_resid, a.dffo, dres2, self.dropout(mode, l, 3))?;
-            b.matmul_backward(
-                Some(a.dff),
-                false,
-                g.linear2_weight,
-                Some(g.linear2_bias),
-                a.dffo,
-                la.ff,
-                w.linear2_weight,
-                rows,
-                f,
-                e,
+            let need_dx = l > 0 || input_grad;
+            block.backward(
+                b,
+                &w,
+                &m,
+                &g,
+                x,
+                &a.layers[l],
+                a,
+                dy,
+                dx,
+                need_dx,
+                self.dropouts(mode, l),
             )?;
-            b.activation_backward(a.dfch, a.dff, la.fch, act, self.dropout(mode, l, 2))?;
-            // Post-norm adds into d norm1 (already holding the residual path); pre-norm writes
-            // d norm2 fresh and routes it through LN2 into d res1.
-            b.matmul_backward(
-                Some(a.dnorm),
-                !c.norm_first,
-                g.linear1_weight,
-                Some(g.linear1_bias),
-                a.dfch,
-                ff_in,
-                w.linear1_weight,
-                rows,
-                e,
-                f,
-            )?;
-            if c.norm_first {
-                norm_back(
-                    a.dres,
-                    true,
-                    g.norm2_weight,
-                    g.norm2_bias,
-                    a.dnorm,
-                    la.res1,
-                    w.norm2_weight,
-                    la.mean2,
-                    la.rstd2,
-                )?;
-            } else {
-                norm_back(
-                    a.dres,
-                    false,
-                    g.norm1_weight,
-                    g.norm1_bias,
-                    a.dnorm,
-                    la.res1,
-                    w.norm1_weight,
-                    la.mean1,
-                    la.rstd1,
-                )?;
-            }
-
-            // Attention block: d res1 is in `dres`.
-            b.fill(dx, 0.0)?;
-            b.residual_backward(dx, a.dsa, a.dres, self.dropout(mode, l, 1))?;
-            b.matmul_backward(
-                Some(a.datty),
-                false,
-                g.out_proj_weight,
-                Some(g.out_proj_bias),
-                a.dsa,
-                la.atty,
-                w.out_proj_weight,
-                rows,
-                e,
-                e,
-            )?;
-            b.attention_backward(
-                a.dqkv,
-                a.datty,
-                la.qkv,
-                la.att,
-                &att_shape,
-                self.dropout(mode, l, 0),
-            )?;
-            if c.norm_first {
-                b.matmul_backward(
-                    Some(a.dnorm),
-                    false,
-                    g.in_proj_weight,
-                    Some(g.in_proj_bias),
-                    a.dqkv,
-                    la.norm1,
-                    w.in_proj_weight,
-                    rows,
-                    e,
-                    3 * e,
-                )?;
-                norm_back(
-                    dx,
-                    true,
-                    g.norm1_weight,
-                    g.norm1_bias,
-                    a.dnorm,
-                    x,
-                    w.norm1_weight,
-                    la.mean1,
-                    la.rstd1,
-                )?;
-            } else {
-                // The first layer's input gradient is the costliest matmul nobody may need.
-                let dinp = (l > 0 || input_grad).then_some(dx);
-                b.matmul_backward(
-                    dinp,
-                    true,
-                    g.in_proj_weight,
-                    Some(g.in_proj_bias),
-                    a.dqkv,
-                    x,
-                    w.in_proj_weight,
-                    rows,
-                    e,
-                    3 * e,
-                )?;
-            }
             dy = dx;
         }
         Ok(input_grad.then_some(dy))
@@ -551,13 +343,5 @@ impl<B: Backend> Encoder<B> {
 
     pub fn zero_grad(&self) -> Result<()> {
         self.backend.fill(self.grads.tensor(), 0.0)
-    }
-}
-
-fn layer_output(c: &EncoderConfig, la: &LayerActs) -> Tensor {
-    if c.norm_first {
-        la.res2
-    } else {
-        la.norm2
     }
 }

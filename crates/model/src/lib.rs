@@ -2,6 +2,7 @@
 //! encoder with `nn.TransformerEncoder` semantics.
 
 pub mod activations;
+mod block;
 mod config;
 mod encoder;
 pub mod layout;

@@ -1,6 +1,7 @@
 //! `nn.Linear` forward and backward on the `gemm` crate. Transposes are expressed as strides, so
 //! no operand is ever copied.
 
+use crate::WeightLayout;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -51,19 +52,11 @@ pub(crate) fn gemm_strided(
     }
 }
 
-/// A weight matrix and how it is stored.
-pub(crate) enum Weight<'a> {
-    /// `[n, k]`, as `nn.Linear.weight`.
-    OutIn(&'a [f32]),
-    /// `[k, n]`, as Hugging Face's `Conv1D.weight`.
-    InOut(&'a [f32]),
-}
-
-/// out[rows, n] = inp[rows, k] @ W + bias[n], with W = weight^T (OutIn) or weight (InOut)
+/// out[rows, n] = inp[rows, k] @ W + bias[n]
 pub(crate) fn forward(
     out: &mut [f32],
     inp: &[f32],
-    weight: Weight,
+    (weight, layout): (&[f32], WeightLayout),
     bias: Option<&[f32]>,
     rows: usize,
     k: usize,
@@ -75,16 +68,17 @@ pub(crate) fn forward(
             .par_chunks_mut(n * (super::CHUNK / n).max(1))
             .for_each(|c| c.chunks_mut(n).for_each(|row| row.copy_from_slice(bias)));
     }
-    let (w, strides) = match weight {
-        Weight::OutIn(w) => (w, (1, k)),
-        Weight::InOut(w) => (w, (n, 1)),
+    // W[k, n] as strides into the stored matrix; InOut is gemm's fast (row-major) case.
+    let strides = match layout {
+        WeightLayout::OutIn => (1, k),
+        WeightLayout::InOut => (n, 1),
     };
     gemm_strided(
         out,
         bias.is_some(),
         inp,
         (k, 1),
-        w,
+        weight,
         strides,
         rows,
         k,
@@ -126,46 +120,67 @@ pub(crate) fn transpose(out: &mut [f32], inp: &[f32], rows: usize, cols: usize) 
         });
 }
 
-/// dinp[rows, k] (+)= dout @ weight;  dweight[n, k] += dout^T @ inp;  dbias[n] += sum_rows dout
+/// dinp[rows, k] (+)= dout @ W^T;  dW += inp^T @ dout (stored in its layout);  dbias[n] += sum_rows dout
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     dinp: Option<&mut [f32]>,
     accumulate: bool,
-    dweight: &mut [f32],
+    (dweight, dlayout): (&mut [f32], WeightLayout),
     dbias: Option<&mut [f32]>,
     dout: &[f32],
     inp: &[f32],
-    weight: &[f32],
+    (weight, layout): (&[f32], WeightLayout),
     rows: usize,
     k: usize,
     n: usize,
 ) {
     if let Some(dinp) = dinp {
+        // W^T[n, k] as strides; OutIn is gemm's fast case here.
+        let strides = match layout {
+            WeightLayout::OutIn => (k, 1),
+            WeightLayout::InOut => (1, n),
+        };
         gemm_strided(
             dinp,
             accumulate,
             dout,
             (n, 1),
             weight,
-            (k, 1),
+            strides,
             rows,
             n,
             k,
             parallelism(),
         );
     }
-    gemm_strided(
-        dweight,
-        true,
-        dout,
-        (1, n),
-        inp,
-        (k, 1),
-        n,
-        rows,
-        k,
-        parallelism(),
-    );
+    match dlayout {
+        // dW[n, k] = dout^T @ inp
+        WeightLayout::OutIn => gemm_strided(
+            dweight,
+            true,
+            dout,
+            (1, n),
+            inp,
+            (k, 1),
+            n,
+            rows,
+            k,
+            parallelism(),
+        ),
+        // dW[k, n] = inp^T @ dout
+        WeightLayout::InOut => gemm_strided(
+            dweight,
+            true,
+            inp,
+            (1, k),
+            dout,
+            (n, 1),
+            k,
+            rows,
+            n,
+            parallelism(),
+        ),
+    }
     if let Some(dbias) = dbias {
         // Each task owns a block of columns and sums all rows in order: deterministic.
         const COLS: usize = 64;

@@ -11,7 +11,9 @@ mod loss;
 mod matmul;
 mod residual;
 
-use crate::{Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Tensor};
+use crate::{
+    Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Tensor, Weight,
+};
 use anyhow::{bail, Result};
 
 /// Elements per task in elementwise kernels: large enough to amortise scheduling, a multiple
@@ -49,6 +51,12 @@ fn f32s_mut<'a>(t: Tensor) -> &'a mut [f32] {
     unsafe { std::slice::from_raw_parts_mut(t.addr() as *mut f32, t.len()) }
 }
 
+#[allow(clippy::mut_from_ref)]
+fn i32s_mut<'a>(t: Tensor) -> &'a mut [i32] {
+    debug_assert_eq!(t.dtype(), DType::I32);
+    unsafe { std::slice::from_raw_parts_mut(t.addr() as *mut i32, t.len()) }
+}
+
 fn i32s<'a>(t: Tensor) -> &'a [i32] {
     debug_assert_eq!(t.dtype(), DType::I32);
     unsafe { std::slice::from_raw_parts(t.addr() as *const i32, t.len()) }
@@ -81,6 +89,11 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn upload_i32(&self, dst: Tensor, src: &[i32]) -> Result<()> {
+        i32s_mut(dst).copy_from_slice(src);
+        Ok(())
+    }
+
     fn download(&self, src: Tensor, dst: &mut [f32]) -> Result<()> {
         dst.copy_from_slice(f32s(src));
         Ok(())
@@ -102,28 +115,13 @@ impl Backend for Cpu {
         &self,
         out: Tensor,
         inp: Tensor,
-        weight: Tensor,
+        weight: Weight,
         bias: Option<Tensor>,
         rows: usize,
         k: usize,
         n: usize,
     ) -> Result<()> {
-        let w = matmul::Weight::OutIn(f32s(weight));
-        matmul::forward(f32s_mut(out), f32s(inp), w, bias.map(f32s), rows, k, n);
-        Ok(())
-    }
-
-    fn matmul_forward_t(
-        &self,
-        out: Tensor,
-        inp: Tensor,
-        weight_t: Tensor,
-        bias: Option<Tensor>,
-        rows: usize,
-        k: usize,
-        n: usize,
-    ) -> Result<()> {
-        let w = matmul::Weight::InOut(f32s(weight_t));
+        let w = (f32s(weight.tensor), weight.layout);
         matmul::forward(f32s_mut(out), f32s(inp), w, bias.map(f32s), rows, k, n);
         Ok(())
     }
@@ -137,11 +135,11 @@ impl Backend for Cpu {
         &self,
         dinp: Option<Tensor>,
         accumulate: bool,
-        dweight: Tensor,
+        dweight: Weight,
         dbias: Option<Tensor>,
         dout: Tensor,
         inp: Tensor,
-        weight: Tensor,
+        weight: Weight,
         rows: usize,
         k: usize,
         n: usize,
@@ -149,11 +147,11 @@ impl Backend for Cpu {
         matmul::backward(
             dinp.map(f32s_mut),
             accumulate,
-            f32s_mut(dweight),
+            (f32s_mut(dweight.tensor), dweight.layout),
             dbias.map(f32s_mut),
             f32s(dout),
             f32s(inp),
-            f32s(weight),
+            (f32s(weight.tensor), weight.layout),
             rows,
             k,
             n,
