@@ -209,6 +209,36 @@ pub trait Backend: Send + Sync {
         dropout: Option<Dropout>,
     ) -> Result<()>;
 
+    /// Token plus position embedding: `out[r] = dropout(wte[ids[r]] + wpe[r % seq])` for
+    /// `rows` tokens in `[batch, seq]` order, `c` channels; `ids` is an i32 tensor.
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_forward(
+        &self,
+        out: Tensor,
+        ids: Tensor,
+        wte: Tensor,
+        wpe: Tensor,
+        rows: usize,
+        seq: usize,
+        c: usize,
+        dropout: Option<Dropout>,
+    ) -> Result<()>;
+
+    /// Backward of [`Backend::embedding_forward`]: `dwte[ids[r]] += g[r]`, `dwpe[r % seq] += g[r]`
+    /// with `g = dropout(dout)`.
+    #[allow(clippy::too_many_arguments)]
+    fn embedding_backward(
+        &self,
+        dwte: Tensor,
+        dwpe: Tensor,
+        dout: Tensor,
+        ids: Tensor,
+        rows: usize,
+        seq: usize,
+        c: usize,
+        dropout: Option<Dropout>,
+    ) -> Result<()>;
+
     /// `out = dropout(act(inp))`, elementwise.
     fn activation_forward(
         &self,

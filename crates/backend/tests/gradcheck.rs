@@ -67,15 +67,10 @@ fn filled(n: usize, value: f32) -> Result<CpuBuffer> {
     Ok(b)
 }
 
-/// An i32 buffer holding `data`. `Backend::upload` takes f32 only (and the CPU backend asserts
-/// the view's dtype), so the bits go through an f32 view of the same memory.
+/// An i32 buffer holding `data`.
 fn buf_i32(data: &[i32]) -> Result<CpuBuffer> {
     let b = Cpu.alloc(DType::I32, data.len())?;
-    let t = b.tensor();
-    // SAFETY: same address and length as the live i32 buffer; f32 and i32 are both 4 bytes.
-    let as_f32 = unsafe { Tensor::from_raw(t.addr(), t.len(), DType::F32) };
-    let bits: Vec<f32> = data.iter().map(|&v| f32::from_bits(v as u32)).collect();
-    Cpu.upload(as_f32, &bits)?;
+    Cpu.upload_i32(b.tensor(), data)?;
     Ok(b)
 }
 
@@ -1105,5 +1100,96 @@ fn kernels_are_bitwise_independent_of_thread_count() -> Result<()> {
     for ((name, a), b) in names.iter().zip(&a).zip(&b) {
         assert!(bits(a) == bits(b), "{name} differs between 1 and 3 threads");
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// embedding
+
+#[test]
+fn embedding_matches_reference_and_finite_differences() -> Result<()> {
+    let (vocab, positions, c, batch, seq) = (11, 6, 5, 3, 4);
+    let rows = batch * seq;
+    let ids: Vec<i32> = (0..rows).map(|r| ((r * 7 + 3) % vocab) as i32).collect();
+    let (wte, wpe, r) = (
+        randn(1, vocab * c),
+        randn(2, positions * c),
+        randn(3, rows * c),
+    );
+    let (idb, wteb, wpeb) = (buf_i32(&ids)?, buf(&wte)?, buf(&wpe)?);
+    for dropout in [
+        None,
+        Some(Dropout {
+            p: 0.3,
+            seed: 5,
+            offset: 2,
+        }),
+    ] {
+        let mut mul = vec![1.0f32; rows * c];
+        if let Some(d) = &dropout {
+            philox::dropout_multipliers(d, 0, &mut mul);
+        }
+        // out[r] = (wte[ids[r]] + wpe[r % seq]) * mask
+        let reference = |p: &[Vec<f64>]| -> Vec<f64> {
+            (0..rows * c)
+                .map(|i| {
+                    let (row, j) = (i / c, i % c);
+                    let t = ids[row] as usize;
+                    (p[0][t * c + j] + p[1][(row % seq) * c + j]) * mul[i] as f64
+                })
+                .collect()
+        };
+        let out = filled(rows * c, 7.0)?;
+        Cpu.embedding_forward(
+            out.tensor(),
+            idb.tensor(),
+            wteb.tensor(),
+            wpeb.tensor(),
+            rows,
+            seq,
+            c,
+            dropout,
+        )?;
+        let want = reference(&[f64s(&wte), f64s(&wpe)]);
+        assert_close(
+            "embedding forward",
+            &read(out.tensor())?,
+            &want,
+            FORWARD_TOL,
+        );
+        let (dwte, dwpe, rb) = (
+            filled(vocab * c, 0.0)?,
+            filled(positions * c, 0.0)?,
+            buf(&r)?,
+        );
+        Cpu.embedding_backward(
+            dwte.tensor(),
+            dwpe.tensor(),
+            rb.tensor(),
+            idb.tensor(),
+            rows,
+            seq,
+            c,
+            dropout,
+        )?;
+        let (gte, gpe) = (read(dwte.tensor())?, read(dwpe.tensor())?);
+        let inputs = [("wte", &wte[..]), ("wpe", &wpe[..])];
+        assert_grads_match_fd("embedding", &inputs, &r, &[&gte, &gpe], reference);
+    }
+    // An id outside the vocabulary is an error, not a read out of bounds.
+    let bad = buf_i32(&vec![vocab as i32; rows])?;
+    let out = filled(rows * c, 0.0)?;
+    assert!(Cpu
+        .embedding_forward(
+            out.tensor(),
+            bad.tensor(),
+            wteb.tensor(),
+            wpeb.tensor(),
+            rows,
+            seq,
+            c,
+            None
+        )
+        .is_err());
     Ok(())
 }

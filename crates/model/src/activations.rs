@@ -2,8 +2,36 @@
 //! before the first step, in one allocation.
 
 use crate::layout::{shape_str, Layout};
-use crate::EncoderConfig;
-use flint_backend::Tensor;
+use anyhow::Result;
+use flint_backend::{Backend, Buffer, DType, Tensor};
+
+/// The activations of one batch shape, allocated.
+pub struct Planned<B: Backend> {
+    pub shape: BatchShape,
+    pub plan: Layout,
+    _buffer: B::Buffer,
+    pub acts: Acts,
+}
+
+impl<B: Backend> Planned<B> {
+    /// Plans and allocates for `shape` unless `slot` already holds that shape, so steps of one
+    /// shape allocate nothing after the first.
+    pub fn ensure(slot: &mut Option<Self>, b: &B, dims: Dims, shape: BatchShape) -> Result<()> {
+        if slot.as_ref().map(|p| p.shape) != Some(shape) {
+            *slot = None;
+            let plan = plan(dims, shape);
+            let buffer = b.alloc(DType::F32, plan.total())?;
+            let acts = Acts::new(&plan, buffer.tensor(), dims.num_layers);
+            *slot = Some(Planned {
+                shape,
+                plan,
+                _buffer: buffer,
+                acts,
+            });
+        }
+        Ok(())
+    }
+}
 
 /// Shape of one batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,8 +91,17 @@ const LAYER_ACTS: [&str; 13] = [
     "rstd2",
 ];
 
-pub fn plan(c: &EncoderConfig, s: BatchShape) -> Layout {
-    let (r, e, f) = (s.batch * s.seq, c.d_model, c.dim_feedforward);
+/// The sizes of a stack of blocks.
+#[derive(Clone, Copy, Debug)]
+pub struct Dims {
+    pub num_layers: usize,
+    pub d_model: usize,
+    pub d_ff: usize,
+    pub nhead: usize,
+}
+
+pub fn plan(c: Dims, s: BatchShape) -> Layout {
+    let (r, e, f) = (s.batch * s.seq, c.d_model, c.d_ff);
     let att = [s.batch, c.nhead, s.seq, s.seq];
     let mut p = Layout::default();
     p.push("input", &[r, e]);

@@ -169,6 +169,15 @@ impl EncoderConfig {
         total.checked_mul(4).filter(|&b| b <= isize::MAX as usize)
     }
 
+    pub fn dims(&self) -> crate::activations::Dims {
+        crate::activations::Dims {
+            num_layers: self.num_layers,
+            d_model: self.d_model,
+            d_ff: self.dim_feedforward,
+            nhead: self.nhead,
+        }
+    }
+
     pub fn head_dim(&self) -> usize {
         self.d_model / self.nhead
     }

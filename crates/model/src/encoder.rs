@@ -1,14 +1,13 @@
 //! `nn.TransformerEncoder` forward and backward, explicit layer by layer, on the backend API.
 
-use crate::activations::{self, Acts, BatchShape};
+use crate::activations::{self, Acts, BatchShape, Planned};
 use crate::block::{self, Block, Dropouts};
 use crate::layout::Layout;
 use crate::params::{self, LayerParams};
+use crate::weights::Weights;
 use crate::EncoderConfig;
 use anyhow::{bail, Result};
-use flint_backend::{
-    AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Tensor, WeightLayout,
-};
+use flint_backend::{AttentionShape, Backend, Dropout, Mirror, Tensor, WeightLayout};
 
 /// Training (dropout on, drawn from `(seed, step)`) or evaluation (dropout off).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -25,23 +24,10 @@ pub struct Masks {
     pub key_padding: bool,
 }
 
-struct Planned<B: Backend> {
-    shape: BatchShape,
-    plan: Layout,
-    _buffer: B::Buffer,
-    acts: Acts,
-}
-
 pub struct Encoder<B: Backend> {
     pub config: EncoderConfig,
     backend: B,
-    layout: Layout,
-    params: B::Buffer,
-    /// The linear weights transposed to `[in, out]`, at the same offsets as in `params`
-    /// (biases and norms unused): the forward's fast gemm operand order. Written here from the
-    /// initial parameters, then by the optimizer through [`Encoder::mirrors`].
-    weights_t: B::Buffer,
-    grads: B::Buffer,
+    weights: Weights<B>,
     planned: Option<Planned<B>>,
     last: Option<(Masks, Mode)>,
 }
@@ -51,104 +37,48 @@ const SITES: u64 = 4;
 
 impl<B: Backend> Encoder<B> {
     /// An encoder with parameters `init` (laid out by [`Encoder::layout`]) and zero gradients.
+    /// The `nn.Linear` weights get `[in, out]` mirrors for the forward.
     pub fn new(backend: B, config: EncoderConfig, init: &[f32]) -> Result<Self> {
         config.validate()?;
         let layout = params::param_layout(&config);
-        if init.len() != layout.total() {
-            bail!(
-                "{} initial values for {} parameters",
-                init.len(),
-                layout.total()
-            );
-        }
-        let params = backend.alloc(DType::F32, layout.total())?;
-        backend.upload(params.tensor(), init)?;
-        let grads = backend.alloc(DType::F32, layout.total())?;
-        let weights_t = backend.alloc(DType::F32, layout.total())?;
-        let encoder = Encoder {
+        let weights = Weights::new(&backend, layout, init, |e| e.shape.len() == 2)?;
+        Ok(Encoder {
             config,
             backend,
-            layout,
-            params,
-            weights_t,
-            grads,
+            weights,
             planned: None,
             last: None,
-        };
-        for (index, mirror) in encoder.mirrors().into_iter().enumerate() {
-            if let Some(m) = mirror {
-                let src = encoder.layout.view(encoder.params.tensor(), index);
-                encoder.backend.transpose(m.out, src, m.rows, m.cols)?;
-            }
-        }
-        Ok(encoder)
+        })
     }
 
-    /// For each parameter tensor (in layout order), the transposed copy the forward reads, if
-    /// any: whoever updates the parameters must update these too (the optimizer passes them to
-    /// [`Backend::adamw`]).
+    /// See [`Weights::mirrors`].
     pub fn mirrors(&self) -> Vec<Option<Mirror>> {
-        let t = self.weights_t.tensor();
-        self.layout
-            .entries()
-            .iter()
-            .enumerate()
-            .map(|(index, e)| {
-                let linear = e.shape.len() == 2;
-                linear.then(|| Mirror {
-                    out: self.layout.view(t, index),
-                    rows: e.shape[0],
-                    cols: e.shape[1],
-                })
-            })
-            .collect()
+        self.weights.mirrors()
     }
 
     pub fn backend(&self) -> &B {
         &self.backend
     }
     pub fn layout(&self) -> &Layout {
-        &self.layout
+        &self.weights.layout
     }
     pub fn params(&self) -> Tensor {
-        self.params.tensor()
+        self.weights.params()
     }
     pub fn grads(&self) -> Tensor {
-        self.grads.tensor()
+        self.weights.grads()
     }
 
     /// Plans and allocates the activations for `shape`; a no-op when already planned for it, so
     /// steps of one shape allocate nothing after the first.
     pub fn plan(&mut self, shape: BatchShape) -> Result<()> {
-        if self.planned.as_ref().map(|p| p.shape) != Some(shape) {
-            self.planned = None;
-            let plan = activations::plan(&self.config, shape);
-            let buffer = self.backend.alloc(DType::F32, plan.total())?;
-            let acts = Acts::new(&plan, buffer.tensor(), self.config.num_layers);
-            self.planned = Some(Planned {
-                shape,
-                plan,
-                _buffer: buffer,
-                acts,
-            });
-        }
-        Ok(())
+        Planned::ensure(&mut self.planned, &self.backend, self.config.dims(), shape)
     }
 
     /// The activation plan as a table (bytes per buffer, total), for `--verbose`.
     pub fn describe_plan(&self) -> Result<String> {
-        let n = self.layout.total();
-        let line =
-            |name: &str, count: usize| format!("  {name:<49} {}\n", activations::mib(count * 4));
-        let model = format!(
-            "model buffers (f32, {n} parameters):\n{}{}{}{}",
-            line("parameters", n),
-            line("gradients", n),
-            line("transposed weight copies (forward)", n),
-            line("AdamW moments m and v (when training)", 2 * n),
-        );
         let plan = &self.planned()?.plan;
-        Ok(model + &activations::describe(plan, self.config.num_layers))
+        Ok(self.weights.describe() + &activations::describe(plan, self.config.num_layers))
     }
 
     fn planned(&self) -> Result<&Planned<B>> {
@@ -243,12 +173,7 @@ impl<B: Backend> Encoder<B> {
 
     /// Parameters, their transposed mirrors and gradients of layer `l`.
     fn layer_views(&self, l: usize) -> (LayerParams, LayerParams, LayerParams) {
-        let view = |base: Tensor| LayerParams::new(&self.layout, base, l);
-        (
-            view(self.params.tensor()),
-            view(self.weights_t.tensor()),
-            view(self.grads.tensor()),
-        )
+        self.weights.layer(l * params::LAYER_PARAMS.len())
     }
 
     pub fn forward(&mut self, masks: Masks, mode: Mode) -> Result<Tensor> {
@@ -260,7 +185,7 @@ impl<B: Backend> Encoder<B> {
             let (w, m, _) = self.layer_views(l);
             x = block.forward(b, &w, &m, x, la, a, self.dropouts(mode, l))?;
         }
-        if let Some((weight, bias)) = params::final_norm(&self.layout, self.params.tensor(), c) {
+        if let Some((weight, bias)) = params::final_norm(self.layout(), self.params(), c) {
             let (rows, e) = (block.rows, c.d_model);
             b.layernorm_forward(
                 a.final_out,
@@ -291,8 +216,8 @@ impl<B: Backend> Encoder<B> {
         let last = c.num_layers - 1;
         let mut dy = a.dout;
         if let (Some((w, _)), Some((dw, db))) = (
-            params::final_norm(&self.layout, self.params.tensor(), c),
-            params::final_norm(&self.layout, self.grads.tensor(), c),
+            params::final_norm(self.layout(), self.params(), c),
+            params::final_norm(self.layout(), self.grads(), c),
         ) {
             let x = block.output(&a.layers[last]);
             b.layernorm_backward(
@@ -342,6 +267,6 @@ impl<B: Backend> Encoder<B> {
     }
 
     pub fn zero_grad(&self) -> Result<()> {
-        self.backend.fill(self.grads.tensor(), 0.0)
+        self.backend.fill(self.grads(), 0.0)
     }
 }

@@ -4,7 +4,9 @@ use crate::layout::Layout;
 use crate::EncoderConfig;
 use flint_backend::{philox, Tensor};
 
-/// Parameters of one `TransformerEncoderLayer`, in `state_dict` order.
+/// Parameters of one `TransformerEncoderLayer`, in `state_dict` order; other models map their
+/// own names onto these roles in this order (GPT-2: `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`,
+/// `mlp.c_proj`, `ln_1`, `ln_2`).
 pub const LAYER_PARAMS: [&str; 12] = [
     "self_attn.in_proj_weight",
     "self_attn.in_proj_bias",
@@ -68,8 +70,9 @@ pub struct LayerParams {
 }
 
 impl LayerParams {
-    pub fn new(layout: &Layout, base: Tensor, layer: usize) -> Self {
-        let v = |i: usize| layout.view(base, layer * LAYER_PARAMS.len() + i);
+    /// The views of the 12 tensors starting at layout entry `first`, in [`LAYER_PARAMS`] order.
+    pub fn at(layout: &Layout, base: Tensor, first: usize) -> Self {
+        let v = |i: usize| layout.view(base, first + i);
         LayerParams {
             in_proj_weight: v(0),
             in_proj_bias: v(1),

@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod forward;
+pub mod hf;
 pub mod optim;
 pub mod state_dict;
 pub mod tensors;

@@ -113,3 +113,15 @@ impl<B: Backend> AdamW<B> {
         Ok(())
     }
 }
+
+/// `torch.nn.utils.clip_grad_norm_(params, max_norm)` over the flat gradient buffer: scales the
+/// gradients by `max_norm / (norm + 1e-6)` when that is below 1. Returns the norm before
+/// clipping.
+pub fn clip_grad_norm<B: Backend>(backend: &B, grads: Tensor, max_norm: f32) -> Result<f32> {
+    let norm = backend.sum_squares(grads)?.sqrt() as f32;
+    let coef = max_norm / (norm + 1e-6);
+    if coef < 1.0 {
+        backend.scale(grads, coef)?;
+    }
+    Ok(norm)
+}

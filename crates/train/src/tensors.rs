@@ -96,6 +96,28 @@ impl TensorFile {
         Ok((t.shape().to_vec(), values))
     }
 
+    /// Tensor `name` as i32 (from i32 or i64, e.g. token ids) with its shape.
+    pub fn i32(&self, name: &str) -> Result<(Vec<usize>, Vec<i32>)> {
+        let st = self.st();
+        let t = st.tensor(name).map_err(|_| self.missing(name))?;
+        let d = t.data();
+        let values = match t.dtype() {
+            Dtype::I32 => d
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            Dtype::I64 => d
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as i32)
+                .collect(),
+            other => bail!(
+                "{}: tensor `{name}` is {other:?}; expected an integer tensor (I32 or I64)",
+                self.path.display()
+            ),
+        };
+        Ok((t.shape().to_vec(), values))
+    }
+
     /// Tensor `name` as f32, checked to be finite and to have `shape`.
     pub fn f32_checked(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
         let (got, values) = self.f32(name)?;

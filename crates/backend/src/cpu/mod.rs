@@ -6,6 +6,7 @@ mod activation;
 mod adamw;
 mod attention;
 mod dropout;
+mod embedding;
 mod layernorm;
 mod loss;
 mod matmul;
@@ -252,6 +253,46 @@ impl Backend for Cpu {
             shape,
             dropout,
         );
+        Ok(())
+    }
+
+    fn embedding_forward(
+        &self,
+        out: Tensor,
+        ids: Tensor,
+        wte: Tensor,
+        wpe: Tensor,
+        rows: usize,
+        seq: usize,
+        c: usize,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
+        let ids = i32s(ids);
+        embedding::forward(
+            f32s_mut(out),
+            ids,
+            f32s(wte),
+            f32s(wpe),
+            rows,
+            seq,
+            c,
+            dropout,
+        )
+    }
+
+    fn embedding_backward(
+        &self,
+        dwte: Tensor,
+        dwpe: Tensor,
+        dout: Tensor,
+        ids: Tensor,
+        rows: usize,
+        seq: usize,
+        c: usize,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
+        let (dwte, dwpe, dout) = (f32s_mut(dwte), f32s_mut(dwpe), f32s(dout));
+        embedding::backward(dwte, dwpe, dout, i32s(ids), rows, seq, c, dropout);
         Ok(())
     }
 

@@ -1,0 +1,82 @@
+//! Token and position embeddings (GPT-2's `wte` and `wpe`).
+
+use super::dropout;
+use crate::Dropout;
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+
+/// out[r] = dropout(wte[ids[r]] + wpe[r % seq])
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward(
+    out: &mut [f32],
+    ids: &[i32],
+    wte: &[f32],
+    wpe: &[f32],
+    rows: usize,
+    seq: usize,
+    c: usize,
+    d: Option<Dropout>,
+) -> Result<()> {
+    let vocab = wte.len() / c;
+    if let Some((r, &id)) = ids[..rows]
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id < 0 || id as usize >= vocab)
+    {
+        bail!("token id {id} at position {r} is outside the vocabulary of {vocab} tokens");
+    }
+    out[..rows * c]
+        .par_chunks_mut(c)
+        .enumerate()
+        .for_each(|(r, o)| {
+            let (t, p) = (ids[r] as usize, r % seq);
+            let (te, pe) = (&wte[t * c..(t + 1) * c], &wpe[p * c..(p + 1) * c]);
+            dropout::blocks(d, r * c, c, |span, mul| {
+                for j in span.clone() {
+                    let m = mul.map_or(1.0, |m| m[j - span.start]);
+                    o[j] = (te[j] + pe[j]) * m;
+                }
+            });
+        });
+    Ok(())
+}
+
+/// dwte[ids[r]] += g[r];  dwpe[r % seq] += g[r];  g = dropout(dout)
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward(
+    dwte: &mut [f32],
+    dwpe: &mut [f32],
+    dout: &[f32],
+    ids: &[i32],
+    rows: usize,
+    seq: usize,
+    c: usize,
+    d: Option<Dropout>,
+) {
+    // Tasks own blocks of channels and walk the tokens in order: no two tasks write the same
+    // element, and every sum has the same order for any thread count.
+    const COLS: usize = 64;
+    let blocks = c.div_ceil(COLS);
+    let (te, pe) = (
+        super::SendPtr(dwte.as_mut_ptr()),
+        super::SendPtr(dwpe.as_mut_ptr()),
+    );
+    (0..blocks).into_par_iter().for_each(|blk| {
+        let (c0, c1) = (blk * COLS, ((blk + 1) * COLS).min(c));
+        let mut mul = [1.0f32; COLS];
+        for r in 0..rows {
+            if let Some(d) = d {
+                crate::philox::dropout_multipliers(&d, r * c + c0, &mut mul[..c1 - c0]);
+            }
+            let (t, p) = (ids[r] as usize, r % seq);
+            for j in c0..c1 {
+                let g = dout[r * c + j] * mul[j - c0];
+                // SAFETY: this task alone writes channels c0..c1 of every row of both tables.
+                unsafe {
+                    *te.at(t * c + j) += g;
+                    *pe.at(p * c + j) += g;
+                }
+            }
+        }
+    });
+}

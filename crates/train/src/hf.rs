@@ -1,0 +1,100 @@
+//! Hugging Face `transformers` GPT-2 directories (`config.json` + `model.safetensors`) in.
+
+use crate::tensors::TensorFile;
+use anyhow::{anyhow, bail, Context, Result};
+use flint_model::gpt::{param_layout, GptConfig};
+use flint_model::layout::shape_str;
+use serde::Deserialize;
+use std::path::Path;
+
+/// The fields of `GPT2Config` flint uses; the others are ignored.
+#[derive(Deserialize)]
+struct HfConfig {
+    vocab_size: usize,
+    n_positions: usize,
+    n_embd: usize,
+    n_layer: usize,
+    n_head: usize,
+    #[serde(default = "default_eps")]
+    layer_norm_epsilon: f32,
+    #[serde(default)]
+    resid_pdrop: f32,
+    #[serde(default = "default_activation")]
+    activation_function: String,
+    n_inner: Option<usize>,
+}
+
+fn default_eps() -> f32 {
+    1e-5
+}
+fn default_activation() -> String {
+    "gelu_new".into()
+}
+
+/// Reads `DIR/config.json` and `DIR/model.safetensors` into a config and a parameter buffer
+/// laid out by [`param_layout`]. Names may carry the `transformer.` prefix or not (older
+/// checkpoints); the tied `lm_head.weight` and attention-mask buffers are ignored.
+pub fn load_gpt2(dir: &Path) -> Result<(GptConfig, Vec<f32>)> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("{}: cannot read the model config", config_path.display()))?;
+    let hf: HfConfig =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
+    if !matches!(
+        hf.activation_function.as_str(),
+        "gelu_new" | "gelu_pytorch_tanh"
+    ) {
+        bail!(
+            "{}: activation_function `{}` is not supported; GPT-2 uses gelu_new",
+            config_path.display(),
+            hf.activation_function
+        );
+    }
+    if hf.n_inner.is_some_and(|n| n != 4 * hf.n_embd) {
+        bail!(
+            "{}: n_inner must be 4 * n_embd (or null)",
+            config_path.display()
+        );
+    }
+    let config = GptConfig {
+        vocab_size: hf.vocab_size,
+        n_positions: hf.n_positions,
+        n_embd: hf.n_embd,
+        n_layer: hf.n_layer,
+        n_head: hf.n_head,
+        layer_norm_epsilon: hf.layer_norm_epsilon,
+        dropout: hf.resid_pdrop,
+    };
+    config
+        .validate()
+        .map_err(|e| anyhow!("{}: {e}", config_path.display()))?;
+
+    let file = TensorFile::open(&dir.join("model.safetensors"))?;
+    let strip = if file.contains("transformer.wte.weight") {
+        ""
+    } else {
+        "transformer."
+    };
+    let layout = param_layout(&config);
+    let mut params = vec![0.0; layout.total()];
+    for e in layout.entries() {
+        let key = e.name.strip_prefix(strip).unwrap_or(&e.name);
+        let Some(shape) = file.shape(key) else {
+            bail!(
+                "{}: missing tensor `{key}` for {} layers",
+                file.path().display(),
+                config.n_layer
+            );
+        };
+        if shape != e.shape {
+            bail!(
+                "{}: tensor `{key}` has shape {}, config.json implies {}",
+                file.path().display(),
+                shape_str(&shape),
+                shape_str(&e.shape)
+            );
+        }
+        params[e.offset..e.offset + e.numel()].copy_from_slice(&file.f32_checked(key, &e.shape)?);
+    }
+    Ok((config, params))
+}

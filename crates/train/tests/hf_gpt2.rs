@@ -1,0 +1,126 @@
+//! GPT-2 against `transformers.GPT2LMHeadModel`: logits, loss and every gradient, then 5
+//! training steps with gradient accumulation, global-norm clipping and AdamW with decay on
+//! matrices only. Fixtures from `scripts/gen_gpt2_fixtures.py`; relative error ≤ 1e-4.
+
+use flint_backend::{cpu::Cpu, Backend};
+use flint_model::gpt::{self, Gpt};
+use flint_model::BatchShape;
+use flint_train::hf::load_gpt2;
+use flint_train::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use flint_train::tensors::TensorFile;
+use std::path::PathBuf;
+
+const TOL: f64 = 1e-4;
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/gpt2")
+        .join(name)
+}
+
+/// max |a - b| / max |b|
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    if a.iter().any(|x| !x.is_finite()) {
+        return f64::INFINITY;
+    }
+    let diff = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (*x as f64 - *y as f64).abs())
+        .fold(0.0, f64::max);
+    diff / b.iter().map(|y| (*y as f64).abs()).fold(1e-12, f64::max)
+}
+
+fn ints(file: &TensorFile, name: &str) -> Vec<i32> {
+    file.i32(name).unwrap().1
+}
+
+fn download(t: flint_backend::Tensor) -> Vec<f32> {
+    let mut v = vec![0.0; t.len()];
+    Cpu.download(t, &mut v).unwrap();
+    v
+}
+
+fn model() -> Gpt<Cpu> {
+    let (config, params) = load_gpt2(&fixture("model")).unwrap();
+    Gpt::new(Cpu, config, &params).unwrap()
+}
+
+#[test]
+fn logits_loss_and_gradients_match_transformers() {
+    let data = TensorFile::open(&fixture("forward.safetensors")).unwrap();
+    let mut gpt = model();
+    gpt.plan(BatchShape { batch: 2, seq: 8 }).unwrap();
+    gpt.set_batch(&ints(&data, "input_ids"), &ints(&data, "targets"))
+        .unwrap();
+    gpt.zero_grad().unwrap();
+    let logits = download(gpt.forward(None).unwrap());
+    let e = rel_err(&logits, &data.f32("logits").unwrap().1);
+    assert!(e <= TOL, "logits rel err {e:e}");
+    let loss = gpt.loss(1.0).unwrap();
+    let e = rel_err(&[loss], &data.f32("loss").unwrap().1);
+    assert!(e <= TOL, "loss rel err {e:e}");
+    gpt.backward().unwrap();
+    let grads = download(gpt.grads());
+    for entry in gpt.layout().entries() {
+        let got = &grads[entry.offset..entry.offset + entry.numel()];
+        let e = rel_err(got, &data.f32(&format!("grad.{}", entry.name)).unwrap().1);
+        assert!(e <= TOL, "grad of {} rel err {e:e}", entry.name);
+    }
+}
+
+#[test]
+fn five_steps_with_accumulation_clipping_and_adamw_match_torch() {
+    let data = TensorFile::open(&fixture("train5.safetensors")).unwrap();
+    let meta = data.metadata();
+    let num = |k: &str| meta[k].parse::<f32>().unwrap();
+    let (accum, clip) = (num("grad_accum_steps") as usize, num("grad_clip"));
+    let mut gpt = model();
+    let (batch, seq) = (2, 8);
+    gpt.plan(BatchShape { batch, seq }).unwrap();
+    let config = AdamWConfig {
+        lr: num("lr"),
+        beta1: num("beta1"),
+        beta2: num("beta2"),
+        eps: num("eps"),
+        weight_decay: num("weight_decay"),
+    };
+    let mut opt = AdamW::new(&Cpu, gpt.layout(), config, gpt::decays, &gpt.mirrors()).unwrap();
+    let (ids, targets) = (ints(&data, "micro_input_ids"), ints(&data, "micro_targets"));
+    let (losses, norms) = (
+        data.f32("losses").unwrap().1,
+        data.f32("grad_norms").unwrap().1,
+    );
+    let n = batch * seq;
+    for step in 0..losses.len() {
+        gpt.zero_grad().unwrap();
+        let mut loss = 0.0;
+        for micro in 0..accum {
+            let at = (step * accum + micro) * n;
+            gpt.set_batch(&ids[at..at + n], &targets[at..at + n])
+                .unwrap();
+            gpt.forward(Some((0, step as u64 + 1))).unwrap();
+            loss += gpt.loss(1.0 / accum as f32).unwrap() / accum as f32;
+            gpt.backward().unwrap();
+        }
+        let norm = clip_grad_norm(&Cpu, gpt.grads(), clip).unwrap();
+        assert!(
+            rel_err(&[loss], &[losses[step]]) <= TOL,
+            "step {step}: loss {loss} vs {}",
+            losses[step]
+        );
+        assert!(
+            rel_err(&[norm], &[norms[step]]) <= TOL,
+            "step {step}: grad norm {norm} vs {}",
+            norms[step]
+        );
+        opt.step(&Cpu, gpt.params(), gpt.grads()).unwrap();
+    }
+    let p = download(gpt.params());
+    for entry in gpt.layout().entries() {
+        let got = &p[entry.offset..entry.offset + entry.numel()];
+        let e = rel_err(got, &data.f32(&format!("step5.{}", entry.name)).unwrap().1);
+        assert!(e <= TOL, "{} after 5 steps rel err {e:e}", entry.name);
+    }
+}
