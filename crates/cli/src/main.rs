@@ -3,6 +3,9 @@
 mod bench;
 mod demo;
 mod forward;
+mod generate;
+mod tokenizer;
+mod train;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -30,6 +33,13 @@ enum Command {
     Demo,
     /// Run an nn.TransformerEncoder trained in PyTorch, in eval mode, on a safetensors input.
     Forward(forward::Args),
+    /// Train a GPT-2 style model (default: `tiny` on the embedded corpus, on the CPU).
+    Train(Box<train::Args>),
+    /// Sample text from a trained run or a Hugging Face GPT-2 folder.
+    Generate(generate::Args),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(tokenizer::Tokenizer),
     /// Time training steps side by side with PyTorch's counterpart scripts.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -60,6 +70,9 @@ fn main() -> ExitCode {
         Command::Demo => demo::run(cli.verbose),
         Command::Forward(args) => forward::run(args, cli.verbose),
         Command::Bench(b) => bench::run(b, cli.verbose),
+        Command::Train(args) => train::run(*args, cli.verbose),
+        Command::Generate(args) => generate::run(args),
+        Command::Tokenizer(t) => tokenizer::run(t),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

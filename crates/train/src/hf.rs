@@ -1,10 +1,11 @@
-//! Hugging Face `transformers` GPT-2 directories (`config.json` + `model.safetensors`) in.
+//! Hugging Face `transformers` GPT-2 directories (`config.json` + `model.safetensors`), both ways.
 
-use crate::tensors::TensorFile;
+use crate::tensors::{save_f32, Named, TensorFile};
 use anyhow::{anyhow, bail, Context, Result};
 use flint_model::gpt::{param_layout, GptConfig};
 use flint_model::layout::shape_str;
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::path::Path;
 
 /// The fields of `GPT2Config` flint uses; the others are ignored.
@@ -97,4 +98,48 @@ pub fn load_gpt2(dir: &Path) -> Result<(GptConfig, Vec<f32>)> {
         params[e.offset..e.offset + e.numel()].copy_from_slice(&file.f32_checked(key, &e.shape)?);
     }
     Ok((config, params))
+}
+
+/// Writes `DIR/config.json` and `DIR/model.safetensors` so that
+/// `GPT2LMHeadModel.from_pretrained(DIR)` loads the model (the head is tied, as in GPT-2).
+pub fn save_gpt2(dir: &Path, config: &GptConfig, params: &[f32]) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let c = config;
+    let hf = serde_json::json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "activation_function": "gelu_new",
+        "vocab_size": c.vocab_size,
+        "n_positions": c.n_positions,
+        "n_ctx": c.n_positions,
+        "n_embd": c.n_embd,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_inner": null,
+        "layer_norm_epsilon": c.layer_norm_epsilon,
+        "resid_pdrop": c.dropout,
+        "embd_pdrop": c.dropout,
+        "attn_pdrop": c.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": true,
+        "tie_word_embeddings": true,
+        "use_cache": true,
+        "bos_token_id": c.vocab_size - 1,
+        "eos_token_id": c.vocab_size - 1,
+        "torch_dtype": "float32",
+    });
+    let text = serde_json::to_string_pretty(&hf)? + "\n";
+    crate::tensors::write_atomic(&dir.join("config.json"), text.as_bytes())?;
+    let layout = param_layout(config);
+    let tensors: Vec<Named> = layout
+        .entries()
+        .iter()
+        .map(|e| Named {
+            name: e.name.clone(),
+            shape: e.shape.clone(),
+            data: &params[e.offset..e.offset + e.numel()],
+        })
+        .collect();
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    save_f32(&dir.join("model.safetensors"), &tensors, meta)
 }

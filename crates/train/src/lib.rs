@@ -2,8 +2,13 @@
 //! (`forward`, `bench`), all on top of `flint-model`.
 
 pub mod bench;
+pub mod data;
 pub mod forward;
+pub mod generate;
 pub mod hf;
 pub mod optim;
+pub mod run;
+pub mod schedule;
 pub mod state_dict;
 pub mod tensors;
+pub mod trainer;

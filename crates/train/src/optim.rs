@@ -82,6 +82,16 @@ impl<B: Backend> AdamW<B> {
         })
     }
 
+    /// The first and second moments and the number of updates so far, for checkpoints.
+    pub fn state(&self) -> (Tensor, Tensor, u32) {
+        (self.m.tensor(), self.v.tensor(), self.step)
+    }
+
+    /// Continues from a checkpoint whose moments were uploaded into [`AdamW::state`]'s tensors.
+    pub fn set_updates(&mut self, step: u32) {
+        self.step = step;
+    }
+
     pub fn step(&mut self, backend: &B, params: Tensor, grads: Tensor) -> Result<()> {
         self.step += 1;
         let c = self.config;

@@ -1,0 +1,39 @@
+//! `flint generate`: sample text from a run or a Hugging Face GPT-2 folder.
+
+use anyhow::Result;
+use flint_backend::cpu::Cpu;
+use flint_train::generate::{generate_text, Sampling};
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A run folder (flint train --out) or a Hugging Face GPT-2 folder.
+    path: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value_t = 200)]
+    max_new_tokens: usize,
+    /// 0 = always the most likely token.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Sample among the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// bytes or a tokenizer.json (default: the run's, or the folder's tokenizer.json).
+    #[arg(long)]
+    tokenizer: Option<String>,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let s = Sampling {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_k: a.top_k,
+        seed: a.seed,
+    };
+    let text = generate_text(Cpu, &a.path, &a.prompt, a.tokenizer.as_deref(), s)?;
+    println!("{}{text}", a.prompt);
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! `flint tokenizer train`: a byte-level BPE for `--tokenizer`.
+
+use anyhow::Result;
+use std::path::PathBuf;
+
+#[derive(clap::Subcommand)]
+pub enum Tokenizer {
+    /// Train a byte-level BPE (GPT-2 style) on text files.
+    Train {
+        /// A text file or a folder of .txt / .jsonl files.
+        #[arg(long, num_args = 1..)]
+        data: Vec<PathBuf>,
+        #[arg(long)]
+        vocab_size: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+pub fn run(t: Tokenizer) -> Result<()> {
+    let Tokenizer::Train {
+        data,
+        vocab_size,
+        out,
+    } = t;
+    for warning in flint_train::data::train_bpe(&data, vocab_size, &out)? {
+        eprintln!("warning: {warning}");
+    }
+    println!("tokenizer: {} ({vocab_size} tokens)", out.display());
+    Ok(())
+}

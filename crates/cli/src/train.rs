@@ -1,0 +1,246 @@
+//! `flint train`: flags in, progress out.
+
+use anyhow::Result;
+use flint_train::data::DataOrder;
+use flint_train::schedule::LrSchedule;
+use flint_train::trainer::config::TrainOptions;
+use flint_train::trainer::{self, Observer, Started, StepMetrics};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Every flag is also a key of the `--config` TOML file (snake_case); flags win.
+#[derive(clap::Args)]
+pub struct Args {
+    /// TOML file with any of the settings below.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Continue the run in this folder from its newest complete checkpoint.
+    #[arg(long, value_name = "RUN")]
+    resume: Option<PathBuf>,
+    /// tiny | gpt2 | gpt2-medium | gpt2-large
+    #[arg(long)]
+    preset: Option<String>,
+    /// Start from a Hugging Face GPT-2 folder (config.json + model.safetensors).
+    #[arg(long, value_name = "DIR")]
+    init_from: Option<PathBuf>,
+    /// A text file, or a folder of .txt / .jsonl files (default: the embedded corpus).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// bytes, or a tokenizer.json
+    #[arg(long)]
+    tokenizer: Option<String>,
+    #[arg(long, value_enum)]
+    data_order: Option<Order>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    seq_len: Option<usize>,
+    #[arg(long)]
+    grad_accum_steps: Option<usize>,
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long)]
+    lr: Option<f64>,
+    #[arg(long)]
+    min_lr: Option<f64>,
+    #[arg(long, value_enum)]
+    lr_schedule: Option<Schedule>,
+    #[arg(long)]
+    warmup_steps: Option<u64>,
+    #[arg(long)]
+    weight_decay: Option<f64>,
+    #[arg(long)]
+    beta1: Option<f64>,
+    #[arg(long)]
+    beta2: Option<f64>,
+    #[arg(long)]
+    eps: Option<f64>,
+    #[arg(long)]
+    grad_clip: Option<f64>,
+    #[arg(long)]
+    dropout: Option<f64>,
+    #[arg(long)]
+    val_fraction: Option<f64>,
+    #[arg(long)]
+    eval_every: Option<u64>,
+    #[arg(long)]
+    checkpoint_every: Option<u64>,
+    #[arg(long)]
+    keep_checkpoints: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// auto | cpu
+    #[arg(long)]
+    device: Option<String>,
+    /// The run folder.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    #[arg(long)]
+    n_layer: Option<usize>,
+    #[arg(long)]
+    n_embd: Option<usize>,
+    #[arg(long)]
+    n_head: Option<usize>,
+    #[arg(long)]
+    n_positions: Option<usize>,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Order {
+    Sequential,
+    Shuffle,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Schedule {
+    Constant,
+    Cosine,
+}
+
+struct Printer {
+    bar: Option<ProgressBar>,
+    verbose: bool,
+}
+
+impl Printer {
+    fn line(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => println!("{text}"),
+        }
+    }
+}
+
+impl Observer for Printer {
+    fn started(&mut self, s: &Started) {
+        println!("Using device: {}", s.device);
+        let m = &s.model;
+        println!(
+            "model: GPT-2, {} parameters (n_layer {}, n_embd {}, n_head {}, context {}, vocab {})",
+            s.parameters, m.n_layer, m.n_embd, m.n_head, m.n_positions, m.vocab_size
+        );
+        println!(
+            "data: {} training tokens, {} validation tokens",
+            s.train_tokens, s.val_tokens
+        );
+        println!("run: {}", s.run.display());
+        if s.first_step > 1 {
+            println!("resuming at step {}", s.first_step);
+        }
+        if self.verbose {
+            println!("{}", s.plan);
+        }
+        if std::io::stdout().is_terminal() {
+            let bar = ProgressBar::new(s.steps);
+            bar.set_style(
+                ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} eta {eta}")
+                    .expect("a valid template"),
+            );
+            bar.set_position(s.first_step - 1);
+            self.bar = Some(bar);
+        }
+    }
+
+    fn step(&mut self, m: &StepMetrics) {
+        let msg = format!("loss {:.4} | {:.0} tokens/s", m.loss, m.tokens_per_s);
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(m.step);
+                bar.set_message(msg);
+            }
+            None => println!(
+                "step {}/{} | loss {:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tokens/s",
+                m.step, m.steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s
+            ),
+        }
+    }
+
+    fn eval(&mut self, step: u64, val_loss: f32) {
+        self.line(&format!("step {step} | val loss {val_loss:.4}"));
+    }
+
+    fn checkpoint(&mut self, dir: &Path) {
+        self.line(&format!("checkpoint: {}", dir.display()));
+    }
+
+    fn warn(&mut self, message: &str) {
+        eprintln!("warning: {message}");
+    }
+}
+
+pub fn run(a: Args, verbose: bool) -> Result<()> {
+    let flags = TrainOptions {
+        preset: a.preset,
+        init_from: a.init_from,
+        data: a.data,
+        tokenizer: a.tokenizer,
+        data_order: a.data_order.map(|o| match o {
+            Order::Sequential => DataOrder::Sequential,
+            Order::Shuffle => DataOrder::Shuffle,
+        }),
+        batch_size: a.batch_size,
+        seq_len: a.seq_len,
+        grad_accum_steps: a.grad_accum_steps,
+        steps: a.steps,
+        lr: a.lr,
+        min_lr: a.min_lr,
+        lr_schedule: a.lr_schedule.map(|s| match s {
+            Schedule::Constant => LrSchedule::Constant,
+            Schedule::Cosine => LrSchedule::Cosine,
+        }),
+        warmup_steps: a.warmup_steps,
+        weight_decay: a.weight_decay,
+        beta1: a.beta1,
+        beta2: a.beta2,
+        eps: a.eps,
+        grad_clip: a.grad_clip,
+        dropout: a.dropout,
+        val_fraction: a.val_fraction,
+        eval_every: a.eval_every,
+        checkpoint_every: a.checkpoint_every,
+        keep_checkpoints: a.keep_checkpoints,
+        seed: a.seed,
+        device: a.device,
+        threads: None,
+        out: a.out,
+        n_layer: a.n_layer,
+        n_embd: a.n_embd,
+        n_head: a.n_head,
+        n_positions: a.n_positions,
+    };
+    let options = match &a.config {
+        Some(path) => flags.or(TrainOptions::from_toml_file(path)?),
+        None => flags,
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // Ctrl-C: finish the current step, write a checkpoint, exit.
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
+    let mut printer = Printer { bar: None, verbose };
+    let done = trainer::train(options, a.resume.as_deref(), &stop, &mut printer)?;
+    if let Some(bar) = &printer.bar {
+        bar.finish_and_clear();
+    }
+    if done.interrupted {
+        println!(
+            "interrupted at step {}; continue with: flint train --resume {}",
+            done.last_step,
+            done.run.display()
+        );
+        return Ok(());
+    }
+    if let (Some(first), Some(last)) = (done.first_val_loss, done.last_val_loss) {
+        println!("val loss {first:.4} -> {last:.4} ({:.2}x)", last / first);
+    }
+    println!(
+        "model: {} (Hugging Face GPT-2 layout)",
+        done.run.join("model").display()
+    );
+    if let Some(sample) = done.sample {
+        println!("sample:\n{sample}");
+    }
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! Where documents come from: `--data PATH` (a file, or a folder of `.txt` / `.jsonl` files) or
+//! text embedded in the binary.
+
+use std::path::{Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use anyhow::{bail, Context, Result};
+
+/// The text to train on.
+#[derive(Clone, Debug)]
+pub enum Source<'a> {
+    /// `--data PATH`: a text file (JSON lines when it ends in `.jsonl`), or a folder read
+    /// recursively.
+    Path(PathBuf),
+    /// Text held in memory (the embedded default corpus): one document named `name`.
+    Embedded { name: &'a str, text: &'a str },
+}
+
+/// One input file and what identifies its version for the cache.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct InputFile {
+    pub path: PathBuf,
+    pub size: u64,
+    /// Modification time in nanoseconds since the Unix epoch (0 where the platform has none).
+    pub mtime_ns: u64,
+}
+
+/// What reading one file gave: its documents (and warnings about lines dropped from it), or
+/// the warning that it was skipped whole.
+pub(crate) enum Read {
+    Docs(Vec<String>, Vec<String>),
+    Skipped(String),
+}
+
+fn is_input(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("txt") || e.eq_ignore_ascii_case("jsonl"))
+}
+
+fn is_jsonl(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("jsonl"))
+}
+
+fn hidden(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with('.'))
+}
+
+fn input_file(path: PathBuf) -> Result<InputFile> {
+    let meta =
+        std::fs::metadata(&path).with_context(|| format!("{}: cannot stat", path.display()))?;
+    let mtime_ns = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos() as u64);
+    Ok(InputFile {
+        path,
+        size: meta.len(),
+        mtime_ns,
+    })
+}
+
+/// The input files of `--data PATH`: the file itself, or the `.txt` / `.jsonl` files under the
+/// folder (recursively, symbolic links followed, hidden names skipped), sorted by path. Paths are
+/// canonical so that `data` and `./data` name the same cache. An empty folder is an error.
+pub(crate) fn list_files(path: &Path) -> Result<Vec<InputFile>> {
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("--data {}: no such file or folder", path.display()))?;
+    let root = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+    if !meta.is_dir() {
+        return Ok(vec![input_file(root)?]);
+    }
+    let mut found = Vec::new();
+    let mut stack = vec![root.clone()];
+    while let Some(dir) = stack.pop() {
+        let entries = std::fs::read_dir(&dir)
+            .with_context(|| format!("--data {}: cannot list the folder", dir.display()))?;
+        for entry in entries {
+            let entry = entry.with_context(|| format!("--data {}: cannot list", dir.display()))?;
+            let p = entry.path();
+            if hidden(&p) {
+                continue;
+            }
+            // `metadata` follows symbolic links; a broken link is ignored like other non-files.
+            match std::fs::metadata(&p) {
+                Ok(m) if m.is_dir() => stack.push(p),
+                Ok(m) if m.is_file() && is_input(&p) => found.push(p),
+                _ => {}
+            }
+        }
+    }
+    if found.is_empty() {
+        bail!(
+            "--data {}: the folder holds no .txt or .jsonl file (searched recursively)",
+            path.display()
+        );
+    }
+    found.sort();
+    found.into_iter().map(input_file).collect()
+}
+
+/// Checks that `bytes` is text: UTF-8 without NUL bytes. Returns it as `&str`, or why not.
+fn as_text(bytes: &[u8]) -> std::result::Result<&str, String> {
+    if let Some(i) = bytes.iter().position(|&b| b == 0) {
+        return Err(format!("binary (a NUL byte at offset {i})"));
+    }
+    std::str::from_utf8(bytes)
+        .map_err(|e| format!("not UTF-8 (an invalid byte at offset {})", e.valid_up_to()))
+}
+
+#[derive(serde::Deserialize)]
+struct JsonLine {
+    text: String,
+}
+
+/// The documents of one file: the whole text of a `.txt` file, or the `text` field of each line
+/// of a `.jsonl` file. Empty documents are dropped. Unreadable files are errors; binary and
+/// non-UTF-8 files are [`Read::Skipped`] with the warning to show.
+pub(crate) fn read_documents(path: &Path) -> Result<Read> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = match as_text(&bytes) {
+        Ok(t) => t,
+        Err(why) => return Ok(Read::Skipped(format!("{}: {why}, skipped", path.display()))),
+    };
+    if !is_jsonl(path) {
+        let docs = if text.is_empty() {
+            Vec::new()
+        } else {
+            vec![text.to_string()]
+        };
+        return Ok(Read::Docs(docs, Vec::new()));
+    }
+    let mut docs = Vec::new();
+    let (mut bad, mut first_bad, mut lines) = (0usize, 0usize, 0usize);
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        lines += 1;
+        match serde_json::from_str::<JsonLine>(line) {
+            Ok(l) if !l.text.is_empty() => docs.push(l.text),
+            Ok(_) => {}
+            Err(_) => {
+                if bad == 0 {
+                    first_bad = i + 1;
+                }
+                bad += 1;
+            }
+        }
+    }
+    let mut warnings = Vec::new();
+    if bad > 0 {
+        let w = format!(
+            "{}: {bad} of {lines} lines are not JSON objects with a string field `text` \
+             (the first is line {first_bad})",
+            path.display()
+        );
+        if docs.is_empty() {
+            return Ok(Read::Skipped(format!("{w}, skipped")));
+        }
+        warnings.push(format!("{w}, those lines skipped"));
+    }
+    Ok(Read::Docs(docs, warnings))
+}

@@ -1,0 +1,172 @@
+//! Sampling text from a GPT.
+//!
+//! Each new token runs the model over the whole context so far (planned once at the full
+//! context, so nothing is allocated per token; causal attention makes the unused tail
+//! irrelevant). A KV cache, which makes each token cost one position instead of all of them,
+//! is not implemented yet.
+
+use crate::data::Tokenizer;
+use crate::hf::load_gpt2;
+use crate::trainer::config::TrainOptions;
+use anyhow::{anyhow, bail, Result};
+use flint_backend::{philox, Backend};
+use flint_model::gpt::Gpt;
+use flint_model::BatchShape;
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug)]
+pub struct Sampling {
+    pub max_new_tokens: usize,
+    /// 0 picks the most likely token.
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens (0 = all).
+    pub top_k: usize,
+    pub seed: u64,
+}
+
+/// Continues `prompt` (token ids) by up to `max_new_tokens` tokens; returns only the new ones.
+/// Stops early at the context length.
+pub fn generate<B: Backend>(model: &mut Gpt<B>, prompt: &[u32], s: Sampling) -> Result<Vec<u32>> {
+    let (ctx, vocab) = (model.config.n_positions, model.config.vocab_size);
+    if prompt.is_empty() {
+        bail!("--prompt is empty: give at least one token of text");
+    }
+    if prompt.len() >= ctx {
+        bail!(
+            "the prompt has {} tokens; the model's context is {ctx}",
+            prompt.len()
+        );
+    }
+    let seq = (prompt.len() + s.max_new_tokens).min(ctx);
+    model.plan(BatchShape { batch: 1, seq })?;
+    let mut tokens: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
+    let mut out = Vec::new();
+    let mut logits = vec![0.0f32; seq * vocab];
+    while out.len() < s.max_new_tokens && tokens.len() < seq {
+        let mut ids = tokens.clone();
+        ids.resize(seq, 0);
+        model.set_batch(&ids, &vec![0; seq])?;
+        let t = model.forward(None)?;
+        model.backend().download(t, &mut logits)?;
+        let last = &logits[(tokens.len() - 1) * vocab..tokens.len() * vocab];
+        let next = sample(last, s, out.len() as u64);
+        tokens.push(next as i32);
+        out.push(next);
+    }
+    Ok(out)
+}
+
+/// `flint generate PATH`: PATH is a run folder (its `model/` and the tokenizer it trained with)
+/// or a Hugging Face GPT-2 folder (its `tokenizer.json` if present). `tokenizer` overrides.
+pub fn generate_text<B: Backend>(
+    backend: B,
+    path: &Path,
+    prompt: &str,
+    tokenizer: Option<&str>,
+    s: Sampling,
+) -> Result<String> {
+    let run_config = path.join("config.toml");
+    let (model_dir, spec) = if run_config.exists() {
+        let saved = TrainOptions::from_toml_file(&run_config)?;
+        (
+            path.join("model"),
+            saved.tokenizer.unwrap_or_else(|| "bytes".into()),
+        )
+    } else if path.join("tokenizer.json").exists() {
+        (
+            path.to_path_buf(),
+            path.join("tokenizer.json").display().to_string(),
+        )
+    } else {
+        (path.to_path_buf(), "bytes".into())
+    };
+    let spec = tokenizer.map_or(spec, str::to_string);
+    let tokenizer = Tokenizer::from_arg(&spec).map_err(|e| anyhow!("tokenizer {spec}: {e:#}"))?;
+    let (config, params) = load_gpt2(&model_dir)?;
+    if tokenizer.vocab_size() > config.vocab_size {
+        bail!(
+            "the tokenizer ({spec}) has {} tokens but the model in {} has {}; pass the model's tokenizer with --tokenizer",
+            tokenizer.vocab_size(),
+            model_dir.display(),
+            config.vocab_size
+        );
+    }
+    let mut model = Gpt::new(backend, config, &params)?;
+    let ids = generate(&mut model, &tokenizer.encode(prompt)?, s)?;
+    tokenizer.decode(&ids)
+}
+
+/// Draws a token from `logits` with temperature and top-k; draw `i` of the seed's stream.
+fn sample(logits: &[f32], s: Sampling, i: u64) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .fold((0, f32::NEG_INFINITY), |best, (j, &v)| {
+                if v > best.1 {
+                    (j, v)
+                } else {
+                    best
+                }
+            })
+            .0 as u32
+    };
+    if s.temperature <= 0.0 {
+        return argmax();
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
+    if s.top_k > 0 {
+        order.truncate(s.top_k);
+    }
+    let max = logits[order[0]];
+    let weights: Vec<f64> = order
+        .iter()
+        .map(|&j| (((logits[j] - max) / s.temperature) as f64).exp())
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let mut u = philox::uniform(s.seed, 0, i) as f64 * total;
+    for (j, w) in order.iter().zip(&weights) {
+        if u < *w {
+            return *j as u32;
+        }
+        u -= w;
+    }
+    order[order.len() - 1] as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_takes_the_argmax_and_top_1_agrees() {
+        let logits = [0.1, 2.0, -1.0, 1.9];
+        let greedy = Sampling {
+            max_new_tokens: 1,
+            temperature: 0.0,
+            top_k: 0,
+            seed: 0,
+        };
+        assert_eq!(sample(&logits, greedy, 0), 1);
+        let top1 = Sampling {
+            temperature: 1.0,
+            top_k: 1,
+            ..greedy
+        };
+        assert!((0..20).all(|i| sample(&logits, top1, i) == 1));
+    }
+
+    #[test]
+    fn sampling_follows_the_softmax() {
+        let logits = [0.0, (3.0f32).ln()];
+        let s = Sampling {
+            max_new_tokens: 1,
+            temperature: 1.0,
+            top_k: 0,
+            seed: 4,
+        };
+        let ones = (0..4000).filter(|&i| sample(&logits, s, i) == 1).count();
+        assert!((ones as f64 / 4000.0 - 0.75).abs() < 0.03, "{ones}");
+    }
+}

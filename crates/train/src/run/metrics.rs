@@ -1,0 +1,184 @@
+//! `metrics.jsonl`: the run's training and eval metrics, one JSON object per line.
+//!
+//! The format is a fixed interface (users script against it):
+//!
+//! ```text
+//! {"step":1,"loss":2.5,"lr":0.001,"grad_norm":1.25,"tokens_per_s":1000.0,"elapsed_s":0.5}
+//! {"step":100,"val_loss":2.25}
+//! ```
+//!
+//! `step` counts from 1. A non-finite value (a diverged loss) is written as `null`.
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// A training line; field order is the key order in the file.
+#[derive(Serialize)]
+struct TrainLine {
+    step: u64,
+    loss: f32,
+    lr: f32,
+    grad_norm: f32,
+    tokens_per_s: f64,
+    elapsed_s: f64,
+}
+
+/// An eval line.
+#[derive(Serialize)]
+struct EvalLine {
+    step: u64,
+    val_loss: f32,
+}
+
+/// Appends lines to `metrics.jsonl`. Each line goes out in one `write` call on a file opened in
+/// append mode, so a kill leaves at most a torn last line, which the next resume drops.
+pub struct MetricsWriter {
+    file: File,
+    path: PathBuf,
+}
+
+impl MetricsWriter {
+    /// Opens `path` for appending.
+    ///
+    /// - `resume_at = None`: a fresh run; the file is created, or emptied if it exists.
+    /// - `resume_at = Some(k)`: the run resumes after step `k`. Only the lines with `step <= k`
+    ///   (training and eval alike) are kept, and a torn last line (no newline and not a whole
+    ///   object, from a kill mid-write) is dropped; the file is rewritten atomically (temp file,
+    ///   fsync, rename) and then appended to. A missing file is created empty. A complete line
+    ///   that is not a JSON object with an integer `step` is an error naming the line.
+    pub fn open(path: &Path, resume_at: Option<u64>) -> Result<Self> {
+        match resume_at {
+            None => {
+                File::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
+            }
+            Some(k) => cut_back(path, k)?,
+        }
+        let file = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .with_context(|| format!("{}: cannot open for appending", path.display()))?;
+        Ok(Self {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The file written to.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Appends a training line:
+    /// `{"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}`.
+    pub fn write_train(
+        &mut self,
+        step: u64,
+        loss: f32,
+        lr: f32,
+        grad_norm: f32,
+        tokens_per_s: f64,
+        elapsed_s: f64,
+    ) -> Result<()> {
+        self.write_line(&TrainLine {
+            step,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s,
+            elapsed_s,
+        })
+    }
+
+    /// Appends an eval line: `{"step", "val_loss"}`.
+    pub fn write_eval(&mut self, step: u64, val_loss: f32) -> Result<()> {
+        self.write_line(&EvalLine { step, val_loss })
+    }
+
+    fn write_line<T: Serialize>(&mut self, line: &T) -> Result<()> {
+        let mut buf = serde_json::to_vec(line)?;
+        buf.push(b'\n');
+        // One write for the whole line (a regular file takes it whole), then flush; no fsync.
+        self.file
+            .write_all(&buf)
+            .and_then(|()| self.file.flush())
+            .with_context(|| format!("{}: cannot write", self.path.display()))
+    }
+}
+
+/// Rewrites `path` with only its lines of `step <= k`, atomically.
+fn cut_back(path: &Path, k: u64) -> Result<()> {
+    let bytes = match fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
+    };
+    let mut kept = Vec::with_capacity(bytes.len());
+    let mut rest = &bytes[..];
+    let mut line_no = 0usize;
+    while !rest.is_empty() {
+        line_no += 1;
+        let (line, complete) = match rest.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                let line = &rest[..i];
+                rest = &rest[i + 1..];
+                (line, true)
+            }
+            None => {
+                let line = rest;
+                rest = &[];
+                (line, false)
+            }
+        };
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let step = match line_step(line) {
+            Some(step) => step,
+            // A last line without its newline that does not parse was torn by a kill.
+            None if !complete => break,
+            None => bail!(
+                "{}: line {line_no} is not a JSON object with an integer \"step\": {}",
+                path.display(),
+                String::from_utf8_lossy(line)
+            ),
+        };
+        if step <= k {
+            kept.extend_from_slice(line);
+            kept.push(b'\n');
+        }
+    }
+
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp_name = path
+        .file_name()
+        .context("metrics path has no file name")?
+        .to_os_string();
+    tmp_name.push(".tmp");
+    let tmp = dir.join(tmp_name);
+    let write_tmp = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(&kept)?;
+        f.sync_all()
+    };
+    write_tmp().with_context(|| format!("{}: cannot write", tmp.display()))?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+    // Make the rename itself durable; not every platform can fsync a directory, so best effort.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// The `step` of a metrics line, if it is a JSON object with a non-negative integer `step`.
+fn line_step(line: &[u8]) -> Option<u64> {
+    let value: serde_json::Value = serde_json::from_slice(line).ok()?;
+    value.as_object()?.get("step")?.as_u64()
+}

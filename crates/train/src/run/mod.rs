@@ -1,0 +1,4 @@
+//! The run folder's logs: `metrics.jsonl` (one JSON object per line) and TensorBoard event files.
+
+pub mod metrics;
+pub mod tensorboard;

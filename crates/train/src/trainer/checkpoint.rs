@@ -1,0 +1,210 @@
+//! Checkpoints: `RUN/checkpoints/step_NNNNNNNN/` holding `model.safetensors` (parameters),
+//! `optimizer.safetensors` (AdamW moments) and `state.json` (step, data position, settings,
+//! and each file's size and checksum). A checkpoint is written into a temporary folder, every
+//! file synced, then renamed into place: a kill at any moment leaves either the complete
+//! checkpoint or none, and never touches the earlier ones.
+
+use crate::tensors::{save_f32, write_atomic, Named, TensorFile};
+use anyhow::{anyhow, bail, Context, Result};
+use flint_model::layout::Layout;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct State {
+    /// Optimizer steps done.
+    pub step: u64,
+    /// AdamW updates done (equals `step`; kept separately for clarity on resume).
+    pub adam_updates: u32,
+    /// The data loader's position, serialised by the loader.
+    pub loader: serde_json::Value,
+    /// The tokenizer (`bytes` or a tokenizer.json path) and its fingerprint.
+    pub tokenizer: String,
+    pub tokenizer_fingerprint: String,
+    /// The model config, as JSON.
+    pub model: serde_json::Value,
+    /// File name -> (size in bytes, FNV-1a 64 checksum), checked before loading.
+    pub files: BTreeMap<String, (u64, String)>,
+}
+
+pub struct Loaded {
+    pub dir: PathBuf,
+    pub state: State,
+    pub params: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+fn fnv1a64(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+fn dir_of(run: &Path, step: u64) -> PathBuf {
+    run.join("checkpoints").join(format!("step_{step:08}"))
+}
+
+fn named<'a>(layout: &Layout, data: &'a [f32]) -> Vec<Named<'a>> {
+    layout
+        .entries()
+        .iter()
+        .map(|e| Named {
+            name: e.name.clone(),
+            shape: e.shape.clone(),
+            data: &data[e.offset..e.offset + e.numel()],
+        })
+        .collect()
+}
+
+/// Writes a checkpoint of `step` and keeps only the newest `keep`.
+pub fn save(
+    run: &Path,
+    layout: &Layout,
+    params: &[f32],
+    m: &[f32],
+    v: &[f32],
+    mut state: State,
+    keep: usize,
+) -> Result<PathBuf> {
+    let root = run.join("checkpoints");
+    std::fs::create_dir_all(&root).with_context(|| format!("{}: cannot create", root.display()))?;
+    let tmp = root.join(format!(
+        ".tmp_step_{:08}_{}",
+        state.step,
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let result = (|| -> Result<()> {
+        save_f32(
+            &tmp.join("model.safetensors"),
+            &named(layout, params),
+            HashMap::new(),
+        )?;
+        let mut moments = named(layout, m);
+        for t in &mut moments {
+            t.name = format!("exp_avg.{}", t.name);
+        }
+        let mut vs = named(layout, v);
+        for t in &mut vs {
+            t.name = format!("exp_avg_sq.{}", t.name);
+        }
+        moments.extend(vs);
+        save_f32(&tmp.join("optimizer.safetensors"), &moments, HashMap::new())?;
+        for name in ["model.safetensors", "optimizer.safetensors"] {
+            let bytes = std::fs::read(tmp.join(name))?;
+            state
+                .files
+                .insert(name.into(), (bytes.len() as u64, fnv1a64(&bytes)));
+        }
+        write_atomic(
+            &tmp.join("state.json"),
+            serde_json::to_string_pretty(&state)?.as_bytes(),
+        )?;
+        let dst = dir_of(run, state.step);
+        let _ = std::fs::remove_dir_all(&dst);
+        std::fs::rename(&tmp, &dst)?;
+        if let Ok(d) = std::fs::File::open(&root) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_dir_all(&tmp);
+        bail!(
+            "{}: cannot write the checkpoint of step {} ({e:#}); earlier checkpoints are intact",
+            root.display(),
+            state.step
+        );
+    }
+    for old in complete(run)?.into_iter().rev().skip(keep) {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(dir_of(run, state.step))
+}
+
+/// Complete checkpoint folders of a run, oldest first.
+pub fn complete(run: &Path) -> Result<Vec<PathBuf>> {
+    let root = run.join("checkpoints");
+    let Ok(entries) = std::fs::read_dir(&root) else {
+        return Ok(Vec::new());
+    };
+    let mut dirs: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step_"))
+        })
+        .collect();
+    dirs.sort();
+    Ok(dirs)
+}
+
+/// Loads one checkpoint folder, verifying every file against `state.json`.
+pub fn load(dir: &Path, layout: &Layout) -> Result<Loaded> {
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path)
+        .with_context(|| format!("{}: cannot read", state_path.display()))?;
+    let state: State = serde_json::from_str(&text)
+        .map_err(|e| anyhow!("{}: corrupted ({e})", state_path.display()))?;
+    for (name, (size, sum)) in &state.files {
+        let path = dir.join(name);
+        let bytes =
+            std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+        if bytes.len() as u64 != *size || fnv1a64(&bytes) != *sum {
+            bail!(
+                "{}: truncated or corrupted ({} bytes, expected {size})",
+                path.display(),
+                bytes.len()
+            );
+        }
+    }
+    let read = |file: &str, prefix: &str| -> Result<Vec<f32>> {
+        let f = TensorFile::open(&dir.join(file))?;
+        let mut out = vec![0.0; layout.total()];
+        for e in layout.entries() {
+            let name = format!("{prefix}{}", e.name);
+            let values = f.f32_checked(&name, &e.shape).map_err(|err| {
+                anyhow!("{err:#} (the checkpoint is from another model than this run's config)")
+            })?;
+            out[e.offset..e.offset + e.numel()].copy_from_slice(&values);
+        }
+        Ok(out)
+    };
+    Ok(Loaded {
+        dir: dir.to_path_buf(),
+        params: read("model.safetensors", "")?,
+        m: read("optimizer.safetensors", "exp_avg.")?,
+        v: read("optimizer.safetensors", "exp_avg_sq.")?,
+        state,
+    })
+}
+
+/// The newest checkpoint of `run` that loads; a damaged newer one is reported through `warn`
+/// and skipped.
+pub fn latest(run: &Path, layout: &Layout, mut warn: impl FnMut(String)) -> Result<Loaded> {
+    let dirs = complete(run)?;
+    if dirs.is_empty() {
+        bail!(
+            "{}: no checkpoint to resume from (checkpoints/ is empty or missing)",
+            run.display()
+        );
+    }
+    let mut last_err = None;
+    for dir in dirs.iter().rev() {
+        match load(dir, layout) {
+            Ok(l) => return Ok(l),
+            Err(e) => {
+                warn(format!("skipping checkpoint {}: {e:#}", dir.display()));
+                last_err = Some(e);
+            }
+        }
+    }
+    Err(last_err.expect("at least one checkpoint was tried"))
+}

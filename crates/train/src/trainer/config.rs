@@ -1,0 +1,229 @@
+//! `flint train`'s settings: flags, a TOML file given with `--config` (same names, snake_case),
+//! and defaults, in that order of precedence. The effective config is saved as
+//! `RUN/config.toml`.
+
+use crate::data::DataOrder;
+use crate::schedule::LrSchedule;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Every setting, optional: what one source (flags or TOML) says.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainOptions {
+    pub preset: Option<String>,
+    pub init_from: Option<PathBuf>,
+    pub data: Option<PathBuf>,
+    pub tokenizer: Option<String>,
+    pub data_order: Option<DataOrder>,
+    pub batch_size: Option<usize>,
+    pub seq_len: Option<usize>,
+    pub grad_accum_steps: Option<usize>,
+    pub steps: Option<u64>,
+    pub lr: Option<f64>,
+    pub min_lr: Option<f64>,
+    pub lr_schedule: Option<LrSchedule>,
+    pub warmup_steps: Option<u64>,
+    pub weight_decay: Option<f64>,
+    pub beta1: Option<f64>,
+    pub beta2: Option<f64>,
+    pub eps: Option<f64>,
+    pub grad_clip: Option<f64>,
+    pub dropout: Option<f64>,
+    pub val_fraction: Option<f64>,
+    pub eval_every: Option<u64>,
+    pub checkpoint_every: Option<u64>,
+    pub keep_checkpoints: Option<usize>,
+    pub seed: Option<u64>,
+    pub device: Option<String>,
+    pub threads: Option<usize>,
+    pub out: Option<PathBuf>,
+    pub n_layer: Option<usize>,
+    pub n_embd: Option<usize>,
+    pub n_head: Option<usize>,
+    pub n_positions: Option<usize>,
+}
+
+/// The effective settings of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub preset: String,
+    pub init_from: Option<PathBuf>,
+    /// None: the embedded corpus.
+    pub data: Option<PathBuf>,
+    pub tokenizer: String,
+    pub data_order: DataOrder,
+    pub batch_size: usize,
+    pub seq_len: usize,
+    pub grad_accum_steps: usize,
+    pub steps: u64,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub lr_schedule: LrSchedule,
+    pub warmup_steps: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub grad_clip: f64,
+    pub dropout: f64,
+    pub val_fraction: f64,
+    pub eval_every: u64,
+    pub checkpoint_every: u64,
+    pub keep_checkpoints: usize,
+    pub seed: u64,
+    pub device: String,
+    pub threads: Option<usize>,
+    pub out: PathBuf,
+    pub n_layer: Option<usize>,
+    pub n_embd: Option<usize>,
+    pub n_head: Option<usize>,
+    pub n_positions: Option<usize>,
+}
+
+impl TrainOptions {
+    pub fn from_toml_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read the config", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.message()))
+    }
+
+    /// `self` where set, else `other`.
+    pub fn or(self, other: TrainOptions) -> TrainOptions {
+        macro_rules! pick {
+            ($($f:ident),*) => { TrainOptions { $($f: self.$f.or(other.$f)),* } };
+        }
+        pick!(
+            preset,
+            init_from,
+            data,
+            tokenizer,
+            data_order,
+            batch_size,
+            seq_len,
+            grad_accum_steps,
+            steps,
+            lr,
+            min_lr,
+            lr_schedule,
+            warmup_steps,
+            weight_decay,
+            beta1,
+            beta2,
+            eps,
+            grad_clip,
+            dropout,
+            val_fraction,
+            eval_every,
+            checkpoint_every,
+            keep_checkpoints,
+            seed,
+            device,
+            threads,
+            out,
+            n_layer,
+            n_embd,
+            n_head,
+            n_positions
+        )
+    }
+
+    /// Fills the defaults (the `tiny` job on the embedded corpus) and checks every value.
+    pub fn resolve(self) -> Result<TrainConfig> {
+        let c = TrainConfig {
+            preset: self.preset.unwrap_or_else(|| "tiny".into()),
+            init_from: self.init_from,
+            data: self.data,
+            tokenizer: self.tokenizer.unwrap_or_else(|| "bytes".into()),
+            data_order: self.data_order.unwrap_or(DataOrder::Sequential),
+            batch_size: self.batch_size.unwrap_or(16),
+            seq_len: self.seq_len.unwrap_or(128),
+            grad_accum_steps: self.grad_accum_steps.unwrap_or(1),
+            steps: self.steps.unwrap_or(300),
+            lr: self.lr.unwrap_or(2e-3),
+            min_lr: self.min_lr.unwrap_or(2e-4),
+            lr_schedule: self.lr_schedule.unwrap_or(LrSchedule::Cosine),
+            warmup_steps: self.warmup_steps.unwrap_or(20),
+            weight_decay: self.weight_decay.unwrap_or(0.1),
+            beta1: self.beta1.unwrap_or(0.9),
+            beta2: self.beta2.unwrap_or(0.95),
+            eps: self.eps.unwrap_or(1e-8),
+            grad_clip: self.grad_clip.unwrap_or(1.0),
+            dropout: self.dropout.unwrap_or(0.0),
+            val_fraction: self.val_fraction.unwrap_or(0.05),
+            eval_every: self.eval_every.unwrap_or(100),
+            checkpoint_every: self.checkpoint_every.unwrap_or(100),
+            keep_checkpoints: self.keep_checkpoints.unwrap_or(3),
+            seed: self.seed.unwrap_or(1337),
+            device: self.device.unwrap_or_else(|| "auto".into()),
+            threads: self.threads,
+            out: self.out.unwrap_or_else(default_out),
+            n_layer: self.n_layer,
+            n_embd: self.n_embd,
+            n_head: self.n_head,
+            n_positions: self.n_positions,
+        };
+        c.check()?;
+        Ok(c)
+    }
+}
+
+fn default_out() -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    PathBuf::from(format!("runs/run-{secs}"))
+}
+
+impl TrainConfig {
+    fn check(&self) -> Result<()> {
+        let positive = [
+            ("--batch-size", self.batch_size),
+            ("--seq-len", self.seq_len),
+            ("--grad-accum-steps", self.grad_accum_steps),
+            ("--keep-checkpoints", self.keep_checkpoints),
+        ];
+        for (flag, v) in positive {
+            if v == 0 {
+                bail!("{flag} must be at least 1");
+            }
+        }
+        if self.steps == 0 {
+            bail!("--steps must be at least 1");
+        }
+        if !(self.lr > 0.0 && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            bail!(
+                "--lr must be positive and --min-lr in [0, lr] (got {} and {})",
+                self.lr,
+                self.min_lr
+            );
+        }
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            bail!(
+                "--val-fraction must be in [0, 1) (got {})",
+                self.val_fraction
+            );
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            bail!("--dropout must be in [0, 1) (got {})", self.dropout);
+        }
+        if !(0.0..1.0).contains(&self.beta1) || !(0.0..1.0).contains(&self.beta2) {
+            bail!("--beta1 and --beta2 must be in [0, 1)");
+        }
+        if self.grad_clip < 0.0 || self.weight_decay < 0.0 || self.eps <= 0.0 {
+            bail!("--grad-clip and --weight-decay must be >= 0 and --eps > 0");
+        }
+        if !matches!(self.device.as_str(), "auto" | "cpu") {
+            bail!(
+                "--device {}: this build trains on the CPU only (the CUDA backend is not there yet); use --device cpu or auto",
+                self.device
+            );
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> Result<String> {
+        Ok(toml::to_string(self)?)
+    }
+}

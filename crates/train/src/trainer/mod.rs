@@ -1,0 +1,375 @@
+//! `flint train`: the GPT training loop, reading top to bottom: settings, tokenizer, model,
+//! data, optimizer, then for each step: micro-batches (forward, loss, backward), clipping,
+//! update, logging, evaluation, checkpoint.
+
+pub mod checkpoint;
+pub mod config;
+
+use crate::data::{self, DataOrder, Loader, LoaderState, Source, Tokenizer, Tokens};
+use crate::generate::{generate, Sampling};
+use crate::hf;
+use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::run::metrics::MetricsWriter;
+use crate::run::tensorboard::{wall_time_now, EventWriter};
+use crate::schedule::lr_at;
+use anyhow::{anyhow, bail, Context, Result};
+use config::{TrainConfig, TrainOptions};
+use flint_backend::{cpu::Cpu, Backend};
+use flint_model::gpt::{self, Gpt, GptConfig};
+use flint_model::BatchShape;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+/// The embedded default corpus (see `crates/train/data/README.md`).
+pub const DEFAULT_CORPUS: &str = include_str!("../../data/tinyshakespeare.txt");
+
+/// What the loop reports as it goes; the command line prints it.
+pub trait Observer {
+    fn started(&mut self, info: &Started);
+    fn step(&mut self, m: &StepMetrics);
+    fn eval(&mut self, step: u64, val_loss: f32);
+    fn checkpoint(&mut self, dir: &Path);
+    fn warn(&mut self, message: &str);
+}
+
+pub struct Started {
+    pub run: PathBuf,
+    pub device: String,
+    pub parameters: usize,
+    pub model: GptConfig,
+    pub train_tokens: usize,
+    pub val_tokens: usize,
+    pub first_step: u64,
+    pub steps: u64,
+    pub plan: String,
+}
+
+pub struct StepMetrics {
+    pub step: u64,
+    pub steps: u64,
+    pub loss: f32,
+    pub lr: f64,
+    pub grad_norm: f32,
+    pub tokens_per_s: f64,
+    pub elapsed_s: f64,
+}
+
+pub struct Finished {
+    pub run: PathBuf,
+    pub last_step: u64,
+    pub interrupted: bool,
+    pub first_val_loss: Option<f32>,
+    pub last_val_loss: Option<f32>,
+    pub sample: Option<String>,
+}
+
+/// Validation batches per evaluation (at most).
+const EVAL_BATCHES: usize = 20;
+
+fn model_config(cfg: &TrainConfig, vocab: usize) -> Result<GptConfig> {
+    let mut m = GptConfig::preset(&cfg.preset).map_err(|e| anyhow!("--preset: {e}"))?;
+    m.vocab_size = vocab;
+    m.n_layer = cfg.n_layer.unwrap_or(m.n_layer);
+    m.n_embd = cfg.n_embd.unwrap_or(m.n_embd);
+    m.n_head = cfg.n_head.unwrap_or(m.n_head);
+    m.n_positions = cfg.n_positions.unwrap_or(m.n_positions);
+    m.dropout = cfg.dropout as f32;
+    m.validate()?;
+    Ok(m)
+}
+
+/// Mean loss over up to [`EVAL_BATCHES`] consecutive batches from the start of `val`.
+fn evaluate<B: Backend>(model: &mut Gpt<B>, val: &Tokens, batch: usize, seq: usize) -> Result<f32> {
+    let mut loader = Loader::new(val.len(), batch, seq, DataOrder::Sequential, 0)?;
+    let batches = EVAL_BATCHES.min((val.len() - 1) / (batch * seq)).max(1);
+    let (mut x, mut y) = (vec![0; batch * seq], vec![0; batch * seq]);
+    let mut total = 0.0;
+    for _ in 0..batches {
+        loader.next_batch(val, &mut x, &mut y);
+        model.set_batch(&x, &y)?;
+        model.forward(None)?;
+        total += model.loss(1.0)? as f64;
+    }
+    Ok((total / batches as f64) as f32)
+}
+
+/// Trains from `options` (a new run) or continues `resume` (a run folder) until the last step
+/// or until `stop` is set (Ctrl-C), which checkpoints and returns.
+pub fn train(
+    options: TrainOptions,
+    resume: Option<&Path>,
+    stop: &AtomicBool,
+    obs: &mut dyn Observer,
+) -> Result<Finished> {
+    let cfg = match resume {
+        Some(run) => {
+            let saved = run.join("config.toml");
+            let text = std::fs::read_to_string(&saved).with_context(|| {
+                format!(
+                    "{}: cannot read; is {} a flint run folder?",
+                    saved.display(),
+                    run.display()
+                )
+            })?;
+            let base: TrainOptions = toml::from_str(&text)
+                .map_err(|e| anyhow!("{}: {}", saved.display(), e.message()))?;
+            // Flags given with --resume may only extend the run.
+            let steps = options.steps;
+            let mut cfg = TrainOptions {
+                out: Some(run.to_path_buf()),
+                ..base
+            }
+            .resolve()?;
+            cfg.steps = steps.unwrap_or(cfg.steps);
+            cfg
+        }
+        None => options.resolve()?,
+    };
+    let run = cfg.out.clone();
+    if resume.is_none() && !checkpoint::complete(&run)?.is_empty() {
+        bail!("--out {}: this run already has checkpoints; continue it with --resume {0} or choose another --out", run.display());
+    }
+    std::fs::create_dir_all(&run)
+        .with_context(|| format!("--out {}: cannot create", run.display()))?;
+    crate::tensors::write_atomic(&run.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+
+    let tokenizer =
+        Tokenizer::from_arg(&cfg.tokenizer).map_err(|e| anyhow!("--tokenizer: {e:#}"))?;
+    let (model_cfg, init) = match &cfg.init_from {
+        Some(dir) => {
+            let (mut m, params) = hf::load_gpt2(dir)?;
+            if tokenizer.vocab_size() > m.vocab_size {
+                bail!(
+                    "--tokenizer {} has {} tokens but the model in {} has a vocabulary of {}",
+                    tokenizer.spec(),
+                    tokenizer.vocab_size(),
+                    dir.display(),
+                    m.vocab_size
+                );
+            }
+            m.dropout = cfg.dropout as f32;
+            (m, params)
+        }
+        None => {
+            let m = model_config(&cfg, tokenizer.vocab_size())?;
+            let params = gpt::init_params(&m, &gpt::param_layout(&m), cfg.seed);
+            (m, params)
+        }
+    };
+    if cfg.seq_len > model_cfg.n_positions {
+        bail!(
+            "--seq-len {} is above the model's context of {} positions",
+            cfg.seq_len,
+            model_cfg.n_positions
+        );
+    }
+
+    let source = match &cfg.data {
+        Some(p) => Source::Path(p.clone()),
+        None => Source::Embedded {
+            name: "tinyshakespeare",
+            text: DEFAULT_CORPUS,
+        },
+    };
+    let cache = run
+        .parent()
+        .unwrap_or(Path::new("."))
+        .join(".flint-data-cache");
+    let dataset = data::prepare(source, &tokenizer, &cache, cfg.val_fraction)?;
+    for w in &dataset.warnings {
+        obs.warn(w);
+    }
+    let (b, t) = (cfg.batch_size, cfg.seq_len);
+    let mut loader = Loader::new(dataset.train.len(), b, t, cfg.data_order, cfg.seed)?;
+
+    // Resume: parameters, moments, step and data position from the newest good checkpoint.
+    let layout = gpt::param_layout(&model_cfg);
+    let resumed = match resume {
+        Some(_) => {
+            let ck = checkpoint::latest(&run, &layout, |w| obs.warn(&w))?;
+            if ck.state.tokenizer_fingerprint != tokenizer.fingerprint() {
+                bail!(
+                    "{}: the checkpoint was trained with tokenizer {}, not {}",
+                    ck.dir.display(),
+                    ck.state.tokenizer,
+                    tokenizer.spec()
+                );
+            }
+            let state: LoaderState = serde_json::from_value(ck.state.loader.clone())?;
+            loader.restore(&state)?;
+            Some(ck)
+        }
+        None => None,
+    };
+    let params = resumed.as_ref().map_or(&init, |ck| &ck.params);
+    let mut model = Gpt::new(Cpu, model_cfg.clone(), params)?;
+    model.plan(BatchShape { batch: b, seq: t })?;
+    let adamw = AdamWConfig {
+        lr: cfg.lr as f32,
+        beta1: cfg.beta1 as f32,
+        beta2: cfg.beta2 as f32,
+        eps: cfg.eps as f32,
+        weight_decay: cfg.weight_decay as f32,
+    };
+    let mut opt = AdamW::new(&Cpu, model.layout(), adamw, gpt::decays, &model.mirrors())?;
+    let first_step = match &resumed {
+        Some(ck) => {
+            let (m, v, _) = opt.state();
+            Cpu.upload(m, &ck.m)?;
+            Cpu.upload(v, &ck.v)?;
+            opt.set_updates(ck.state.adam_updates);
+            ck.state.step + 1
+        }
+        None => 1,
+    };
+
+    let mut metrics = MetricsWriter::open(&run.join("metrics.jsonl"), Some(first_step - 1))?;
+    let mut events = EventWriter::create(&run)?;
+    if first_step > 1 {
+        // Tells TensorBoard to drop the points the interrupted run logged past the checkpoint.
+        events.mark_resume(first_step as i64 - 1, wall_time_now())?;
+    }
+    obs.started(&Started {
+        run: run.clone(),
+        device: Cpu.device(),
+        parameters: layout.total(),
+        model: model_cfg.clone(),
+        train_tokens: dataset.train.len(),
+        val_tokens: dataset.val.as_ref().map_or(0, |v| v.len()),
+        first_step,
+        steps: cfg.steps,
+        plan: model.describe_plan()?,
+    });
+
+    let save =
+        |model: &Gpt<Cpu>, opt: &AdamW<Cpu>, loader: &Loader, step: u64| -> Result<PathBuf> {
+            let download = |t: flint_backend::Tensor| -> Result<Vec<f32>> {
+                let mut v = vec![0.0; t.len()];
+                Cpu.download(t, &mut v)?;
+                Ok(v)
+            };
+            let (m, v, updates) = opt.state();
+            let state = checkpoint::State {
+                step,
+                adam_updates: updates,
+                loader: serde_json::to_value(loader.state())?,
+                tokenizer: tokenizer.spec(),
+                tokenizer_fingerprint: tokenizer.fingerprint(),
+                model: serde_json::to_value(&model.config)?,
+                files: Default::default(),
+            };
+            let params = download(model.params())?;
+            checkpoint::save(
+                &run,
+                model.layout(),
+                &params,
+                &download(m)?,
+                &download(v)?,
+                state,
+                cfg.keep_checkpoints,
+            )
+        };
+
+    let accum = cfg.grad_accum_steps;
+    let (mut x, mut y) = (vec![0i32; b * t], vec![0i32; b * t]);
+    let (mut first_val, mut last_val) = (None, None);
+    let started = Instant::now();
+    let mut last_step = first_step - 1;
+    let mut interrupted = false;
+    for step in first_step..=cfg.steps {
+        let t0 = Instant::now();
+        let lr = lr_at(
+            cfg.lr_schedule,
+            step,
+            cfg.steps,
+            cfg.lr,
+            cfg.min_lr,
+            cfg.warmup_steps,
+        );
+        opt.config.lr = lr as f32;
+        model.zero_grad()?;
+        let mut loss = 0.0f32;
+        for micro in 0..accum {
+            loader.next_batch(&dataset.train, &mut x, &mut y);
+            model.set_batch(&x, &y)?;
+            // Dropout draws from (seed, micro-batch number): identical after a resume.
+            model.forward(Some((
+                cfg.seed,
+                (step - 1) * accum as u64 + micro as u64 + 1,
+            )))?;
+            loss += model.loss(1.0 / accum as f32)? / accum as f32;
+            model.backward()?;
+        }
+        let grad_norm = if cfg.grad_clip > 0.0 {
+            clip_grad_norm(&Cpu, model.grads(), cfg.grad_clip as f32)?
+        } else {
+            Cpu.sum_squares(model.grads())?.sqrt() as f32
+        };
+        opt.step(&Cpu, model.params(), model.grads())?;
+        last_step = step;
+
+        let tokens_per_s = (b * t * accum) as f64 / t0.elapsed().as_secs_f64();
+        let elapsed_s = started.elapsed().as_secs_f64();
+        metrics.write_train(step, loss, lr as f32, grad_norm, tokens_per_s, elapsed_s)?;
+        let now = wall_time_now();
+        events.add_scalar("loss", loss, step as i64, now)?;
+        events.add_scalar("lr", lr as f32, step as i64, now)?;
+        events.add_scalar("grad_norm", grad_norm, step as i64, now)?;
+        obs.step(&StepMetrics {
+            step,
+            steps: cfg.steps,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_s,
+            elapsed_s,
+        });
+
+        let last = step == cfg.steps;
+        if let Some(val) = &dataset.val {
+            if val.len() > b * t && (step % cfg.eval_every == 0 || last || step == 1) {
+                let v = evaluate(&mut model, val, b, t)?;
+                first_val.get_or_insert(v);
+                last_val = Some(v);
+                metrics.write_eval(step, v)?;
+                events.add_scalar("val_loss", v, step as i64, wall_time_now())?;
+                obs.eval(step, v);
+            }
+        }
+        events.flush()?;
+        interrupted = stop.load(Ordering::SeqCst);
+        if step % cfg.checkpoint_every == 0 || last || interrupted {
+            let dir = save(&model, &opt, &loader, step)?;
+            obs.checkpoint(&dir);
+        }
+        if interrupted {
+            break;
+        }
+    }
+
+    let mut params = vec![0.0; layout.total()];
+    Cpu.download(model.params(), &mut params)?;
+    hf::save_gpt2(&run.join("model"), &model_cfg, &params)?;
+    let sample = if interrupted {
+        None
+    } else {
+        let prompt = tokenizer.encode("\n")?;
+        let s = Sampling {
+            max_new_tokens: 200.min(model_cfg.n_positions - prompt.len()),
+            temperature: 0.8,
+            top_k: 40,
+            seed: cfg.seed,
+        };
+        let ids = generate(&mut model, &prompt, s)?;
+        Some(tokenizer.decode(&ids)?)
+    };
+    Ok(Finished {
+        run,
+        last_step,
+        interrupted,
+        first_val_loss: first_val,
+        last_val_loss: last_val,
+        sample,
+    })
+}

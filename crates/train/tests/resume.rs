@@ -1,0 +1,126 @@
+//! Exact resume: a run stopped and resumed logs bit-identical losses to one never stopped
+//! (dropout and shuffling included), and a damaged checkpoint is refused while the previous
+//! one still loads.
+
+use flint_train::data::DataOrder;
+use flint_train::trainer::config::TrainOptions;
+use flint_train::trainer::{train, Observer, Started, StepMetrics};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+
+#[derive(Default)]
+struct Quiet {
+    warnings: Vec<String>,
+}
+
+impl Observer for Quiet {
+    fn started(&mut self, _: &Started) {}
+    fn step(&mut self, _: &StepMetrics) {}
+    fn eval(&mut self, _: u64, _: f32) {}
+    fn checkpoint(&mut self, _: &Path) {}
+    fn warn(&mut self, message: &str) {
+        self.warnings.push(message.to_string());
+    }
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flint-resume-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn options(out: &Path, steps: u64) -> TrainOptions {
+    TrainOptions {
+        out: Some(out.to_path_buf()),
+        steps: Some(steps),
+        n_layer: Some(1),
+        n_embd: Some(32),
+        n_head: Some(2),
+        batch_size: Some(4),
+        seq_len: Some(32),
+        grad_accum_steps: Some(2),
+        dropout: Some(0.1),
+        data_order: Some(DataOrder::Shuffle),
+        eval_every: Some(4),
+        checkpoint_every: Some(3),
+        ..TrainOptions::default()
+    }
+}
+
+/// The training lines of metrics.jsonl (step, loss, grad_norm), as text.
+fn losses(run: &Path) -> Vec<String> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("\"loss\""))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!("{} {} {}", v["step"], v["loss"], v["grad_norm"])
+        })
+        .collect()
+}
+
+#[test]
+fn resumed_run_logs_the_same_losses_as_an_uninterrupted_one() {
+    let stop = AtomicBool::new(false);
+    let full = scratch("full");
+    train(options(&full, 7), None, &stop, &mut Quiet::default()).unwrap();
+
+    let part = scratch("part");
+    train(options(&part, 4), None, &stop, &mut Quiet::default()).unwrap();
+    let more = TrainOptions {
+        steps: Some(7),
+        ..TrainOptions::default()
+    };
+    train(more, Some(&part), &stop, &mut Quiet::default()).unwrap();
+
+    assert_eq!(losses(&full).len(), 7);
+    assert_eq!(losses(&full), losses(&part));
+    assert!(
+        part.join("model/model.safetensors").exists() && part.join("model/config.json").exists()
+    );
+}
+
+#[test]
+fn damaged_newest_checkpoint_is_refused_and_the_previous_one_loads() {
+    let stop = AtomicBool::new(false);
+    let run = scratch("damaged");
+    train(options(&run, 6), None, &stop, &mut Quiet::default()).unwrap();
+    // Steps 3 and 6 are checkpointed; truncate the newest model file.
+    let newest = run.join("checkpoints/step_00000006/model.safetensors");
+    let bytes = std::fs::read(&newest).unwrap();
+    std::fs::write(&newest, &bytes[..bytes.len() / 2]).unwrap();
+
+    let mut quiet = Quiet::default();
+    let more = TrainOptions {
+        steps: Some(7),
+        ..TrainOptions::default()
+    };
+    let done = train(more, Some(&run), &stop, &mut quiet).unwrap();
+    assert_eq!(done.last_step, 7);
+    assert!(
+        quiet
+            .warnings
+            .iter()
+            .any(|w| w.contains("step_00000006") && w.contains("truncated or corrupted")),
+        "{:?}",
+        quiet.warnings
+    );
+    // Steps 4..=7 were redone from step 3: each step appears once in the metrics.
+    let steps: Vec<String> = losses(&run)
+        .iter()
+        .map(|l| l.split(' ').next().unwrap().to_string())
+        .collect();
+    assert_eq!(steps, ["1", "2", "3", "4", "5", "6", "7"]);
+}
+
+#[test]
+fn a_new_run_refuses_a_folder_with_checkpoints() {
+    let stop = AtomicBool::new(false);
+    let run = scratch("exists");
+    train(options(&run, 3), None, &stop, &mut Quiet::default()).unwrap();
+    let err = train(options(&run, 3), None, &stop, &mut Quiet::default())
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("--resume"), "{err:#}");
+}
