@@ -239,6 +239,22 @@ pub trait Backend: Send + Sync {
         dropout: Option<Dropout>,
     ) -> Result<()>;
 
+    /// One decoding step of causal self-attention with a KV cache, for one sequence: copies the
+    /// new token's k and v (from its packed `qkv[3 * heads * head_dim]` row) into row `pos` of
+    /// `k_cache` and `v_cache` (`[max_len, heads * head_dim]`), then writes
+    /// `out[heads * head_dim]` = softmax(q . k_j / sqrt(head_dim)) @ v over `j <= pos`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_decode(
+        &self,
+        out: Tensor,
+        qkv: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        pos: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()>;
+
     /// `out = dropout(act(inp))`, elementwise.
     fn activation_forward(
         &self,

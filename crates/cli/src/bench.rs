@@ -2,7 +2,8 @@
 
 use anyhow::{bail, Result};
 use flint_backend::cpu::Cpu;
-use flint_train::bench::{self, SEED_CONFIGS};
+use flint_model::gpt::GptConfig;
+use flint_train::bench::{self, GPT_PRESETS, SEED_CONFIGS};
 
 #[derive(clap::Subcommand)]
 pub enum Bench {
@@ -19,15 +20,83 @@ pub enum Bench {
         #[arg(long)]
         json: bool,
     },
+    /// A GPT-2 training step on random tokens: forward, cross-entropy, backward,
+    /// clip_grad_norm_(1.0), AdamW (lr 6e-4, betas (0.9, 0.95), weight decay 0.1 on matrices).
+    Gpt {
+        /// Model size: tiny (4 x 128, byte vocabulary) or gpt2 (124M).
+        #[arg(long, default_value = "tiny", value_parser = GPT_PRESETS)]
+        preset: String,
+        /// Sequences per step (default: 16 for tiny, 4 for gpt2).
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Tokens per sequence (default: the preset's context, 128 for tiny, 1024 for gpt2).
+        #[arg(long)]
+        seq_len: Option<usize>,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn run(b: Bench, verbose: bool) -> Result<()> {
-    let Bench::Seed {
-        warmup,
-        steps,
-        configs,
-        json,
-    } = b;
+    match b {
+        Bench::Seed {
+            warmup,
+            steps,
+            configs,
+            json,
+        } => seed(warmup, steps, &configs, json, verbose),
+        Bench::Gpt {
+            preset,
+            batch_size,
+            seq_len,
+            warmup,
+            steps,
+            json,
+        } => gpt(&preset, batch_size, seq_len, warmup, steps, json, verbose),
+    }
+}
+
+fn gpt(
+    preset: &str,
+    batch_size: Option<usize>,
+    seq_len: Option<usize>,
+    warmup: usize,
+    steps: usize,
+    json: bool,
+    verbose: bool,
+) -> Result<()> {
+    if steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let batch = batch_size.unwrap_or_else(|| bench::gpt_default_batch(preset));
+    let seq = match seq_len {
+        Some(s) => s,
+        None => GptConfig::preset(preset)?.n_positions,
+    };
+    if batch == 0 || seq == 0 {
+        bail!("--batch-size and --seq-len must be at least 1");
+    }
+    let (row, plan) = bench::gpt(Cpu, preset, batch, seq, warmup, steps)?;
+    if verbose {
+        println!("{plan}");
+    }
+    if json {
+        println!("{}", serde_json::to_string(&row).expect("a row serialises"));
+    } else {
+        println!(
+            "train gpt {} seq={} batch={}: median {:.1} ms  min {:.1} ms  {:.1} tokens/s  {:.1} GFLOP/s  ({} threads, {})",
+            row.preset, row.seq, row.batch, row.median_ms, row.min_ms, row.tokens_per_s, row.gflops, row.threads, row.device
+        );
+    }
+    Ok(())
+}
+
+fn seed(warmup: usize, steps: usize, configs: &str, json: bool, verbose: bool) -> Result<()> {
     if steps == 0 {
         bail!("--steps must be at least 1");
     }

@@ -30,6 +30,15 @@ pub fn output(norm_first: bool, la: &LayerActs) -> Tensor {
     }
 }
 
+/// One layer's keys and values of the tokens so far (`[max_len, d_model]` each), and the
+/// position of the token being added.
+#[derive(Clone, Copy)]
+pub struct KvCache {
+    pub k: Tensor,
+    pub v: Tensor,
+    pub pos: usize,
+}
+
 /// Dropout of the four sites of a block: attention probabilities, the attention branch, the
 /// activation, the feed-forward branch.
 pub type Dropouts = [Option<Dropout>; 4];
@@ -70,7 +79,8 @@ impl Block {
         output(self.norm_first, la)
     }
 
-    /// Runs the block on `x`, saving what backward needs in `la` (see [`LayerActs`]).
+    /// Runs the block on `x`, saving what backward needs in `la` (see [`LayerActs`]). With a
+    /// `cache`, `x` is the one new token of a causal sequence, attending to the cached ones.
     #[allow(clippy::too_many_arguments)]
     pub fn forward<B: Backend>(
         &self,
@@ -81,6 +91,7 @@ impl Block {
         la: &LayerActs,
         a: &Acts,
         d: Dropouts,
+        cache: Option<KvCache>,
     ) -> Result<Tensor> {
         let (rows, e, f) = (self.rows, self.d_model, self.d_ff);
         let norm = |out, mean, rstd, inp, weight, bias| {
@@ -101,14 +112,20 @@ impl Block {
         };
         let qkv_w = self.fwd(w.in_proj_weight, m.in_proj_weight);
         b.matmul_forward(la.qkv, attn_in, qkv_w, Some(w.in_proj_bias), rows, e, 3 * e)?;
-        b.attention_forward(
-            la.atty,
-            la.att,
-            la.qkv,
-            self.key_padding,
-            &self.attention,
-            d[0],
-        )?;
+        match cache {
+            None => b.attention_forward(
+                la.atty,
+                la.att,
+                la.qkv,
+                self.key_padding,
+                &self.attention,
+                d[0],
+            )?,
+            Some(c) => {
+                let (heads, dh) = (self.attention.heads, self.attention.head_dim);
+                b.attention_decode(la.atty, la.qkv, c.k, c.v, c.pos, heads, dh)?
+            }
+        }
         let out_w = self.fwd(w.out_proj_weight, m.out_proj_weight);
         b.matmul_forward(a.sa, la.atty, out_w, Some(w.out_proj_bias), rows, e, e)?;
         b.residual_forward(la.res1, x, a.sa, d[1])?;

@@ -183,7 +183,7 @@ impl<B: Backend> Encoder<B> {
         let mut x = a.input;
         for (l, la) in a.layers.iter().enumerate() {
             let (w, m, _) = self.layer_views(l);
-            x = block.forward(b, &w, &m, x, la, a, self.dropouts(mode, l))?;
+            x = block.forward(b, &w, &m, x, la, a, self.dropouts(mode, l), None)?;
         }
         if let Some((weight, bias)) = params::final_norm(self.layout(), self.params(), c) {
             let (rows, e) = (block.rows, c.d_model);

@@ -4,7 +4,7 @@
 //! both ways without conversion.
 
 use crate::activations::{self, BatchShape, Dims, Planned};
-use crate::block::{Block, Dropouts};
+use crate::block::{Block, Dropouts, KvCache};
 use crate::layout::{Entry, Layout};
 use crate::params::LAYER_PARAMS;
 use crate::weights::Weights;
@@ -177,12 +177,21 @@ struct Head<B: Backend> {
     dlogits: B::Buffer,
 }
 
+/// The key/value cache of [`Gpt::decode`]: `[n_layer, max_len, n_embd]` each.
+struct Decoder<B: Backend> {
+    max_len: usize,
+    k: B::Buffer,
+    v: B::Buffer,
+    len: usize,
+}
+
 pub struct Gpt<B: Backend> {
     pub config: GptConfig,
     backend: B,
     weights: Weights<B>,
     planned: Option<Planned<B>>,
     head: Option<Head<B>>,
+    decoder: Option<Decoder<B>>,
     last: Option<Option<(u64, u64)>>,
 }
 
@@ -200,6 +209,7 @@ impl<B: Backend> Gpt<B> {
             weights,
             planned: None,
             head: None,
+            decoder: None,
             last: None,
         })
     }
@@ -324,12 +334,60 @@ impl<B: Backend> Gpt<B> {
     /// Forward to the logits `[batch, seq, vocab]`; `rng` is `Some((seed, step))` in training
     /// (dropout on), `None` in evaluation.
     pub fn forward(&mut self, rng: Option<(u64, u64)>) -> Result<Tensor> {
+        self.run(rng, None)
+    }
+
+    /// Prepares [`Gpt::decode`] for a sequence of up to `max_len` tokens: one-token activations
+    /// and an empty key/value cache per layer.
+    pub fn start_decoding(&mut self, max_len: usize) -> Result<()> {
+        if max_len > self.config.n_positions {
+            bail!(
+                "{max_len} tokens exceed the model's context of {}",
+                self.config.n_positions
+            );
+        }
+        self.plan(BatchShape { batch: 1, seq: 1 })?;
+        let n = self.config.n_layer * max_len * self.config.n_embd;
+        let (k, v) = (
+            self.backend.alloc(DType::F32, n)?,
+            self.backend.alloc(DType::F32, n)?,
+        );
+        self.decoder = Some(Decoder {
+            max_len,
+            k,
+            v,
+            len: 0,
+        });
+        Ok(())
+    }
+
+    /// Appends `token` to the sequence being decoded and returns the logits `[vocab]` of the
+    /// next token: one position of compute, attending to the cached keys and values.
+    pub fn decode(&mut self, token: u32) -> Result<Tensor> {
+        let Some(d) = &self.decoder else {
+            bail!("call start_decoding() before decode()");
+        };
+        if d.len == d.max_len {
+            bail!("the decoding cache is full ({} tokens)", d.max_len);
+        }
+        let pos = d.len;
+        self.set_batch(&[token as i32], &[0])?;
+        let logits = self.run(None, Some(pos))?;
+        self.decoder.as_mut().expect("checked above").len += 1;
+        Ok(logits)
+    }
+
+    /// The forward of a batch, or with `decode_pos` of one token at that position of the
+    /// sequence in the KV cache.
+    fn run(&mut self, rng: Option<(u64, u64)>, decode_pos: Option<usize>) -> Result<Tensor> {
         let (p, h) = self.planned()?;
         let (b, c, a, w) = (&self.backend, &self.config, &p.acts, &self.weights);
         let block = self.block(p.shape);
         let (rows, e) = (block.rows, c.n_embd);
         let (wte, wte_t, _) = w.entry(WTE);
         let (wpe, _, _) = w.entry(WPE);
+        // Decoding one token: its position's row of wpe serves as a one-row table.
+        let wpe = decode_pos.map_or(wpe, |pos| wpe.slice(pos * c.n_embd, c.n_embd));
         let emb_drop = self.dropout(rng, c.n_layer, 1);
         b.embedding_forward(
             a.input,
@@ -344,7 +402,15 @@ impl<B: Backend> Gpt<B> {
         let mut x = a.input;
         for (l, la) in a.layers.iter().enumerate() {
             let (wl, ml, _) = w.layer(FIRST_BLOCK + l * LAYER_PARAMS.len());
-            x = block.forward(b, &wl, &ml, x, la, a, self.dropouts(rng, l))?;
+            let cache = match (decode_pos, &self.decoder) {
+                (Some(pos), Some(d)) => {
+                    let n = d.max_len * c.n_embd;
+                    let (k, v) = (d.k.tensor().slice(l * n, n), d.v.tensor().slice(l * n, n));
+                    Some(KvCache { k, v, pos })
+                }
+                _ => None,
+            };
+            x = block.forward(b, &wl, &ml, x, la, a, self.dropouts(rng, l), cache)?;
         }
         let ((lnw, _, _), (lnb, _, _)) = (w.entry(self.ln_f()), w.entry(self.ln_f() + 1));
         b.layernorm_forward(

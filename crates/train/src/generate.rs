@@ -1,9 +1,5 @@
-//! Sampling text from a GPT.
-//!
-//! Each new token runs the model over the whole context so far (planned once at the full
-//! context, so nothing is allocated per token; causal attention makes the unused tail
-//! irrelevant). A KV cache, which makes each token cost one position instead of all of them,
-//! is not implemented yet.
+//! Sampling text from a GPT with a KV cache: each token costs one position of compute,
+//! attending to the cached keys and values of the tokens before it.
 
 use crate::data::Tokenizer;
 use crate::hf::load_gpt2;
@@ -11,7 +7,6 @@ use crate::trainer::config::TrainOptions;
 use anyhow::{anyhow, bail, Result};
 use flint_backend::{philox, Backend};
 use flint_model::gpt::Gpt;
-use flint_model::BatchShape;
 use std::path::Path;
 
 #[derive(Clone, Copy, Debug)]
@@ -37,21 +32,21 @@ pub fn generate<B: Backend>(model: &mut Gpt<B>, prompt: &[u32], s: Sampling) -> 
             prompt.len()
         );
     }
-    let seq = (prompt.len() + s.max_new_tokens).min(ctx);
-    model.plan(BatchShape { batch: 1, seq })?;
-    let mut tokens: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
+    let len = (prompt.len() + s.max_new_tokens).min(ctx);
+    model.start_decoding(len)?;
+    let mut logits = vec![0.0f32; vocab];
+    for &t in prompt {
+        let l = model.decode(t)?;
+        model.backend().download(l, &mut logits)?;
+    }
     let mut out = Vec::new();
-    let mut logits = vec![0.0f32; seq * vocab];
-    while out.len() < s.max_new_tokens && tokens.len() < seq {
-        let mut ids = tokens.clone();
-        ids.resize(seq, 0);
-        model.set_batch(&ids, &vec![0; seq])?;
-        let t = model.forward(None)?;
-        model.backend().download(t, &mut logits)?;
-        let last = &logits[(tokens.len() - 1) * vocab..tokens.len() * vocab];
-        let next = sample(last, s, out.len() as u64);
-        tokens.push(next as i32);
+    while out.len() < s.max_new_tokens && prompt.len() + out.len() < len {
+        let next = sample(&logits, s, out.len() as u64);
         out.push(next);
+        if prompt.len() + out.len() < len {
+            let l = model.decode(next)?;
+            model.backend().download(l, &mut logits)?;
+        }
     }
     Ok(out)
 }

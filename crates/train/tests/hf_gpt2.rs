@@ -124,3 +124,35 @@ fn five_steps_with_accumulation_clipping_and_adamw_match_torch() {
         assert!(e <= TOL, "{} after 5 steps rel err {e:e}", entry.name);
     }
 }
+
+#[test]
+fn kv_cache_decoding_gives_the_full_forward_logits() {
+    let data = TensorFile::open(&fixture("forward.safetensors")).unwrap();
+    let ids = ints(&data, "input_ids");
+    let seq = 8;
+    let vocab = 64;
+    let mut gpt = model();
+    gpt.plan(BatchShape { batch: 1, seq }).unwrap();
+    gpt.set_batch(&ids[..seq], &ids[..seq]).unwrap();
+    let full = download(gpt.forward(None).unwrap());
+    gpt.start_decoding(seq).unwrap();
+    for (pos, &t) in ids[..seq].iter().enumerate() {
+        let step = download(gpt.decode(t as u32).unwrap());
+        let e = rel_err(&step, &full[pos * vocab..(pos + 1) * vocab]);
+        assert!(e <= 1e-5, "position {pos}: rel err {e:e}");
+    }
+}
+
+#[test]
+fn saved_model_loads_back_identically() {
+    let (config, params) = load_gpt2(&fixture("model")).unwrap();
+    let dir = std::env::temp_dir().join(format!("flint-hf-roundtrip-{}", std::process::id()));
+    flint_train::hf::save_gpt2(&dir, &config, &params).unwrap();
+    let (again, back) = load_gpt2(&dir).unwrap();
+    assert_eq!(again, config);
+    assert!(params
+        .iter()
+        .zip(&back)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    let _ = std::fs::remove_dir_all(&dir);
+}

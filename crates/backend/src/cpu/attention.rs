@@ -253,3 +253,37 @@ pub(crate) fn backward(
         });
     });
 }
+
+/// k_cache[pos] = k;  v_cache[pos] = v;  out = softmax(q . k_j / sqrt(D), j <= pos) @ v_j, per head
+pub(crate) fn decode<'a>(
+    out: &mut [f32],
+    qkv: &[f32],
+    k_cache: &'a mut [f32],
+    v_cache: &'a mut [f32],
+    pos: usize,
+    heads: usize,
+    dh: usize,
+) {
+    let e = heads * dh;
+    k_cache[pos * e..(pos + 1) * e].copy_from_slice(&qkv[e..2 * e]);
+    v_cache[pos * e..(pos + 1) * e].copy_from_slice(&qkv[2 * e..3 * e]);
+    let (k_cache, v_cache): (&'a [f32], &'a [f32]) = (k_cache, v_cache);
+    let scale = 1.0 / (dh as f32).sqrt();
+    out[..e].par_chunks_mut(dh).enumerate().for_each(|(h, o)| {
+        let q = &qkv[h * dh..(h + 1) * dh];
+        let (ks, vs) = (&k_cache[h * dh..], &v_cache[h * dh..]);
+        let head = |cache: &'a [f32], j: usize| &cache[j * e..j * e + dh];
+        let scores: Vec<f32> = (0..=pos)
+            .map(|j| q.iter().zip(head(ks, j)).map(|(a, b)| a * b).sum::<f32>() * scale)
+            .collect();
+        let max = scores.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+        let weights: Vec<f32> = scores.iter().map(|&x| (x - max).exp()).collect();
+        let inv = 1.0 / weights.iter().sum::<f32>();
+        o.fill(0.0);
+        for (j, w) in weights.iter().enumerate() {
+            for (o, v) in o.iter_mut().zip(head(vs, j)) {
+                *o += w * inv * v;
+            }
+        }
+    });
+}

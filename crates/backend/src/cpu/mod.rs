@@ -256,6 +256,21 @@ impl Backend for Cpu {
         Ok(())
     }
 
+    fn attention_decode(
+        &self,
+        out: Tensor,
+        qkv: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        pos: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<()> {
+        let (k, v) = (f32s_mut(k_cache), f32s_mut(v_cache));
+        attention::decode(f32s_mut(out), f32s(qkv), k, v, pos, heads, head_dim);
+        Ok(())
+    }
+
     fn embedding_forward(
         &self,
         out: Tensor,
