@@ -1,0 +1,245 @@
+//! `flint train` and `flint generate` as users run them: bad input is a one-line error with exit
+//! status 2, Ctrl-C checkpoints, a SIGKILL loses only the steps since the last checkpoint.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flint-cli-train-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A model small enough to train in a blink, with a learning rate that does not depend on
+/// `--steps` (so runs of different lengths share their first steps exactly).
+const SMALL: [&str; 14] = [
+    "--n-layer",
+    "1",
+    "--n-embd",
+    "32",
+    "--n-head",
+    "2",
+    "--batch-size",
+    "4",
+    "--seq-len",
+    "32",
+    "--lr-schedule",
+    "constant",
+    "--warmup-steps",
+    "0",
+];
+
+fn flint(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flint"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn assert_rejected(args: &[&str], mentions: &[&str]) {
+    let out = flint(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{args:?}: not one line: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    for m in mentions {
+        assert!(lines[0].contains(m), "{args:?}: `{m}` not in: {stderr}");
+    }
+}
+
+fn run_dir(dir: &Path, name: &str) -> String {
+    dir.join(name).display().to_string()
+}
+
+#[test]
+fn bad_training_flags_are_one_line_errors() {
+    let dir = scratch("bad");
+    let out = run_dir(&dir, "run");
+    assert_rejected(
+        &["train", "--preset", "gpt5", "--out", &out],
+        &["--preset", "gpt5"],
+    );
+    assert_rejected(
+        &["train", "--batch-size", "0", "--out", &out],
+        &["--batch-size"],
+    );
+    assert_rejected(
+        &["train", "--seq-len", "4096", "--out", &out],
+        &["--seq-len", "4096", "128"],
+    );
+    assert_rejected(&["train", "--device", "cuda", "--out", &out], &["--device"]);
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert_rejected(
+        &["train", "--data", empty.to_str().unwrap(), "--out", &out],
+        &["empty"],
+    );
+    assert_rejected(
+        &["train", "--resume", &run_dir(&dir, "nothing")],
+        &["nothing"],
+    );
+    assert_rejected(
+        &["generate", &run_dir(&dir, "nothing"), "--prompt", "hi"],
+        &["nothing"],
+    );
+}
+
+fn losses(run: &Path) -> Vec<String> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("\"loss\""))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            format!("{} {}", v["step"], v["loss"])
+        })
+        .collect()
+}
+
+/// Starts a long training run and waits until it has logged `steps` steps.
+fn start_training(run: &Path, steps: usize) -> std::process::Child {
+    let mut args = vec![
+        "train",
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "2",
+        "--out",
+        run.to_str().unwrap(),
+    ];
+    args.extend(SMALL);
+    let child = Command::new(env!("CARGO_BIN_EXE_flint"))
+        .args(&args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while losses(run).len() < steps {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "training did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[test]
+fn ctrl_c_writes_a_checkpoint_and_resume_continues_from_it() {
+    let dir = scratch("sigint");
+    let run = dir.join("run");
+    let child = start_training(&run, 3);
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("interrupted at step"), "{stdout}");
+    let stopped = losses(&run).len();
+    let newest = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .max()
+        .unwrap();
+    assert_eq!(
+        newest.to_str().unwrap(),
+        format!("step_{stopped:08}"),
+        "Ctrl-C checkpoints the last finished step"
+    );
+    let resumed = flint(&[
+        "train",
+        "--resume",
+        run.to_str().unwrap(),
+        "--steps",
+        &(stopped + 2).to_string(),
+    ]);
+    assert_eq!(
+        resumed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(losses(&run).len(), stopped + 2);
+}
+
+#[test]
+fn sigkill_loses_at_most_the_steps_since_the_last_checkpoint() {
+    let dir = scratch("sigkill");
+    let (run, clean) = (dir.join("run"), dir.join("clean"));
+    let mut child = start_training(&run, 5);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let resumed = flint(&["train", "--resume", run.to_str().unwrap(), "--steps", "8"]);
+    assert_eq!(
+        resumed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+
+    let mut args = vec![
+        "train",
+        "--steps",
+        "8",
+        "--checkpoint-every",
+        "2",
+        "--out",
+        clean.to_str().unwrap(),
+    ];
+    args.extend(SMALL);
+    assert_eq!(flint(&args).status.code(), Some(0));
+    // Each step appears once, with exactly the losses of a run that was never killed.
+    let (killed, never) = (losses(&run), losses(&clean));
+    assert_eq!(never.len(), 8);
+    assert_eq!(killed, never);
+}
+
+#[test]
+fn generate_continues_a_prompt_from_a_run() {
+    let dir = scratch("generate");
+    let run = dir.join("run");
+    let mut args = vec!["train", "--steps", "3", "--out", run.to_str().unwrap()];
+    args.extend(SMALL);
+    assert_eq!(flint(&args).status.code(), Some(0));
+    let out = flint(&[
+        "generate",
+        run.to_str().unwrap(),
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        "12",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("ROMEO:"));
+    let again = flint(&[
+        "generate",
+        run.to_str().unwrap(),
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        "12",
+        "--seed",
+        "3",
+    ]);
+    assert_eq!(
+        out.stdout, again.stdout,
+        "the same seed gives the same text"
+    );
+}
