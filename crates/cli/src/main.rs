@@ -70,7 +70,7 @@ fn main() -> ExitCode {
         Command::Demo => demo::run(cli.verbose),
         Command::Forward(args) => forward::run(args, cli.verbose),
         Command::Bench(b) => bench::run(b, cli.verbose),
-        Command::Train(args) => train::run(*args, cli.verbose),
+        Command::Train(args) => train::run(*args, cli.threads, cli.verbose),
         Command::Generate(args) => generate::run(args),
         Command::Tokenizer(t) => tokenizer::run(t),
     };

@@ -171,7 +171,7 @@ impl Observer for Printer {
     }
 }
 
-pub fn run(a: Args, verbose: bool) -> Result<()> {
+pub fn run(a: Args, threads: Option<usize>, verbose: bool) -> Result<()> {
     let flags = TrainOptions {
         preset: a.preset,
         init_from: a.init_from,
@@ -204,7 +204,7 @@ pub fn run(a: Args, verbose: bool) -> Result<()> {
         keep_checkpoints: a.keep_checkpoints,
         seed: a.seed,
         device: a.device,
-        threads: None,
+        threads,
         out: a.out,
         n_layer: a.n_layer,
         n_embd: a.n_embd,
@@ -215,6 +215,12 @@ pub fn run(a: Args, verbose: bool) -> Result<()> {
         Some(path) => flags.or(TrainOptions::from_toml_file(path)?),
         None => flags,
     };
+    if let (None, Some(n)) = (threads, options.threads) {
+        // `threads` from the TOML file: the flag, when given, already sized the pool.
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // Ctrl-C: finish the current step, write a checkpoint, exit.

@@ -156,3 +156,22 @@ fn saved_model_loads_back_identically() {
         .all(|(a, b)| a.to_bits() == b.to_bits()));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn checkpoints_with_attention_buffers_and_a_tied_head_load_the_same() {
+    let dir = std::env::temp_dir().join(format!("flint-hf-buffers-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("model/config.json"), dir.join("config.json")).unwrap();
+    std::fs::copy(
+        fixture("model_legacy_buffers.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let (_, with_buffers) = load_gpt2(&dir).unwrap();
+    let (_, plain) = load_gpt2(&fixture("model")).unwrap();
+    assert!(plain
+        .iter()
+        .zip(&with_buffers)
+        .all(|(a, b)| a.to_bits() == b.to_bits()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
