@@ -10,26 +10,15 @@ use flint_train::optim::{clip_grad_norm, AdamW, AdamWConfig};
 use flint_train::tensors::TensorFile;
 use std::path::PathBuf;
 
+mod common;
+use common::rel_err;
+
 const TOL: f64 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/gpt2")
         .join(name)
-}
-
-/// max |a - b| / max |b|
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    if a.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    let diff = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .fold(0.0, f64::max);
-    diff / b.iter().map(|y| (*y as f64).abs()).fold(1e-12, f64::max)
 }
 
 fn ints(file: &TensorFile, name: &str) -> Vec<i32> {

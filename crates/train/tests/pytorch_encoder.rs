@@ -8,6 +8,9 @@ use flint_train::optim::{AdamW, AdamWConfig};
 use flint_train::{state_dict, tensors::TensorFile};
 use std::path::PathBuf;
 
+mod common;
+use common::rel_err;
+
 const CASES: [&str; 5] = [
     "post_relu",
     "pre_gelu",
@@ -21,21 +24,6 @@ fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/encoder")
         .join(name)
-}
-
-/// max |a - b| / max |b|
-fn rel_err(a: &[f32], b: &[f32]) -> f64 {
-    assert_eq!(a.len(), b.len());
-    let diff = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (*x as f64 - *y as f64).abs())
-        .fold(0.0, f64::max);
-    let scale = b.iter().map(|y| (*y as f64).abs()).fold(1e-12, f64::max);
-    if a.iter().any(|x| !x.is_finite()) {
-        return f64::INFINITY;
-    }
-    diff / scale
 }
 
 struct Case {
