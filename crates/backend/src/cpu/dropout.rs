@@ -7,6 +7,7 @@ const BLOCK: usize = 1024;
 
 /// Splits `0..len` (elements `start..start + len` of the dropout stream) into ranges and calls
 /// `f(range, multipliers)` for each; without dropout, one call with `None` (all ones).
+#[inline(always)]
 pub(crate) fn blocks(
     dropout: Option<Dropout>,
     start: usize,
