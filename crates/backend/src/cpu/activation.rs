@@ -12,7 +12,10 @@ const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 #[inline(always)]
 fn exp(x: f32) -> f32 {
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    // floor(v) by truncation and a correction: `f32::floor` is a libm call without SSE4.1.
+    let v = x * std::f32::consts::LOG2_E + 0.5;
+    let t = v as i32 as f32;
+    let n = if t > v { t - 1.0 } else { t };
     let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
@@ -30,40 +33,69 @@ fn tanh(u: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * u) + 1.0)
 }
 
-#[inline(always)]
-fn act(a: Activation, x: f32) -> f32 {
-    match a {
-        Activation::Relu => x.max(0.0),
-        Activation::Gelu => 0.5 * x * (1.0 + libm::erff(x * FRAC_1_SQRT_2)),
-        Activation::GeluTanh => {
-            let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
-            0.5 * x * (1.0 + tanh(u))
-        }
+fn relu(x: f32) -> f32 {
+    x.max(0.0)
+}
+
+fn relu_grad(x: f32) -> f32 {
+    if x > 0.0 {
+        1.0
+    } else {
+        0.0
     }
 }
 
+fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + libm::erff(x * FRAC_1_SQRT_2))
+}
+
+fn gelu_grad(x: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + libm::erff(x * FRAC_1_SQRT_2));
+    let pdf = (-0.5 * x * x).exp() * (FRAC_1_SQRT_2 * std::f32::consts::FRAC_2_SQRT_PI * 0.5);
+    cdf + x * pdf
+}
+
 #[inline(always)]
-fn act_grad(a: Activation, x: f32) -> f32 {
-    match a {
-        Activation::Relu => {
-            if x > 0.0 {
-                1.0
-            } else {
-                0.0
-            }
-        }
-        Activation::Gelu => {
-            let cdf = 0.5 * (1.0 + libm::erff(x * FRAC_1_SQRT_2));
-            let pdf =
-                (-0.5 * x * x).exp() * (FRAC_1_SQRT_2 * std::f32::consts::FRAC_2_SQRT_PI * 0.5);
-            cdf + x * pdf
-        }
-        Activation::GeluTanh => {
-            let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
-            let t = tanh(u);
-            let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
-            0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
-        }
+fn gelu_tanh(x: f32) -> f32 {
+    let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
+    0.5 * x * (1.0 + tanh(u))
+}
+
+#[inline(always)]
+fn gelu_tanh_grad(x: f32) -> f32 {
+    let u = SQRT_2_OVER_PI * (x + 0.044715 * x * x * x);
+    let t = tanh(u);
+    let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
+    0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+}
+
+/// o = f(x) * m
+#[inline(always)]
+fn map(o: &mut [f32], x: &[f32], m: Option<&[f32]>, f: impl Fn(f32) -> f32) {
+    match m {
+        None => o.iter_mut().zip(x).for_each(|(o, &x)| *o = f(x)),
+        Some(m) => o
+            .iter_mut()
+            .zip(x)
+            .zip(m)
+            .for_each(|((o, &x), &m)| *o = f(x) * m),
+    }
+}
+
+/// di = f'(x) * g * m
+#[inline(always)]
+fn map_grad(di: &mut [f32], g: &[f32], x: &[f32], m: Option<&[f32]>, f: impl Fn(f32) -> f32) {
+    let gx = g.iter().zip(x);
+    match m {
+        None => di
+            .iter_mut()
+            .zip(gx)
+            .for_each(|(di, (&g, &x))| *di = f(x) * g),
+        Some(m) => di
+            .iter_mut()
+            .zip(gx)
+            .zip(m)
+            .for_each(|((di, (&g, &x)), &m)| *di = f(x) * g * m),
     }
 }
 
@@ -71,17 +103,14 @@ fn act_grad(a: Activation, x: f32) -> f32 {
 pub(crate) fn forward(out: &mut [f32], inp: &[f32], a: Activation, d: Option<Dropout>) {
     out.par_chunks_mut(CHUNK).enumerate().for_each(|(t, out)| {
         let base = t * CHUNK;
-        simd(|| dropout::blocks(d, base, out.len(), |r, mul| {
+        dropout::blocks(d, base, out.len(), |r, mul| {
             let (o, x) = (&mut out[r.clone()], &inp[base + r.start..base + r.end]);
-            match mul {
-                None => o.iter_mut().zip(x).for_each(|(o, &x)| *o = act(a, x)),
-                Some(m) => o
-                    .iter_mut()
-                    .zip(x)
-                    .zip(m)
-                    .for_each(|((o, &x), &m)| *o = act(a, x) * m),
+            match a {
+                Activation::Relu => simd(|| map(o, x, mul, relu)),
+                Activation::Gelu => map(o, x, mul, gelu),
+                Activation::GeluTanh => simd(|| map(o, x, mul, gelu_tanh)),
             }
-        }));
+        });
     });
 }
 
@@ -95,21 +124,15 @@ pub(crate) fn backward(
 ) {
     dinp.par_chunks_mut(CHUNK).enumerate().for_each(|(t, di)| {
         let base = t * CHUNK;
-        simd(|| dropout::blocks(d, base, di.len(), |r, mul| {
+        dropout::blocks(d, base, di.len(), |r, mul| {
             let span = base + r.start..base + r.end;
             let (di, g, x) = (&mut di[r], &dout[span.clone()], &inp[span]);
-            match mul {
-                None => di
-                    .iter_mut()
-                    .zip(g.iter().zip(x))
-                    .for_each(|(di, (&g, &x))| *di = act_grad(a, x) * g),
-                Some(m) => di
-                    .iter_mut()
-                    .zip(g.iter().zip(x))
-                    .zip(m)
-                    .for_each(|((di, (&g, &x)), &m)| *di = act_grad(a, x) * g * m),
+            match a {
+                Activation::Relu => simd(|| map_grad(di, g, x, mul, relu_grad)),
+                Activation::Gelu => map_grad(di, g, x, mul, gelu_grad),
+                Activation::GeluTanh => simd(|| map_grad(di, g, x, mul, gelu_tanh_grad)),
             }
-        }));
+        });
     });
 }
 
@@ -122,7 +145,10 @@ mod tests {
         for i in -20_000..=20_000 {
             let x = i as f32 * 4e-3;
             let (e, want) = (exp(x) as f64, (x as f64).exp());
-            assert!((e - want).abs() <= 3e-7 * want, "exp({x}) = {e}, expected {want}");
+            assert!(
+                (e - want).abs() <= 3e-7 * want,
+                "exp({x}) = {e}, expected {want}"
+            );
             let t = tanh(x) as f64;
             assert!((t - (x as f64).tanh()).abs() <= 3e-7, "tanh({x}) = {t}");
         }
