@@ -1,6 +1,6 @@
 //! ReLU and GELU (exact and tanh) with fused dropout.
 
-use super::{dropout, simd, CHUNK};
+use super::{dropout, CHUNK};
 use crate::{Activation, Dropout};
 use rayon::prelude::*;
 
@@ -22,7 +22,7 @@ fn exp(x: f32) -> f32 {
     let p = p * r + 8.333_452e-3;
     let p = p * r + 4.166_579_6e-2;
     let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 5.000_000_1e-1;
+    let p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
@@ -33,10 +33,12 @@ fn tanh(u: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * u) + 1.0)
 }
 
+#[inline(always)]
 fn relu(x: f32) -> f32 {
     x.max(0.0)
 }
 
+#[inline(always)]
 fn relu_grad(x: f32) -> f32 {
     if x > 0.0 {
         1.0
@@ -68,6 +70,41 @@ fn gelu_tanh_grad(x: f32) -> f32 {
     let du = SQRT_2_OVER_PI * (1.0 + 3.0 * 0.044715 * x * x);
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
 }
+
+/// Compiles `$inner` (an `#[inline(always)]` loop taking an `impl Fn(f32) -> f32` last) for
+/// AVX-512 and AVX2 and dispatches on the CPU at run time. Not a closure through
+/// [`super::simd`]: closures are not always inlined, and the activation must be, to vectorise.
+macro_rules! simd_variants {
+    ($name:ident => $inner:ident($($arg:ident: $ty:ty),*)) => {
+        fn $name(f: impl Fn(f32) -> f32 + Copy, $($arg: $ty),*) {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512(f: impl Fn(f32) -> f32 + Copy, $($arg: $ty),*) {
+                    $inner($($arg),*, f)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2(f: impl Fn(f32) -> f32 + Copy, $($arg: $ty),*) {
+                    $inner($($arg),*, f)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports the features the function is compiled for.
+                    return unsafe { avx512(f, $($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: as above.
+                    return unsafe { avx2(f, $($arg),*) };
+                }
+            }
+            $inner($($arg),*, f)
+        }
+    };
+}
+
+simd_variants!(map_simd => map(o: &mut [f32], x: &[f32], m: Option<&[f32]>));
+simd_variants!(map_grad_simd => map_grad(di: &mut [f32], g: &[f32], x: &[f32], m: Option<&[f32]>));
 
 /// o = f(x) * m
 #[inline(always)]
@@ -106,9 +143,9 @@ pub(crate) fn forward(out: &mut [f32], inp: &[f32], a: Activation, d: Option<Dro
         dropout::blocks(d, base, out.len(), |r, mul| {
             let (o, x) = (&mut out[r.clone()], &inp[base + r.start..base + r.end]);
             match a {
-                Activation::Relu => simd(|| map(o, x, mul, relu)),
+                Activation::Relu => map_simd(relu, o, x, mul),
                 Activation::Gelu => map(o, x, mul, gelu),
-                Activation::GeluTanh => simd(|| map(o, x, mul, gelu_tanh)),
+                Activation::GeluTanh => map_simd(gelu_tanh, o, x, mul),
             }
         });
     });
@@ -128,9 +165,9 @@ pub(crate) fn backward(
             let span = base + r.start..base + r.end;
             let (di, g, x) = (&mut di[r], &dout[span.clone()], &inp[span]);
             match a {
-                Activation::Relu => simd(|| map_grad(di, g, x, mul, relu_grad)),
+                Activation::Relu => map_grad_simd(relu_grad, di, g, x, mul),
                 Activation::Gelu => map_grad(di, g, x, mul, gelu_grad),
-                Activation::GeluTanh => simd(|| map_grad(di, g, x, mul, gelu_tanh_grad)),
+                Activation::GeluTanh => map_grad_simd(gelu_tanh_grad, di, g, x, mul),
             }
         });
     });
