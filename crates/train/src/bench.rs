@@ -25,6 +25,39 @@ pub struct BenchRow {
     pub device: String,
 }
 
+/// Median and minimum ms of `steps` timed calls of `step` after `warmup` untimed ones.
+struct Timing {
+    median: f64,
+    min: f64,
+}
+
+fn time_steps(warmup: usize, steps: usize, mut step: impl FnMut() -> Result<()>) -> Result<Timing> {
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let t0 = Instant::now();
+        step()?;
+        if i >= warmup {
+            times.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    let mid = times.len() / 2;
+    let median = if times.len() % 2 == 1 {
+        times[mid]
+    } else {
+        (times[mid - 1] + times[mid]) / 2.0
+    };
+    Ok(Timing {
+        median,
+        min: times[0],
+    })
+}
+
+/// Two decimals, like the PyTorch scripts' rows.
+fn round(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
 /// FLOPs of one training step (forward + backward: 3 x the forward's matmuls).
 pub fn step_flops(c: &EncoderConfig, s: BatchShape) -> f64 {
     let rows = (s.batch * s.seq) as f64;
@@ -68,9 +101,7 @@ pub fn seed<B: Backend>(
         model
             .backend()
             .upload(flint_backend::Buffer::tensor(&target), &rand(n, 2))?;
-        let mut times = Vec::with_capacity(steps);
-        for i in 0..warmup + steps {
-            let t0 = Instant::now();
+        let Timing { median, min } = time_steps(warmup, steps, || {
             step += 1;
             model.zero_grad()?;
             let out = model.forward(Masks::default(), Mode::Train { seed: 0, step })?;
@@ -82,25 +113,14 @@ pub fn seed<B: Backend>(
             )?;
             model.backward(false)?;
             opt.step(model.backend(), model.params(), model.grads())?;
-            model.backend().synchronize()?;
-            if i >= warmup {
-                times.push(t0.elapsed().as_secs_f64() * 1e3);
-            }
-        }
-        times.sort_by(f64::total_cmp);
-        let median = if times.len() % 2 == 1 {
-            times[times.len() / 2]
-        } else {
-            (times[times.len() / 2 - 1] + times[times.len() / 2]) / 2.0
-        };
-        // Two decimals, like the PyTorch script's rows.
-        let round = |x: f64| (x * 100.0).round() / 100.0;
+            model.backend().synchronize()
+        })?;
         let row = BenchRow {
             config: name.into(),
             seq,
             batch,
             median_ms: round(median),
-            min_ms: round(times[0]),
+            min_ms: round(min),
             tokens_per_s: round((seq * batch) as f64 / median * 1e3),
             gflops: round(step_flops(&model.config, shape) / median / 1e6),
             threads: rayon::current_num_threads(),
@@ -203,34 +223,23 @@ pub fn gpt<B: Backend>(
         &random_ids(batch * seq, vocab, 1),
         &random_ids(batch * seq, vocab, 2),
     )?;
-    let mut times = Vec::with_capacity(steps);
-    for i in 0..warmup + steps {
-        let t0 = Instant::now();
+    let mut i = 0u64;
+    let Timing { median, min } = time_steps(warmup, steps, || {
+        i += 1;
         model.zero_grad()?;
-        model.forward(Some((0, i as u64 + 1)))?;
+        model.forward(Some((0, i)))?;
         model.loss(1.0)?;
         model.backward()?;
         clip_grad_norm(model.backend(), model.grads(), 1.0)?;
         opt.step(model.backend(), model.params(), model.grads())?;
-        model.backend().synchronize()?;
-        if i >= warmup {
-            times.push(t0.elapsed().as_secs_f64() * 1e3);
-        }
-    }
-    times.sort_by(f64::total_cmp);
-    let mid = times.len() / 2;
-    let median = if times.len() % 2 == 1 {
-        times[mid]
-    } else {
-        (times[mid - 1] + times[mid]) / 2.0
-    };
-    let round = |x: f64| (x * 100.0).round() / 100.0;
+        model.backend().synchronize()
+    })?;
     let row = GptBenchRow {
         preset: preset.into(),
         batch,
         seq,
         median_ms: round(median),
-        min_ms: round(times[0]),
+        min_ms: round(min),
         tokens_per_s: round((seq * batch) as f64 / median * 1e3),
         gflops: round(gpt_step_flops(&model.config, shape) / median / 1e6),
         threads: rayon::current_num_threads(),
