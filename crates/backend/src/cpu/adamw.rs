@@ -1,5 +1,6 @@
 //! `torch.optim.AdamW` over a flat buffer, and the sum of squares for global-norm clipping.
 
+use super::matmul::{transpose_block, TILE};
 use super::{deterministic_sum, simd, SendPtr, CHUNK};
 use crate::AdamW;
 use rayon::prelude::*;
@@ -32,7 +33,7 @@ pub(crate) fn step(
     let (chunk, mirror) = match mirror {
         Some((out, rows, cols)) => {
             assert_eq!(param.len(), rows * cols);
-            (16 * cols, Some((SendPtr(out.as_mut_ptr()), rows, cols)))
+            (TILE * cols, Some((SendPtr(out.as_mut_ptr()), rows, cols)))
         }
         None => (CHUNK, None),
     };
@@ -45,14 +46,19 @@ pub(crate) fn step(
             let g = &grad[i * chunk..i * chunk + p.len()];
             simd(|| update(p, g, m, v, &c));
             if let Some((out, rows, cols)) = mirror {
-                let r0 = i * 16;
-                for col in 0..cols {
-                    let dst = out.at(col * rows + r0);
-                    for (r, line) in p.chunks_exact(cols).enumerate() {
-                        // SAFETY: this slab owns rows r0.. of the matrix, i.e. columns r0..
-                        // of every mirror row; col * rows + r0 + r < rows * cols.
-                        unsafe { *dst.add(r) = line[col] };
-                    }
+                let (r0, height) = (i * TILE, p.len() / cols);
+                for c0 in (0..cols).step_by(TILE) {
+                    let width = TILE.min(cols - c0);
+                    let src = |r: usize| &p[r * cols + c0..r * cols + c0 + width];
+                    transpose_block(height, width, src, |j, column| {
+                        // SAFETY: this slab owns rows r0..r0 + height of the matrix, i.e.
+                        // those columns of every mirror row; (c0 + j) * rows + r0 + height
+                        // <= rows * cols.
+                        unsafe {
+                            let dst = out.at((c0 + j) * rows + r0);
+                            std::ptr::copy_nonoverlapping(column.as_ptr(), dst, height)
+                        }
+                    });
                 }
             }
         });

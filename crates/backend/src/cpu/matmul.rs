@@ -87,10 +87,39 @@ pub(crate) fn forward(
     );
 }
 
-/// out[cols, rows] = inp[rows, cols]^T, through a TILE x TILE block on the stack so that
-/// both the reads and the writes are whole cache lines.
+/// Side of the square blocks transposes go through.
+pub(crate) const TILE: usize = 16;
+
+/// Transposes a `height x width` block (both at most [`TILE`]) through a tile on the stack:
+/// row `i` of the block is `src(i)` (`width` values); `dst(j, column)` receives the block's
+/// column `j` (`height` values). Reads and writes are then whole cache lines.
+#[inline(always)]
+pub(crate) fn transpose_block<'a>(
+    height: usize,
+    width: usize,
+    src: impl Fn(usize) -> &'a [f32],
+    mut dst: impl FnMut(usize, &[f32]),
+) {
+    let mut tile = [[0.0f32; TILE]; TILE];
+    for (i, line) in tile.iter_mut().enumerate().take(height) {
+        match <&[f32; TILE]>::try_from(src(i)) {
+            // A fixed-size copy compiles to vector moves; a memcpy call per 64 bytes would cost
+            // more than the copy.
+            Ok(full) => *line = *full,
+            Err(_) => line[..width].copy_from_slice(src(i)),
+        }
+    }
+    let mut column = [0.0f32; TILE];
+    for j in 0..width {
+        for (c, line) in column.iter_mut().zip(&tile) {
+            *c = line[j];
+        }
+        dst(j, &column[..height]);
+    }
+}
+
+/// out[cols, rows] = inp[rows, cols]^T
 pub(crate) fn transpose(out: &mut [f32], inp: &[f32], rows: usize, cols: usize) {
-    const TILE: usize = 16;
     // Each task owns TILE output rows (TILE input columns).
     out[..rows * cols]
         .par_chunks_mut(TILE * rows)
@@ -98,24 +127,12 @@ pub(crate) fn transpose(out: &mut [f32], inp: &[f32], rows: usize, cols: usize) 
         .for_each(|(t, out)| {
             let c0 = t * TILE;
             let width = out.len() / rows;
-            let mut tile = [[0.0f32; TILE]; TILE];
             for r0 in (0..rows).step_by(TILE) {
                 let height = TILE.min(rows - r0);
-                for (i, line) in tile.iter_mut().enumerate().take(height) {
-                    let src = (r0 + i) * cols + c0;
-                    match <&[f32; TILE]>::try_from(&inp[src..src + width]) {
-                        // A fixed-size copy compiles to vector moves; a memcpy call per 64
-                        // bytes would cost more than the copy.
-                        Ok(full) => *line = *full,
-                        Err(_) => line[..width].copy_from_slice(&inp[src..src + width]),
-                    }
-                }
-                for j in 0..width {
-                    let dst = &mut out[j * rows + r0..j * rows + r0 + height];
-                    for (i, d) in dst.iter_mut().enumerate() {
-                        *d = tile[i][j];
-                    }
-                }
+                let src = |i: usize| &inp[(r0 + i) * cols + c0..(r0 + i) * cols + c0 + width];
+                transpose_block(height, width, src, |j, column| {
+                    out[j * rows + r0..j * rows + r0 + height].copy_from_slice(column)
+                });
             }
         });
 }
