@@ -89,8 +89,8 @@ fn gpt(
         println!("{}", serde_json::to_string(&row).expect("a row serialises"));
     } else {
         println!(
-            "train gpt {} seq={} batch={}: median {:.1} ms  min {:.1} ms  {:.1} tokens/s  {:.1} GFLOP/s  ({} threads, {})",
-            row.preset, row.seq, row.batch, row.median_ms, row.min_ms, row.tokens_per_s, row.gflops, row.threads, row.device
+            "train gpt {} seq={} batch={}: {}",
+            row.preset, row.seq, row.batch, row.speed
         );
     }
     Ok(())
@@ -115,8 +115,8 @@ fn seed(warmup: usize, steps: usize, configs: &str, json: bool, verbose: bool) -
             println!("{}", serde_json::to_string(row).expect("a row serialises"));
         } else {
             println!(
-                "train {} seq={} batch={}: median {:.1} ms  min {:.1} ms  {:.1} tokens/s  {:.1} GFLOP/s  ({} threads, {})",
-                row.config, row.seq, row.batch, row.median_ms, row.min_ms, row.tokens_per_s, row.gflops, row.threads, row.device
+                "train {} seq={} batch={}: {}",
+                row.config, row.seq, row.batch, row.speed
             );
         }
     })

@@ -17,12 +17,42 @@ pub struct BenchRow {
     pub config: String,
     pub seq: usize,
     pub batch: usize,
+    #[serde(flatten)]
+    pub speed: Throughput,
+}
+
+/// The measured part of a benchmark row, shared by every benchmark (and its JSON keys).
+#[derive(Debug, Serialize)]
+pub struct Throughput {
     pub median_ms: f64,
     pub min_ms: f64,
     pub tokens_per_s: f64,
     pub gflops: f64,
     pub threads: usize,
     pub device: String,
+}
+
+impl Throughput {
+    fn new(t: Timing, tokens: usize, flops: f64, device: String) -> Self {
+        Throughput {
+            median_ms: round(t.median),
+            min_ms: round(t.min),
+            tokens_per_s: round(tokens as f64 / t.median * 1e3),
+            gflops: round(flops / t.median / 1e6),
+            threads: rayon::current_num_threads(),
+            device,
+        }
+    }
+}
+
+impl std::fmt::Display for Throughput {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(
+            f,
+            "median {:.1} ms  min {:.1} ms  {:.1} tokens/s  {:.1} GFLOP/s  ({} threads, {})",
+            self.median_ms, self.min_ms, self.tokens_per_s, self.gflops, self.threads, self.device
+        )
+    }
 }
 
 /// Median and minimum ms of `steps` timed calls of `step` after `warmup` untimed ones.
@@ -101,7 +131,7 @@ pub fn seed<B: Backend>(
         model
             .backend()
             .upload(flint_backend::Buffer::tensor(&target), &rand(n, 2))?;
-        let Timing { median, min } = time_steps(warmup, steps, || {
+        let timing = time_steps(warmup, steps, || {
             step += 1;
             model.zero_grad()?;
             let out = model.forward(Masks::default(), Mode::Train { seed: 0, step })?;
@@ -119,12 +149,12 @@ pub fn seed<B: Backend>(
             config: name.into(),
             seq,
             batch,
-            median_ms: round(median),
-            min_ms: round(min),
-            tokens_per_s: round((seq * batch) as f64 / median * 1e3),
-            gflops: round(step_flops(&model.config, shape) / median / 1e6),
-            threads: rayon::current_num_threads(),
-            device: model.backend().device(),
+            speed: Throughput::new(
+                timing,
+                seq * batch,
+                step_flops(&model.config, shape),
+                model.backend().device(),
+            ),
         };
         report(&row, &plan);
     }
@@ -149,12 +179,8 @@ pub struct GptBenchRow {
     pub preset: String,
     pub batch: usize,
     pub seq: usize,
-    pub median_ms: f64,
-    pub min_ms: f64,
-    pub tokens_per_s: f64,
-    pub gflops: f64,
-    pub threads: usize,
-    pub device: String,
+    #[serde(flatten)]
+    pub speed: Throughput,
 }
 
 /// FLOPs of one GPT training step, the nanoGPT / PaLM (appendix B) estimate:
@@ -224,7 +250,7 @@ pub fn gpt<B: Backend>(
         &random_ids(batch * seq, vocab, 2),
     )?;
     let mut i = 0u64;
-    let Timing { median, min } = time_steps(warmup, steps, || {
+    let timing = time_steps(warmup, steps, || {
         i += 1;
         model.zero_grad()?;
         model.forward(Some((0, i)))?;
@@ -238,12 +264,12 @@ pub fn gpt<B: Backend>(
         preset: preset.into(),
         batch,
         seq,
-        median_ms: round(median),
-        min_ms: round(min),
-        tokens_per_s: round((seq * batch) as f64 / median * 1e3),
-        gflops: round(gpt_step_flops(&model.config, shape) / median / 1e6),
-        threads: rayon::current_num_threads(),
-        device: model.backend().device(),
+        speed: Throughput::new(
+            timing,
+            seq * batch,
+            gpt_step_flops(&model.config, shape),
+            model.backend().device(),
+        ),
     };
     Ok((row, plan))
 }
@@ -268,8 +294,9 @@ mod tests {
     fn gpt_bench_times_a_small_batch() {
         let (row, plan) = gpt(Cpu, "tiny", 2, 8, 1, 2).unwrap();
         assert_eq!((row.preset.as_str(), row.batch, row.seq), ("tiny", 2, 8));
-        assert!(row.median_ms > 0.0 && row.min_ms <= row.median_ms);
-        assert!(row.tokens_per_s > 0.0 && row.gflops > 0.0);
+        let t = &row.speed;
+        assert!(t.median_ms > 0.0 && t.min_ms <= t.median_ms);
+        assert!(t.tokens_per_s > 0.0 && t.gflops > 0.0);
         assert!(!plan.is_empty());
         let json = serde_json::to_string(&row).unwrap();
         assert!(json.starts_with(r#"{"preset":"tiny","batch":2,"seq":8,"median_ms":"#));
