@@ -11,6 +11,7 @@
 //! accumulate only where the call says so.
 
 pub mod cpu;
+pub mod cuda;
 pub mod philox;
 mod tensor;
 

@@ -1,9 +1,9 @@
 //! `flint bench`: training-step throughput, comparable row for row with the PyTorch scripts.
 
 use anyhow::{bail, Result};
-use flint_backend::cpu::Cpu;
 use flint_model::gpt::GptConfig;
 use flint_train::bench::{self, GPT_PRESETS, SEED_CONFIGS};
+use flint_train::device::Device;
 
 #[derive(clap::Subcommand)]
 pub enum Bench {
@@ -42,14 +42,14 @@ pub enum Bench {
     },
 }
 
-pub fn run(b: Bench, verbose: bool) -> Result<()> {
+pub fn run(b: Bench, device: &Device, verbose: bool) -> Result<()> {
     match b {
         Bench::Seed {
             warmup,
             steps,
             configs,
             json,
-        } => seed(warmup, steps, &configs, json, verbose),
+        } => seed(device, warmup, steps, &configs, json, verbose),
         Bench::Gpt {
             preset,
             batch_size,
@@ -57,11 +57,15 @@ pub fn run(b: Bench, verbose: bool) -> Result<()> {
             warmup,
             steps,
             json,
-        } => gpt(&preset, batch_size, seq_len, warmup, steps, json, verbose),
+        } => gpt(
+            device, &preset, batch_size, seq_len, warmup, steps, json, verbose,
+        ),
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn gpt(
+    device: &Device,
     preset: &str,
     batch_size: Option<usize>,
     seq_len: Option<usize>,
@@ -81,7 +85,9 @@ fn gpt(
     if batch == 0 || seq == 0 {
         bail!("--batch-size and --seq-len must be at least 1");
     }
-    let (row, plan) = bench::gpt(Cpu, preset, batch, seq, warmup, steps)?;
+    let (row, plan) = flint_train::on_backend!(device, |backend| bench::gpt(
+        backend, preset, batch, seq, warmup, steps
+    ))?;
     if verbose {
         println!("{plan}");
     }
@@ -96,7 +102,14 @@ fn gpt(
     Ok(())
 }
 
-fn seed(warmup: usize, steps: usize, configs: &str, json: bool, verbose: bool) -> Result<()> {
+fn seed(
+    device: &Device,
+    warmup: usize,
+    steps: usize,
+    configs: &str,
+    json: bool,
+    verbose: bool,
+) -> Result<()> {
     if steps == 0 {
         bail!("--steps must be at least 1");
     }
@@ -107,17 +120,23 @@ fn seed(warmup: usize, steps: usize, configs: &str, json: bool, verbose: bool) -
             None => bail!("--configs: unknown config `{name}`; choose from A, B"),
         }
     }
-    bench::seed(Cpu, &chosen, warmup, steps, |row, plan| {
-        if verbose {
-            println!("{plan}");
+    flint_train::on_backend!(device, |backend| bench::seed(
+        backend,
+        &chosen,
+        warmup,
+        steps,
+        |row, plan| {
+            if verbose {
+                println!("{plan}");
+            }
+            if json {
+                println!("{}", serde_json::to_string(row).expect("a row serialises"));
+            } else {
+                println!(
+                    "train {} seq={} batch={}: {}",
+                    row.config, row.seq, row.batch, row.speed
+                );
+            }
         }
-        if json {
-            println!("{}", serde_json::to_string(row).expect("a row serialises"));
-        } else {
-            println!(
-                "train {} seq={} batch={}: {}",
-                row.config, row.seq, row.batch, row.speed
-            );
-        }
-    })
+    ))
 }

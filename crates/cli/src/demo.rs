@@ -1,17 +1,22 @@
 //! `flint demo`: the seed program.
 
 use anyhow::Result;
-use flint_backend::{cpu::Cpu, philox, Backend};
+use flint_backend::{philox, Backend};
 use flint_model::layout::shape_str;
 use flint_model::{params, BatchShape, Encoder, EncoderConfig, Masks, Mode};
+use flint_train::device::Device;
 
-pub fn run(verbose: bool) -> Result<()> {
+pub fn run(device: &Device, verbose: bool) -> Result<()> {
+    println!("Using device: {}", device.describe());
+    flint_train::on_backend!(device, |backend| seed(backend, verbose))
+}
+
+fn seed<B: Backend>(backend: B, verbose: bool) -> Result<()> {
     let (seq, batch) = (10, 32);
     let config = EncoderConfig::seed();
     let init = params::init_params(&params::param_layout(&config), 0);
     let d_model = config.d_model;
-    let mut model = Encoder::new(Cpu, config, &init)?;
-    println!("Using device: {}", model.backend().device());
+    let mut model = Encoder::new(backend, config, &init)?;
     model.plan(BatchShape { batch, seq })?;
     if verbose {
         println!("{}", model.describe_plan()?);

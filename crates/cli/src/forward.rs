@@ -1,8 +1,8 @@
 //! `flint forward`: an encoder trained in PyTorch, run without Python.
 
 use anyhow::Result;
-use flint_backend::{cpu::Cpu, Backend};
 use flint_model::layout::shape_str;
+use flint_train::device::Device;
 use flint_train::forward::{self, ForwardRequest};
 use std::path::PathBuf;
 
@@ -25,7 +25,7 @@ pub struct Args {
     causal: bool,
 }
 
-pub fn run(a: Args, verbose: bool) -> Result<()> {
+pub fn run(a: Args, device: &Device, verbose: bool) -> Result<()> {
     let req = ForwardRequest {
         config: a.config,
         weights: a.weights,
@@ -33,8 +33,8 @@ pub fn run(a: Args, verbose: bool) -> Result<()> {
         output: a.output,
         causal: a.causal,
     };
-    println!("Using device: {}", Cpu.device());
-    let report = forward::run(Cpu, &req)?;
+    println!("Using device: {}", device.describe());
+    let report = flint_train::on_backend!(device, |backend| forward::run(backend, &req))?;
     if verbose {
         println!("{}", report.plan);
     }

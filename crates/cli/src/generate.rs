@@ -1,7 +1,7 @@
 //! `flint generate`: sample text from a run or a Hugging Face GPT-2 folder.
 
 use anyhow::Result;
-use flint_backend::cpu::Cpu;
+use flint_train::device::Device;
 use flint_train::generate::{generate_text, Sampling};
 use std::path::PathBuf;
 
@@ -26,14 +26,17 @@ pub struct Args {
     tokenizer: Option<String>,
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(a: Args, device: &Device) -> Result<()> {
     let s = Sampling {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
         top_k: a.top_k,
         seed: a.seed,
     };
-    let text = generate_text(Cpu, &a.path, &a.prompt, a.tokenizer.as_deref(), s)?;
+    let (path, tok) = (&a.path, a.tokenizer.as_deref());
+    let text = flint_train::on_backend!(device, |backend| generate_text(
+        backend, path, &a.prompt, tok, s
+    ))?;
     println!("{}{text}", a.prompt);
     Ok(())
 }

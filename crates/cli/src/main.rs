@@ -2,12 +2,14 @@
 
 mod bench;
 mod demo;
+mod doctor;
 mod forward;
 mod generate;
 mod tokenizer;
 mod train;
 
 use clap::{Parser, Subcommand};
+use flint_train::device::{self, Device, DeviceRequest};
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -20,6 +22,10 @@ struct Cli {
     /// Worker threads (default: all cores). Results do not depend on it.
     #[arg(long, global = true, value_name = "N")]
     threads: Option<usize>,
+    /// auto | cpu | cuda | cuda:N. `auto` takes the first GPU when `flint doctor`'s checks
+    /// pass, else the CPU (and says why).
+    #[arg(long, global = true, value_name = "DEVICE")]
+    device: Option<String>,
     /// Print more, e.g. the activation memory plan.
     #[arg(long, short, global = true)]
     verbose: bool,
@@ -40,6 +46,8 @@ enum Command {
     /// Tokenizer tools.
     #[command(subcommand)]
     Tokenizer(tokenizer::Tokenizer),
+    /// Check this machine for training: CPU, NVIDIA driver, GPUs, CUDA libraries, with fixes.
+    Doctor(doctor::Args),
     /// Time training steps side by side with PyTorch's counterpart scripts.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -66,13 +74,19 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    let device = cli.device.as_deref();
     let result = match cli.command {
-        Command::Demo => demo::run(cli.verbose),
-        Command::Forward(args) => forward::run(args, cli.verbose),
-        Command::Bench(b) => bench::run(b, cli.verbose),
-        Command::Train(args) => train::run(*args, cli.threads, cli.verbose),
-        Command::Generate(args) => generate::run(args),
+        Command::Demo => select(device).and_then(|d| demo::run(&d, cli.verbose)),
+        Command::Forward(args) => select(device).and_then(|d| forward::run(args, &d, cli.verbose)),
+        Command::Bench(b) => select(device).and_then(|d| bench::run(b, &d, cli.verbose)),
+        Command::Train(args) => train::run(*args, cli.device, cli.threads, cli.verbose),
+        Command::Generate(args) => select(device).and_then(|d| generate::run(args, &d)),
         Command::Tokenizer(t) => tokenizer::run(t),
+        Command::Doctor(args) => match doctor::run(args, device) {
+            Ok(true) => return ExitCode::SUCCESS,
+            Ok(false) => return ExitCode::from(1),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -81,4 +95,14 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Resolves `--device` (default `auto`); a fallback to the CPU is explained on stderr, so that
+/// stdout keeps the exact `Using device: ...` line.
+fn select(arg: Option<&str>) -> anyhow::Result<Device> {
+    let selection = device::select(DeviceRequest::parse(arg.unwrap_or("auto"))?)?;
+    if let Some(why) = &selection.fallback_reason {
+        eprintln!("note: running on the CPU: {why}");
+    }
+    Ok(selection.device)
 }

@@ -72,9 +72,6 @@ pub struct Args {
     keep_checkpoints: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
-    /// auto | cpu
-    #[arg(long)]
-    device: Option<String>,
     /// The run folder.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -171,7 +168,7 @@ impl Observer for Printer {
     }
 }
 
-pub fn run(a: Args, threads: Option<usize>, verbose: bool) -> Result<()> {
+pub fn run(a: Args, device: Option<String>, threads: Option<usize>, verbose: bool) -> Result<()> {
     let flags = TrainOptions {
         preset: a.preset,
         init_from: a.init_from,
@@ -203,7 +200,7 @@ pub fn run(a: Args, threads: Option<usize>, verbose: bool) -> Result<()> {
         checkpoint_every: a.checkpoint_every,
         keep_checkpoints: a.keep_checkpoints,
         seed: a.seed,
-        device: a.device,
+        device,
         threads,
         out: a.out,
         n_layer: a.n_layer,

@@ -80,15 +80,31 @@ impl Outcome {
 }
 
 fn flint<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Outcome {
+    flint_env(args, &[])
+}
+
+/// [`flint`] with extra environment variables.
+fn flint_env<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>, env: &[(&str, &Path)]) -> Outcome {
     let out = Command::new(env!("CARGO_BIN_EXE_flint"))
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, *v)))
         .output()
         .expect("run the flint binary");
     Outcome {
         code: out.status.code(),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        stderr: without_device_note(&String::from_utf8_lossy(&out.stderr)),
     }
+}
+
+/// stderr without the one `note:` line in which `--device auto` says why it runs on the CPU
+/// (checked by its own test); what remains is what the command itself printed.
+fn without_device_note(stderr: &str) -> String {
+    stderr
+        .lines()
+        .filter(|l| !l.starts_with("note: running on the CPU: "))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// One tensor in memory: dtype, shape and little-endian bytes.
@@ -669,4 +685,166 @@ fn zero_threads_is_refused() {
     let out = flint(["--threads", "0", "demo"]);
     assert_eq!(out.code, Some(2));
     assert!(out.stderr.starts_with("error: ") && out.stderr.contains("--threads"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// `flint doctor` and `--device`.
+// ---------------------------------------------------------------------------------------------
+
+fn doctor_json(env: &[(&str, &Path)], extra: &[&str]) -> (Option<i32>, Value) {
+    let mut args = vec!["doctor", "--json"];
+    args.extend_from_slice(extra);
+    let out = flint_env(args, env);
+    let v: Value = serde_json::from_str(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "doctor --json is not JSON ({e}):\n{}\n{}",
+            out.stdout, out.stderr
+        )
+    });
+    (out.code, v)
+}
+
+#[test]
+fn doctor_json_has_the_documented_fields() {
+    let (code, v) = doctor_json(&[], &[]);
+    // `auto` can always fall back to the CPU, so some device can train.
+    assert_eq!(code, Some(0), "{v}");
+    assert!(
+        v["device"]
+            .as_str()
+            .is_some_and(|d| d == "cpu" || d.starts_with("cuda:")),
+        "{v}"
+    );
+    assert!(v["cpu"]["cores"].as_u64().unwrap() >= 1);
+    assert!(v["cpu"]["avx2"].is_boolean() && v["cpu"]["avx512_bf16"].is_boolean());
+    assert!(v["gpus"].is_array());
+    let libs: Vec<&str> = v["libraries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(libs, ["libcuda", "libnvrtc", "libcublasLt", "libnccl"]);
+    for p in v["problems"].as_array().unwrap() {
+        assert!(!p["what"].as_str().unwrap().is_empty() && !p["fix"].as_str().unwrap().is_empty());
+    }
+    // Without a usable GPU, the reason is given.
+    if v["device"] == "cpu" {
+        assert!(
+            v["device_reason"].as_str().is_some_and(|r| !r.is_empty()),
+            "{v}"
+        );
+    }
+}
+
+#[test]
+fn doctor_text_ends_with_the_device_line() {
+    let out = flint(["doctor"]);
+    out.assert_success();
+    assert!(out.stdout.contains("CUDA libraries"), "{}", out.stdout);
+    assert!(
+        out.stdout.lines().any(|l| l.starts_with("Using device: ")),
+        "{}",
+        out.stdout
+    );
+}
+
+/// A scratch folder holding `libcuda.so.1` with the given contents, first on LD_LIBRARY_PATH.
+fn fake_driver(contents: &[u8]) -> Scratch {
+    let dir = Scratch::new();
+    std::fs::write(dir.path("libcuda.so.1"), contents).unwrap();
+    dir
+}
+
+#[test]
+fn doctor_reports_a_corrupt_driver_library_instead_of_crashing() {
+    let dir = fake_driver(&[0x55; 4096]);
+    let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", &dir.0)], &[]);
+    assert_eq!(code, Some(0), "auto still has the CPU: {v}");
+    assert_eq!(v["device"], "cpu");
+    let lib = &v["libraries"][0];
+    assert_eq!(lib["path"], dir.path("libcuda.so.1").display().to_string());
+    assert!(
+        lib["error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid ELF header"),
+        "{lib}"
+    );
+    let problem = &v["problems"][0];
+    assert!(
+        problem["what"].as_str().unwrap().contains("libcuda.so.1"),
+        "{problem}"
+    );
+    assert!(
+        problem["fix"].as_str().unwrap().contains("LD_LIBRARY_PATH"),
+        "{problem}"
+    );
+    // Asking for the GPU explicitly fails: exit status 1.
+    let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", &dir.0)], &["--device", "cuda"]);
+    assert_eq!(code, Some(1), "{v}");
+    assert!(v["device"].is_null(), "{v}");
+}
+
+#[test]
+fn doctor_reports_a_library_that_is_not_the_driver() {
+    // A real shared library under the driver's name: it loads, but lacks the CUDA entry points.
+    let libm = [
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/usr/lib64/libm.so.6",
+        "/lib64/libm.so.6",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("libm.so.6 on this machine");
+    let dir = fake_driver(&std::fs::read(libm).unwrap());
+    let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", &dir.0)], &[]);
+    assert_eq!(code, Some(0), "{v}");
+    let err = v["libraries"][0]["error"].as_str().unwrap();
+    assert!(err.contains("cuDriverGetVersion"), "{err}");
+}
+
+#[test]
+fn device_flag_errors_are_one_line_with_exit_2() {
+    for (device, expect) in [
+        ("gpu", "expected auto, cpu, cuda or cuda:N"),
+        ("cuda:7", "cuda:7"),
+    ] {
+        let out = flint(["--device", device, "demo"]);
+        assert_eq!(out.code, Some(2), "{}", out.stderr);
+        assert_eq!(out.stderr.lines().count(), 1, "{}", out.stderr);
+        assert!(
+            out.stderr.starts_with("error: ") && out.stderr.contains(expect),
+            "{}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn device_auto_says_in_one_line_why_it_runs_on_the_cpu() {
+    let out = Command::new(env!("CARGO_BIN_EXE_flint"))
+        .arg("demo")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stdout.starts_with("Using device: cpu\n") {
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.starts_with("note: running on the CPU: "), "{stderr}");
+    } else {
+        assert!(stdout.starts_with("Using device: cuda:0 ("), "{stdout}");
+    }
+}
+
+#[test]
+fn device_cpu_runs_the_demo_without_a_note() {
+    let out = flint(["--device", "cpu", "demo"]);
+    out.assert_success();
+    assert!(
+        out.stdout.starts_with("Using device: cpu\n"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
 }

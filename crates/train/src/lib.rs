@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod data;
+pub mod device;
 pub mod forward;
 pub mod generate;
 pub mod hf;

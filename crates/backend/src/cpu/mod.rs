@@ -7,10 +7,13 @@ mod adamw;
 mod attention;
 mod dropout;
 mod embedding;
+mod info;
 mod layernorm;
 mod loss;
 mod matmul;
 mod residual;
+
+pub use info::{cpu_info, CpuInfo};
 
 use crate::{
     Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Tensor, Weight,

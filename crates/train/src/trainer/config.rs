@@ -214,12 +214,7 @@ impl TrainConfig {
         if self.grad_clip < 0.0 || self.weight_decay < 0.0 || self.eps <= 0.0 {
             bail!("--grad-clip and --weight-decay must be >= 0 and --eps > 0");
         }
-        if !matches!(self.device.as_str(), "auto" | "cpu") {
-            bail!(
-                "--device {}: this build trains on the CPU only (the CUDA backend is not there yet); use --device cpu or auto",
-                self.device
-            );
-        }
+        crate::device::DeviceRequest::parse(&self.device)?;
         Ok(())
     }
 

@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 
 use crate::data::{self, DataOrder, Loader, LoaderState, Source, Tokenizer, Tokens};
+use crate::device::{self, DeviceRequest};
 use crate::generate::{generate, Sampling};
 use crate::hf;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
@@ -14,7 +15,7 @@ use crate::run::tensorboard::{wall_time_now, EventWriter};
 use crate::schedule::lr_at;
 use anyhow::{anyhow, bail, Context, Result};
 use config::{TrainConfig, TrainOptions};
-use flint_backend::{cpu::Cpu, Backend};
+use flint_backend::Backend;
 use flint_model::gpt::{self, Gpt, GptConfig};
 use flint_model::BatchShape;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,7 @@ pub trait Observer {
 
 pub struct Started {
     pub run: PathBuf,
+    /// `cpu`, `cpu (no GPU: <why>)` or `cuda:0 (NVIDIA H200, sm_90, 139 GiB)`.
     pub device: String,
     pub parameters: usize,
     pub model: GptConfig,
@@ -126,6 +128,25 @@ pub fn train(
         }
         None => options.resolve()?,
     };
+    let selection = device::select(DeviceRequest::parse(&cfg.device)?)?;
+    let described = match &selection.fallback_reason {
+        Some(why) => format!("{} (no GPU: {why})", selection.device.describe()),
+        None => selection.device.describe(),
+    };
+    crate::on_backend!(&selection.device, |backend| train_on(
+        backend, &described, cfg, resume, stop, obs
+    ))
+}
+
+/// [`train`] on one backend.
+fn train_on<B: Backend>(
+    backend: B,
+    device: &str,
+    cfg: TrainConfig,
+    resume: Option<&Path>,
+    stop: &AtomicBool,
+    obs: &mut dyn Observer,
+) -> Result<Finished> {
     let run = cfg.out.clone();
     if resume.is_none() && !checkpoint::complete(&run)?.is_empty() {
         bail!("--out {}: this run already has checkpoints; continue it with --resume {0} or choose another --out", run.display());
@@ -203,7 +224,7 @@ pub fn train(
         None => None,
     };
     let params = resumed.as_ref().map_or(&init, |ck| &ck.params);
-    let mut model = Gpt::new(Cpu, model_cfg.clone(), params)?;
+    let mut model = Gpt::new(backend, model_cfg.clone(), params)?;
     model.plan(BatchShape { batch: b, seq: t })?;
     let adamw = AdamWConfig {
         lr: cfg.lr as f32,
@@ -212,12 +233,18 @@ pub fn train(
         eps: cfg.eps as f32,
         weight_decay: cfg.weight_decay as f32,
     };
-    let mut opt = AdamW::new(&Cpu, model.layout(), adamw, gpt::decays, &model.mirrors())?;
+    let mut opt = AdamW::new(
+        model.backend(),
+        model.layout(),
+        adamw,
+        gpt::decays,
+        &model.mirrors(),
+    )?;
     let first_step = match &resumed {
         Some(ck) => {
             let (m, v, _) = opt.state();
-            Cpu.upload(m, &ck.m)?;
-            Cpu.upload(v, &ck.v)?;
+            model.backend().upload(m, &ck.m)?;
+            model.backend().upload(v, &ck.v)?;
             opt.set_updates(ck.state.adam_updates);
             ck.state.step + 1
         }
@@ -232,7 +259,7 @@ pub fn train(
     }
     obs.started(&Started {
         run: run.clone(),
-        device: Cpu.device(),
+        device: device.to_string(),
         parameters: layout.total(),
         model: model_cfg.clone(),
         train_tokens: dataset.train.len(),
@@ -242,34 +269,33 @@ pub fn train(
         plan: model.describe_plan()?,
     });
 
-    let save =
-        |model: &Gpt<Cpu>, opt: &AdamW<Cpu>, loader: &Loader, step: u64| -> Result<PathBuf> {
-            let download = |t: flint_backend::Tensor| -> Result<Vec<f32>> {
-                let mut v = vec![0.0; t.len()];
-                Cpu.download(t, &mut v)?;
-                Ok(v)
-            };
-            let (m, v, updates) = opt.state();
-            let state = checkpoint::State {
-                step,
-                adam_updates: updates,
-                loader: serde_json::to_value(loader.state())?,
-                tokenizer: tokenizer.spec(),
-                tokenizer_fingerprint: tokenizer.fingerprint(),
-                model: serde_json::to_value(&model.config)?,
-                files: Default::default(),
-            };
-            let params = download(model.params())?;
-            checkpoint::save(
-                &run,
-                model.layout(),
-                &params,
-                &download(m)?,
-                &download(v)?,
-                state,
-                cfg.keep_checkpoints,
-            )
+    let save = |model: &Gpt<B>, opt: &AdamW<B>, loader: &Loader, step: u64| -> Result<PathBuf> {
+        let download = |t: flint_backend::Tensor| -> Result<Vec<f32>> {
+            let mut v = vec![0.0; t.len()];
+            model.backend().download(t, &mut v)?;
+            Ok(v)
         };
+        let (m, v, updates) = opt.state();
+        let state = checkpoint::State {
+            step,
+            adam_updates: updates,
+            loader: serde_json::to_value(loader.state())?,
+            tokenizer: tokenizer.spec(),
+            tokenizer_fingerprint: tokenizer.fingerprint(),
+            model: serde_json::to_value(&model.config)?,
+            files: Default::default(),
+        };
+        let params = download(model.params())?;
+        checkpoint::save(
+            &run,
+            model.layout(),
+            &params,
+            &download(m)?,
+            &download(v)?,
+            state,
+            cfg.keep_checkpoints,
+        )
+    };
 
     let accum = cfg.grad_accum_steps;
     let (mut x, mut y) = (vec![0i32; b * t], vec![0i32; b * t]);
@@ -302,11 +328,11 @@ pub fn train(
             model.backward()?;
         }
         let grad_norm = if cfg.grad_clip > 0.0 {
-            clip_grad_norm(&Cpu, model.grads(), cfg.grad_clip as f32)?
+            clip_grad_norm(model.backend(), model.grads(), cfg.grad_clip as f32)?
         } else {
-            Cpu.sum_squares(model.grads())?.sqrt() as f32
+            model.backend().sum_squares(model.grads())?.sqrt() as f32
         };
-        opt.step(&Cpu, model.params(), model.grads())?;
+        opt.step(model.backend(), model.params(), model.grads())?;
         last_step = step;
 
         let tokens_per_s = (b * t * accum) as f64 / t0.elapsed().as_secs_f64();
@@ -349,7 +375,7 @@ pub fn train(
     }
 
     let mut params = vec![0.0; layout.total()];
-    Cpu.download(model.params(), &mut params)?;
+    model.backend().download(model.params(), &mut params)?;
     hf::save_gpt2(&run.join("model"), &model_cfg, &params)?;
     let sample = if interrupted {
         None

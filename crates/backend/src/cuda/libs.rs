@@ -1,0 +1,254 @@
+//! Finding and loading the CUDA libraries at run time.
+//!
+//! flint is built without CUDA; on a GPU machine it uses whatever the user already has: the
+//! driver's `libcuda.so.1`, and NVRTC, cuBLASLt and NCCL from a CUDA toolkit, a conda
+//! environment or the `nvidia-*` wheels pip installed with PyTorch. cudarc opens libraries by
+//! their soname through the system loader, which knows none of the pip or conda folders, so we
+//! search those folders ourselves and open what we find by its full path first: the loader then
+//! hands cudarc the same, already loaded library when it asks for the soname.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// One CUDA library flint uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lib {
+    Driver,
+    Nvrtc,
+    CublasLt,
+    Nccl,
+}
+
+impl Lib {
+    pub const ALL: [Lib; 4] = [Lib::Driver, Lib::Nvrtc, Lib::CublasLt, Lib::Nccl];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Lib::Driver => "libcuda",
+            Lib::Nvrtc => "libnvrtc",
+            Lib::CublasLt => "libcublasLt",
+            Lib::Nccl => "libnccl",
+        }
+    }
+
+    /// File names to look for, newest CUDA first (flint supports CUDA 12.x and 13.x).
+    pub fn sonames(self) -> &'static [&'static str] {
+        match self {
+            Lib::Driver => &["libcuda.so.1"],
+            Lib::Nvrtc => &["libnvrtc.so.13", "libnvrtc.so.12"],
+            Lib::CublasLt => &["libcublasLt.so.13", "libcublasLt.so.12"],
+            Lib::Nccl => &["libnccl.so.2"],
+        }
+    }
+
+    /// Folders of a Python environment's `site-packages` where NVIDIA's wheels put it
+    /// (`nvidia-*-cu12` wheels use one folder per library, the CUDA 13 wheels share `cu13`).
+    fn wheel_dirs(self) -> &'static [&'static str] {
+        match self {
+            Lib::Driver => &[],
+            Lib::Nvrtc => &["nvidia/cu13/lib", "nvidia/cuda_nvrtc/lib"],
+            Lib::CublasLt => &["nvidia/cu13/lib", "nvidia/cublas/lib"],
+            Lib::Nccl => &["nvidia/nccl/lib"],
+        }
+    }
+
+    /// What a user runs to get it.
+    pub fn install_hint(self) -> &'static str {
+        match self {
+            Lib::Driver => "install the NVIDIA driver (e.g. `sudo apt install nvidia-driver-580`, or your distribution's package), then reboot",
+            Lib::Nvrtc => "`pip install nvidia-cuda-nvrtc-cu12` (or nvidia-cuda-nvrtc for CUDA 13), or add your CUDA toolkit's lib64 folder to LD_LIBRARY_PATH",
+            Lib::CublasLt => "`pip install nvidia-cublas-cu12` (or nvidia-cublas for CUDA 13), or add your CUDA toolkit's lib64 folder to LD_LIBRARY_PATH",
+            Lib::Nccl => "`pip install nvidia-nccl-cu12` (only needed for multi-GPU training)",
+        }
+    }
+}
+
+/// Where a library was found and whether it loaded.
+#[derive(Clone, Debug)]
+pub struct Found {
+    pub lib: Lib,
+    /// The file, or the bare soname when only the system loader knew where it is.
+    pub path: PathBuf,
+    /// `Err` holds the loader's message: a wrong architecture, a truncated file, a missing
+    /// dependency. Such a library is reported, never used.
+    pub loaded: Result<(), String>,
+}
+
+/// The search result for every library.
+pub fn libraries() -> Vec<(Lib, Option<&'static Found>)> {
+    Lib::ALL.iter().map(|&lib| (lib, found(lib))).collect()
+}
+
+/// Where `lib` was found (loaded or not), searched once per process and only when first asked
+/// for: a CPU run never maps the GPU libraries, and loading one library twice from different
+/// folders would mix versions.
+pub fn found(lib: Lib) -> Option<&'static Found> {
+    static DIRS: OnceLock<Vec<PathBuf>> = OnceLock::new();
+    static FOUND: [OnceLock<Option<Found>>; 4] = [const { OnceLock::new() }; 4];
+    let slot = Lib::ALL
+        .iter()
+        .position(|&l| l == lib)
+        .expect("every Lib is in ALL");
+    FOUND[slot]
+        .get_or_init(|| find(lib, DIRS.get_or_init(search_dirs)))
+        .as_ref()
+}
+
+/// The library when it was found and loaded.
+pub fn loaded(lib: Lib) -> Option<&'static Found> {
+    found(lib).filter(|f| f.loaded.is_ok())
+}
+
+fn find(lib: Lib, dirs: &[PathBuf]) -> Option<Found> {
+    // The first candidate file wins, in search order; a broken one is still the one reported,
+    // since it is what the user's setup points at.
+    for dir in dirs {
+        for soname in lib.sonames() {
+            let path = dir.join(soname);
+            if path.exists() {
+                return Some(Found {
+                    lib,
+                    loaded: open(&path),
+                    path,
+                });
+            }
+        }
+    }
+    // Then the loader's own paths (/etc/ld.so.cache, the default folders); the file it picked
+    // is read back from the process's memory map.
+    for soname in lib.sonames() {
+        if let Ok(()) = open(Path::new(soname)) {
+            return Some(Found {
+                lib,
+                path: mapped_path(lib).unwrap_or_else(|| PathBuf::from(soname)),
+                loaded: Ok(()),
+            });
+        }
+    }
+    None
+}
+
+/// The file a loaded library was mapped from, from `/proc/self/maps`.
+fn mapped_path(lib: Lib) -> Option<PathBuf> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let stem = format!("{}.so", lib.name());
+    maps.lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .find(|path| {
+            Path::new(path)
+                .file_name()
+                .is_some_and(|f| f.to_string_lossy().starts_with(&stem))
+        })
+        .map(PathBuf::from)
+}
+
+/// Opens a library for the life of the process (RTLD_GLOBAL, so that later opens by soname
+/// resolve to it).
+fn open(path: &Path) -> Result<(), String> {
+    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+    // SAFETY: loading a shared library runs its initialisers; NVIDIA's libraries are meant to be
+    // loaded this way, and a file that is not a valid library is refused by the loader.
+    match unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) } {
+        Ok(lib) => {
+            std::mem::forget(lib);
+            Ok(())
+        }
+        Err(e) => Err(loader_message(&e)),
+    }
+}
+
+/// libloading's own message is just "dlopen failed"; the loader's reason is its source.
+pub fn loader_message(e: &libloading::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(reason) => reason.to_string(),
+        None => e.to_string(),
+    }
+}
+
+/// Folders to search, in order: what the user set, then toolkits, conda, and every Python
+/// environment's NVIDIA wheels we can see.
+fn search_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(paths) = std::env::var_os("LD_LIBRARY_PATH") {
+        dirs.extend(std::env::split_paths(&paths).filter(|p| !p.as_os_str().is_empty()));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH", "CUDA_ROOT"] {
+        if let Some(root) = std::env::var_os(var) {
+            dirs.push(PathBuf::from(root).join("lib64"));
+        }
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from);
+    let mut env_roots: Vec<PathBuf> = Vec::new();
+    for var in ["CONDA_PREFIX", "VIRTUAL_ENV"] {
+        if let Some(root) = std::env::var_os(var) {
+            env_roots.push(root.into());
+        }
+    }
+    env_roots.extend(glob_dirs(Path::new("/usr/local"), "cuda"));
+    for base in ["/opt/conda", "/opt/miniconda3", "/opt/anaconda3"] {
+        env_roots.push(base.into());
+        env_roots.extend(glob_dirs(&Path::new(base).join("envs"), ""));
+    }
+    if let Some(home) = &home {
+        for base in [
+            "miniconda3",
+            "anaconda3",
+            "miniforge3",
+            "mambaforge",
+            ".venv",
+            "venv",
+        ] {
+            env_roots.push(home.join(base));
+            env_roots.extend(glob_dirs(&home.join(base).join("envs"), ""));
+        }
+        env_roots.extend(glob_dirs(&home.join(".pyenv/versions"), ""));
+        env_roots.push(home.join(".local"));
+    }
+    env_roots.push("/usr/local".into());
+    env_roots.push("/usr".into());
+    for root in &env_roots {
+        dirs.push(root.join("lib64"));
+        dirs.push(root.join("lib"));
+    }
+    // Python's package folders: lib/python3.X/{site,dist}-packages, plus Debian's python3.
+    let mut site_packages: Vec<PathBuf> = vec!["/usr/lib/python3/dist-packages".into()];
+    for root in &env_roots {
+        for py in glob_dirs(&root.join("lib"), "python3") {
+            site_packages.push(py.join("site-packages"));
+            site_packages.push(py.join("dist-packages"));
+        }
+    }
+    for sp in &site_packages {
+        for lib in Lib::ALL {
+            for wheel in lib.wheel_dirs() {
+                dirs.push(sp.join(wheel));
+            }
+        }
+    }
+    dirs.retain(|d| d.is_dir());
+    let mut seen = std::collections::HashSet::new();
+    dirs.retain(|d| seen.insert(d.clone()));
+    dirs
+}
+
+/// Sub-folders of `dir` whose names start with `prefix`: the exact name first (`/usr/local/cuda`
+/// is the toolkit the user selected), then newest version first (`cuda-13.0` before `cuda-12.4`).
+fn glob_dirs(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    out.sort_by_key(|p| {
+        let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+        (
+            name.as_deref() != Some(prefix),
+            std::cmp::Reverse(p.clone()),
+        )
+    });
+    out
+}

@@ -1,0 +1,184 @@
+//! `flint doctor`: what this machine can train on, what is wrong, and how to fix it.
+
+use anyhow::Result;
+use flint_backend::cpu::{cpu_info, CpuInfo};
+use flint_backend::cuda::probe::{probe, GpuProbe};
+use flint_train::device::{Device, DeviceRequest};
+use serde_json::{json, Value};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Print one JSON object instead of text (fields in README.md).
+    #[arg(long)]
+    json: bool,
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// Prints the report; returns whether the requested device (default `auto`: any) can train.
+pub fn run(a: Args, device: Option<&str>) -> Result<bool> {
+    let request = DeviceRequest::parse(device.unwrap_or("auto"))?;
+    let cpu = cpu_info();
+    let gpus = probe();
+    // The device `--device` would get, decided from the same probe the report shows.
+    let chosen: Result<Device, String> = match request {
+        DeviceRequest::Cpu => Ok(Device::Cpu),
+        DeviceRequest::Auto => Ok(gpus
+            .usable(0)
+            .map_or(Device::Cpu, |g| Device::Cuda(g.clone()))),
+        DeviceRequest::Cuda(n) => gpus.usable(n).map(|g| Device::Cuda(g.clone())),
+    };
+    let reason = match (&chosen, request) {
+        (Ok(Device::Cpu), DeviceRequest::Auto) => gpus.usable(0).err(),
+        (Ok(Device::Cpu), _) => Some("--device cpu".to_string()),
+        (Err(why), _) => Some(why.clone()),
+        _ => None,
+    };
+    if a.json {
+        println!("{}", report_json(&cpu, &gpus, &chosen, reason.as_deref()));
+    } else {
+        print_text(&cpu, &gpus, &chosen, reason.as_deref());
+    }
+    Ok(chosen.is_ok())
+}
+
+fn yes(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn print_text(cpu: &CpuInfo, p: &GpuProbe, chosen: &Result<Device, String>, reason: Option<&str>) {
+    println!("System");
+    println!("  OS:   {}", cpu.os);
+    println!(
+        "  CPU:  {} ({} cores; AVX2 {}, AVX-512 {}, AVX512-BF16 {})",
+        cpu.model,
+        cpu.cores,
+        yes(cpu.avx2),
+        yes(cpu.avx512),
+        yes(cpu.avx512_bf16)
+    );
+    println!("NVIDIA driver");
+    match (&p.driver_version, p.driver_cuda) {
+        (None, None) => println!("  not found"),
+        (v, cuda) => println!(
+            "  {} (supports CUDA {})",
+            v.as_deref().unwrap_or("version unknown"),
+            cuda.map_or("?".to_string(), |(a, b)| format!("{a}.{b}"))
+        ),
+    }
+    println!("GPUs");
+    if p.gpus.is_empty() {
+        println!("  none");
+    }
+    for g in &p.gpus {
+        println!(
+            "  cuda:{}  {}  {}  {:.1} GiB total, {} free, {} SMs, {} MHz  kernels: {}",
+            g.index,
+            g.name,
+            g.arch(),
+            g.memory_total as f64 / GIB,
+            g.memory_free
+                .map_or("?".to_string(), |f| format!("{:.1} GiB", f as f64 / GIB)),
+            g.sm_count,
+            g.clock_mhz,
+            match &g.kernels {
+                Ok(()) => "compiled".to_string(),
+                Err(e) => format!("FAILED ({})", e.lines().next().unwrap_or_default()),
+            }
+        );
+    }
+    println!("CUDA libraries");
+    for l in &p.libraries {
+        let status = match (&l.version, &l.error) {
+            (_, Some(e)) => e.clone(),
+            (Some(v), None) => v.clone(),
+            (None, None) => "found".into(),
+        };
+        println!(
+            "  {:<12} {:<24} {}",
+            l.name,
+            status,
+            l.path.as_deref().unwrap_or("")
+        );
+    }
+    if let Some(trial) = &p.nvrtc_trial {
+        match trial {
+            Ok(()) => println!("  kernels compile for sm_80 (trial, no GPU here)"),
+            Err(e) => println!("  kernels do NOT compile for sm_80: {e}"),
+        }
+    }
+    if !p.problems.is_empty() {
+        println!("Problems");
+        for x in &p.problems {
+            println!("  - {}", x.what);
+            println!("    fix: {}", x.fix);
+        }
+    }
+    match chosen {
+        Ok(d) => {
+            println!("Using device: {}", d.describe());
+            if let Some(why) = reason {
+                println!("  because: {why}");
+            }
+        }
+        Err(why) => println!("Cannot use the requested device: {why}"),
+    }
+}
+
+fn report_json(
+    cpu: &CpuInfo,
+    p: &GpuProbe,
+    chosen: &Result<Device, String>,
+    reason: Option<&str>,
+) -> Value {
+    json!({
+        "device": chosen.as_ref().ok().map(Device::describe),
+        "device_reason": reason,
+        "os": cpu.os,
+        "cpu": {
+            "model": cpu.model,
+            "cores": cpu.cores,
+            "avx2": cpu.avx2,
+            "avx512": cpu.avx512,
+            "avx512_bf16": cpu.avx512_bf16,
+        },
+        "driver": {
+            "version": p.driver_version,
+            "cuda": p.driver_cuda.map(|(a, b)| format!("{a}.{b}")),
+        },
+        "gpus": p.gpus.iter().map(|g| json!({
+            "index": g.index,
+            "name": g.name,
+            "compute_capability": format!("{}.{}", g.compute_capability.0, g.compute_capability.1),
+            "arch": g.arch(),
+            "memory_total_bytes": g.memory_total,
+            "memory_free_bytes": g.memory_free,
+            "sm_count": g.sm_count,
+            "clock_mhz": g.clock_mhz,
+            "bf16": g.supports_bf16(),
+            "kernels_compile": g.kernels.is_ok(),
+            "kernels_error": g.kernels.as_ref().err(),
+            "usable": g.unusable.is_none(),
+        })).collect::<Vec<_>>(),
+        "libraries": p.libraries.iter().map(|l| json!({
+            "name": l.name,
+            "found": l.path.is_some(),
+            "path": l.path,
+            "version": l.version,
+            "error": l.error,
+        })).collect::<Vec<_>>(),
+        "nvrtc_trial_sm80": p.nvrtc_trial.as_ref().map(|t| match t {
+            Ok(()) => json!(true),
+            Err(e) => json!(e),
+        }),
+        "problems": p.problems.iter().map(|x| json!({
+            "what": x.what,
+            "fix": x.fix,
+            "blocking": x.blocking,
+        })).collect::<Vec<_>>(),
+    })
+}

@@ -1,0 +1,114 @@
+//! `--device auto|cpu|cuda|cuda:N`: which backend a command runs on, and why.
+
+use anyhow::{bail, Result};
+use flint_backend::cuda::libs::{self, Lib};
+use flint_backend::cuda::probe::{self, Gpu};
+
+/// What the user asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceRequest {
+    /// The first GPU when every check passes, else the CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceRequest {
+    pub fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "auto" => DeviceRequest::Auto,
+            "cpu" => DeviceRequest::Cpu,
+            "cuda" => DeviceRequest::Cuda(0),
+            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                Some(Ok(n)) => DeviceRequest::Cuda(n),
+                _ => bail!("--device {s}: expected auto, cpu, cuda or cuda:N (N = 0, 1, ...)"),
+            },
+        })
+    }
+}
+
+/// The device a command runs on.
+#[derive(Clone, Debug)]
+pub enum Device {
+    Cpu,
+    Cuda(Gpu),
+}
+
+impl Device {
+    /// `cpu`, or `cuda:0 (NVIDIA H200, sm_90, 139 GiB)`, as printed after `Using device:`.
+    pub fn describe(&self) -> String {
+        match self {
+            Device::Cpu => "cpu".into(),
+            Device::Cuda(g) => format!(
+                "cuda:{} ({}, {}, {} GiB)",
+                g.index,
+                g.name,
+                g.arch(),
+                (g.memory_total as f64 / (1u64 << 30) as f64).round()
+            ),
+        }
+    }
+}
+
+/// The chosen device and, when `auto` fell back to the CPU, why.
+#[derive(Clone, Debug)]
+pub struct Selection {
+    pub device: Device,
+    pub fallback_reason: Option<String>,
+}
+
+/// Resolves a request: `cpu` touches no GPU library; `cuda:N` fails with the reason when that
+/// GPU cannot train; `auto` falls back to the CPU and says why.
+pub fn select(request: DeviceRequest) -> Result<Selection> {
+    let cpu = |why: String| Selection {
+        device: Device::Cpu,
+        fallback_reason: Some(why),
+    };
+    let index = match request {
+        DeviceRequest::Cpu => {
+            return Ok(Selection {
+                device: Device::Cpu,
+                fallback_reason: None,
+            })
+        }
+        DeviceRequest::Auto => 0,
+        DeviceRequest::Cuda(n) => n,
+    };
+    // Without the driver there is nothing to probe (and no reason to map the big libraries).
+    if libs::loaded(Lib::Driver).is_none() && request == DeviceRequest::Auto {
+        return Ok(cpu("no NVIDIA driver (libcuda.so.1 not found)".into()));
+    }
+    let probe = probe::probe();
+    match probe.usable(index) {
+        Ok(gpu) => Ok(Selection {
+            device: Device::Cuda(gpu.clone()),
+            fallback_reason: None,
+        }),
+        Err(why) if request == DeviceRequest::Auto => Ok(cpu(why)),
+        Err(why) => bail!("--device cuda:{index}: {why} (`flint doctor` says how to fix it)"),
+    }
+}
+
+/// The backends a [`Device`] maps to, for [`on_backend!`].
+pub mod backends {
+    pub use flint_backend::cpu::Cpu;
+    pub use flint_backend::cuda::Cuda;
+}
+
+/// Evaluates `$body` with `$b` bound to the backend of `$device` (a [`Device`]): commands are
+/// written once, generic over the backend, and this is the one place that picks it.
+#[macro_export]
+macro_rules! on_backend {
+    ($device:expr, |$b:ident| $body:expr) => {
+        match $device {
+            $crate::device::Device::Cpu => {
+                let $b = $crate::device::backends::Cpu;
+                $body
+            }
+            $crate::device::Device::Cuda(gpu) => {
+                let _ = gpu;
+                anyhow::bail!("the CUDA backend is not built yet")
+            }
+        }
+    };
+}
