@@ -184,6 +184,15 @@ fn search_dirs() -> Vec<PathBuf> {
             env_roots.push(root.into());
         }
     }
+    // Every environment whose `bin` is on PATH: the python3 a user runs is usually one of them
+    // (e.g. /opt/torch/.venv/bin), activated or not.
+    if let Some(paths) = std::env::var_os("PATH") {
+        env_roots.extend(
+            std::env::split_paths(&paths)
+                .filter(|p| p.ends_with("bin") && p.join("python3").exists())
+                .filter_map(|p| p.parent().map(Path::to_path_buf)),
+        );
+    }
     env_roots.extend(glob_dirs(Path::new("/usr/local"), "cuda"));
     for base in ["/opt/conda", "/opt/miniconda3", "/opt/anaconda3"] {
         env_roots.push(base.into());
