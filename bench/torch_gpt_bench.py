@@ -7,8 +7,11 @@ Training step = zero_grad(set_to_none=True) + forward + F.cross_entropy vs rando
 + clip_grad_norm_(1.0) + AdamW(lr 6e-4, betas (0.9, 0.95), weight decay 0.1 on >=2-D params, 0 on others).
 FLOPs per step (nanoGPT / PaLM estimate, as flint): 6 * N * tokens + 12 * n_layer * batch * seq^2 * n_embd,
 N = parameters except wpe (non-embedding parameters plus the tied head's vocab * n_embd).
+On a GPU, `--amp bf16` runs forward and loss under torch.autocast(dtype=torch.bfloat16) (PyTorch's
+usual mixed precision: bf16 matmuls and SDPA, fp32 weights and AdamW), the counterpart of flint's
+`--precision bf16`; `--amp fp16` adds torch.amp.GradScaler.
 Usage: python bench/torch_gpt_bench.py [--preset tiny|gpt2] [--batch-size B] [--seq-len T] [--threads 2]
-       [--warmup 3] [--steps 10] [--json]"""
+       [--warmup 3] [--steps 10] [--amp none|bf16|fp16] [--json]"""
 import argparse, json, math, statistics, time, torch, torch.nn as nn, torch.nn.functional as F
 
 PRESETS = {  # vocab_size, n_positions, n_embd, n_layer, n_head
@@ -23,6 +26,7 @@ ap.add_argument("--seq-len", type=int, default=None, help="default: the preset's
 ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--warmup", type=int, default=3)
 ap.add_argument("--steps", type=int, default=10)
+ap.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
 ap.add_argument("--json", action="store_true")
 args = ap.parse_args()
 vocab, n_pos, n_embd, n_layer, n_head = PRESETS[args.preset]
@@ -108,14 +112,20 @@ x = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
 y = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
 n = sum(p.numel() for p in params) - model.wpe.weight.numel()
 flops = 6 * n * batch * seq + 12 * n_layer * batch * seq * seq * n_embd
+amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+scaler = torch.amp.GradScaler(device, enabled=args.amp == "fp16")
 
 
 def step():
     opt.zero_grad(set_to_none=True)
-    logits = model(x)
-    F.cross_entropy(logits.view(-1, vocab), y.view(-1)).backward()
+    with torch.autocast(device, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = model(x)
+        loss = F.cross_entropy(logits.view(-1, vocab), y.view(-1))
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
+    scaler.step(opt)
+    scaler.update()
     if device == "cuda":
         torch.cuda.synchronize()
 
@@ -129,7 +139,7 @@ med = statistics.median(ts)
 row = {"impl": f"pytorch {torch.__version__}", "preset": args.preset, "batch": batch, "seq": seq,
        "median_ms": round(med, 2), "min_ms": round(min(ts), 2),
        "tokens_per_s": round(batch * seq / med * 1e3, 2), "gflops": round(flops / med / 1e6, 2),
-       "threads": args.threads, "device": device}
+       "threads": args.threads, "device": device, "amp": args.amp}
 print(json.dumps(row) if args.json else
       f"train gpt {args.preset} seq={seq} batch={batch}: median {med:.1f} ms  min {min(ts):.1f} ms  "
       f"{row['tokens_per_s']:.1f} tokens/s  {row['gflops']:.1f} GFLOP/s  ({args.threads} threads, {device})")

@@ -12,9 +12,12 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod parity;
 pub mod philox;
+mod precision;
 mod tensor;
 
+pub use precision::Precision;
 pub use tensor::{Buffer, DType, Tensor};
 
 use anyhow::Result;
@@ -118,6 +121,14 @@ pub trait Backend: Send + Sync {
     fn fill(&self, dst: Tensor, value: f32) -> Result<()>;
     /// Waits until every queued kernel has finished.
     fn synchronize(&self) -> Result<()>;
+
+    /// Sets the arithmetic of the matrix products from now on; an error when the device cannot
+    /// compute in it (the CPU computes in fp32 only).
+    fn set_precision(&self, precision: Precision) -> Result<()>;
+    fn precision(&self) -> Precision;
+    /// Peak dense FLOP/s of the device in the current precision, from its properties and clock
+    /// (for MFU); `None` where unknown.
+    fn peak_flops(&self) -> Option<f64>;
 
     /// `out[rows, n] = inp[rows, k] @ W + bias[n]`, where `weight` holds W^T (`nn.Linear`) or W
     /// (`Conv1D`).

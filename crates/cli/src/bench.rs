@@ -1,6 +1,7 @@
 //! `flint bench`: training-step throughput, comparable row for row with the PyTorch scripts.
 
 use anyhow::{bail, Result};
+use flint_backend::Precision;
 use flint_model::gpt::GptConfig;
 use flint_train::bench::{self, GPT_PRESETS, SEED_CONFIGS};
 use flint_train::device::Device;
@@ -16,6 +17,9 @@ pub enum Bench {
         /// Comma-separated subset of A,B.
         #[arg(long, default_value = "A,B")]
         configs: String,
+        /// fp32 (as the PyTorch counterpart) | tf32 | bf16 | fp16 | auto.
+        #[arg(long, default_value = "fp32")]
+        precision: String,
         /// One JSON object per config instead of text.
         #[arg(long)]
         json: bool,
@@ -36,6 +40,9 @@ pub enum Bench {
         warmup: usize,
         #[arg(long, default_value_t = 10)]
         steps: usize,
+        /// auto (bf16 on GPUs that have it, else fp32) | fp32 | tf32 | bf16 | fp16.
+        #[arg(long, default_value = "auto")]
+        precision: String,
         /// One JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -48,33 +55,55 @@ pub fn run(b: Bench, device: &Device, verbose: bool) -> Result<()> {
             warmup,
             steps,
             configs,
+            precision,
             json,
-        } => seed(device, warmup, steps, &configs, json, verbose),
+        } => {
+            let precision = flint_train::device::precision(&precision, device)?;
+            let run = Run {
+                device,
+                precision,
+                warmup,
+                steps,
+                json,
+                verbose,
+            };
+            seed(&run, &configs)
+        }
         Bench::Gpt {
             preset,
             batch_size,
             seq_len,
             warmup,
             steps,
+            precision,
             json,
-        } => gpt(
-            device, &preset, batch_size, seq_len, warmup, steps, json, verbose,
-        ),
+        } => {
+            let precision = flint_train::device::precision(&precision, device)?;
+            let run = Run {
+                device,
+                precision,
+                warmup,
+                steps,
+                json,
+                verbose,
+            };
+            gpt(&run, &preset, batch_size, seq_len)
+        }
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn gpt(
-    device: &Device,
-    preset: &str,
-    batch_size: Option<usize>,
-    seq_len: Option<usize>,
+/// What every benchmark run shares.
+struct Run<'a> {
+    device: &'a Device,
+    precision: Precision,
     warmup: usize,
     steps: usize,
     json: bool,
     verbose: bool,
-) -> Result<()> {
-    if steps == 0 {
+}
+
+fn gpt(r: &Run, preset: &str, batch_size: Option<usize>, seq_len: Option<usize>) -> Result<()> {
+    if r.steps == 0 {
         bail!("--steps must be at least 1");
     }
     let batch = batch_size.unwrap_or_else(|| bench::gpt_default_batch(preset));
@@ -85,13 +114,13 @@ fn gpt(
     if batch == 0 || seq == 0 {
         bail!("--batch-size and --seq-len must be at least 1");
     }
-    let (row, plan) = flint_train::on_backend!(device, |backend| bench::gpt(
-        backend, preset, batch, seq, warmup, steps
+    let (row, plan) = flint_train::on_backend!(r.device, r.precision, |backend| bench::gpt(
+        backend, preset, batch, seq, r.warmup, r.steps
     ))?;
-    if verbose {
+    if r.verbose {
         println!("{plan}");
     }
-    if json {
+    if r.json {
         println!("{}", serde_json::to_string(&row).expect("a row serialises"));
     } else {
         println!(
@@ -102,15 +131,8 @@ fn gpt(
     Ok(())
 }
 
-fn seed(
-    device: &Device,
-    warmup: usize,
-    steps: usize,
-    configs: &str,
-    json: bool,
-    verbose: bool,
-) -> Result<()> {
-    if steps == 0 {
+fn seed(r: &Run, configs: &str) -> Result<()> {
+    if r.steps == 0 {
         bail!("--steps must be at least 1");
     }
     let mut chosen = Vec::new();
@@ -120,16 +142,16 @@ fn seed(
             None => bail!("--configs: unknown config `{name}`; choose from A, B"),
         }
     }
-    flint_train::on_backend!(device, |backend| bench::seed(
+    flint_train::on_backend!(r.device, r.precision, |backend| bench::seed(
         backend,
         &chosen,
-        warmup,
-        steps,
+        r.warmup,
+        r.steps,
         |row, plan| {
-            if verbose {
+            if r.verbose {
                 println!("{plan}");
             }
-            if json {
+            if r.json {
                 println!("{}", serde_json::to_string(row).expect("a row serialises"));
             } else {
                 println!(

@@ -1,14 +1,14 @@
 //! `flint demo`: the seed program.
 
 use anyhow::Result;
-use flint_backend::{philox, Backend};
+use flint_backend::{philox, Backend, Precision};
 use flint_model::layout::shape_str;
 use flint_model::{params, BatchShape, Encoder, EncoderConfig, Masks, Mode};
 use flint_train::device::Device;
 
 pub fn run(device: &Device, verbose: bool) -> Result<()> {
     println!("Using device: {}", device.describe());
-    flint_train::on_backend!(device, |backend| seed(backend, verbose))
+    flint_train::on_backend!(device, Precision::Fp32, |backend| seed(backend, verbose))
 }
 
 fn seed<B: Backend>(backend: B, verbose: bool) -> Result<()> {

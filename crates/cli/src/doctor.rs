@@ -1,8 +1,9 @@
 //! `flint doctor`: what this machine can train on, what is wrong, and how to fix it.
 
 use anyhow::Result;
-use flint_backend::cpu::{cpu_info, CpuInfo};
+use flint_backend::cpu::{cpu_info, Cpu, CpuInfo};
 use flint_backend::cuda::probe::{probe, GpuProbe};
+use flint_backend::cuda::Cuda;
 use flint_train::device::{Device, DeviceRequest};
 use serde_json::{json, Value};
 
@@ -11,6 +12,10 @@ pub struct Args {
     /// Print one JSON object instead of text (fields in README.md).
     #[arg(long)]
     json: bool,
+    /// Also run every CUDA kernel against its CPU twin on fresh random inputs (fp32, and the
+    /// matrix products in tf32, bf16 and fp16) and print the table; fails without a GPU.
+    #[arg(long)]
+    parity: bool,
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
@@ -39,7 +44,35 @@ pub fn run(a: Args, device: Option<&str>) -> Result<bool> {
     } else {
         print_text(&cpu, &gpus, &chosen, reason.as_deref());
     }
+    if a.parity {
+        return parity(&chosen);
+    }
     Ok(chosen.is_ok())
+}
+
+/// `--parity` on the chosen GPU; true when every output is within its threshold.
+fn parity(chosen: &Result<Device, String>) -> Result<bool> {
+    let gpu = match chosen {
+        Ok(Device::Cuda(g)) => g,
+        _ => {
+            println!("parity: not run, no usable GPU");
+            return Ok(false);
+        }
+    };
+    let cuda = Cuda::new(gpu.index)?;
+    // Fresh inputs every run: the kernels must compute the same function on any valid input.
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let rows = flint_backend::parity::run(&Cpu, &cuda, seed)?;
+    print!("{}", flint_backend::parity::table(&rows));
+    let failed = rows.iter().filter(|r| !r.passed).count();
+    println!(
+        "parity (seed {seed}): {} of {} outputs within threshold, {failed} failed",
+        rows.len() - failed,
+        rows.len()
+    );
+    Ok(failed == 0)
 }
 
 fn yes(b: bool) -> &'static str {

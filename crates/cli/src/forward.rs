@@ -1,6 +1,7 @@
 //! `flint forward`: an encoder trained in PyTorch, run without Python.
 
 use anyhow::Result;
+use flint_backend::Precision;
 use flint_model::layout::shape_str;
 use flint_train::device::Device;
 use flint_train::forward::{self, ForwardRequest};
@@ -34,7 +35,9 @@ pub fn run(a: Args, device: &Device, verbose: bool) -> Result<()> {
         causal: a.causal,
     };
     println!("Using device: {}", device.describe());
-    let report = flint_train::on_backend!(device, |backend| forward::run(backend, &req))?;
+    let report = flint_train::on_backend!(device, Precision::Fp32, |backend| forward::run(
+        backend, &req
+    ))?;
     if verbose {
         println!("{}", report.plan);
     }

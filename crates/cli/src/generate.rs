@@ -1,6 +1,7 @@
 //! `flint generate`: sample text from a run or a Hugging Face GPT-2 folder.
 
 use anyhow::Result;
+use flint_backend::Precision;
 use flint_train::device::Device;
 use flint_train::generate::{generate_text, Sampling};
 use std::path::PathBuf;
@@ -34,7 +35,7 @@ pub fn run(a: Args, device: &Device) -> Result<()> {
         seed: a.seed,
     };
     let (path, tok) = (&a.path, a.tokenizer.as_deref());
-    let text = flint_train::on_backend!(device, |backend| generate_text(
+    let text = flint_train::on_backend!(device, Precision::Fp32, |backend| generate_text(
         backend, path, &a.prompt, tok, s
     ))?;
     println!("{}{text}", a.prompt);

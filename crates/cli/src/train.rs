@@ -72,6 +72,9 @@ pub struct Args {
     keep_checkpoints: Option<usize>,
     #[arg(long)]
     seed: Option<u64>,
+    /// auto (bf16 on GPUs that have it, else fp32) | fp32 | tf32 | bf16 | fp16 (with loss scaling).
+    #[arg(long)]
+    precision: Option<String>,
     /// The run folder.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -201,6 +204,7 @@ pub fn run(a: Args, device: Option<String>, threads: Option<usize>, verbose: boo
         keep_checkpoints: a.keep_checkpoints,
         seed: a.seed,
         device,
+        precision: a.precision,
         threads,
         out: a.out,
         n_layer: a.n_layer,

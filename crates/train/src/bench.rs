@@ -30,17 +30,27 @@ pub struct Throughput {
     pub gflops: f64,
     pub threads: usize,
     pub device: String,
+    pub precision: &'static str,
+    /// Model FLOPs utilisation: achieved FLOP/s over the device's peak in this precision (SM
+    /// count x clock x the architecture's FLOPs per clock), where the backend knows its peak.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mfu: Option<f64>,
 }
 
 impl Throughput {
-    fn new(t: Timing, tokens: usize, flops: f64, device: String) -> Self {
+    fn new<B: Backend>(t: Timing, tokens: usize, flops: f64, backend: &B) -> Self {
+        let achieved = flops / t.median * 1e3;
         Throughput {
             median_ms: round(t.median),
             min_ms: round(t.min),
             tokens_per_s: round(tokens as f64 / t.median * 1e3),
-            gflops: round(flops / t.median / 1e6),
+            gflops: round(achieved / 1e9),
             threads: rayon::current_num_threads(),
-            device,
+            device: backend.device(),
+            precision: backend.precision().name(),
+            mfu: backend
+                .peak_flops()
+                .map(|peak| (achieved / peak * 1e4).round() / 1e4),
         }
     }
 }
@@ -49,9 +59,19 @@ impl std::fmt::Display for Throughput {
     fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         write!(
             f,
-            "median {:.1} ms  min {:.1} ms  {:.1} tokens/s  {:.1} GFLOP/s  ({} threads, {})",
-            self.median_ms, self.min_ms, self.tokens_per_s, self.gflops, self.threads, self.device
-        )
+            "median {:.1} ms  min {:.1} ms  {:.1} tokens/s  {:.1} GFLOP/s  ({} threads, {}, {})",
+            self.median_ms,
+            self.min_ms,
+            self.tokens_per_s,
+            self.gflops,
+            self.threads,
+            self.device,
+            self.precision
+        )?;
+        match self.mfu {
+            Some(m) => write!(f, "  MFU {:.1}%", m * 100.0),
+            None => Ok(()),
+        }
     }
 }
 
@@ -153,7 +173,7 @@ pub fn seed<B: Backend>(
                 timing,
                 seq * batch,
                 step_flops(&model.config, shape),
-                model.backend().device(),
+                model.backend(),
             ),
         };
         report(&row, &plan);
@@ -268,7 +288,7 @@ pub fn gpt<B: Backend>(
             timing,
             seq * batch,
             gpt_step_flops(&model.config, shape),
-            model.backend().device(),
+            model.backend(),
         ),
     };
     Ok((row, plan))

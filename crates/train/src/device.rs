@@ -3,6 +3,7 @@
 use anyhow::{bail, Result};
 use flint_backend::cuda::libs::{self, Lib};
 use flint_backend::cuda::probe::{self, Gpu};
+use flint_backend::Precision;
 
 /// What the user asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,25 +90,55 @@ pub fn select(request: DeviceRequest) -> Result<Selection> {
     }
 }
 
+/// `--precision` on `device`: `auto` is bf16 on a GPU that has it (sm_80+), else fp32; the CPU
+/// computes in fp32 only; bf16 and tf32 need sm_80+.
+pub fn precision(request: &str, device: &Device) -> Result<Precision> {
+    let bf16 = matches!(device, Device::Cuda(g) if g.supports_bf16());
+    if request == "auto" {
+        return Ok(if bf16 {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
+        });
+    }
+    let p = Precision::parse(request)?;
+    match device {
+        Device::Cpu if p != Precision::Fp32 => bail!(
+            "--precision {request}: the CPU backend computes in fp32; use --precision fp32 (or auto), or --device cuda"
+        ),
+        Device::Cuda(g) if !bf16 && matches!(p, Precision::Bf16 | Precision::Tf32) => bail!(
+            "--precision {request} needs a GPU with compute capability 8.0 or newer; cuda:{} ({}) is {}: use --precision fp16 or fp32",
+            g.index,
+            g.name,
+            g.arch()
+        ),
+        _ => Ok(p),
+    }
+}
+
 /// The backends a [`Device`] maps to, for [`on_backend!`].
 pub mod backends {
     pub use flint_backend::cpu::Cpu;
     pub use flint_backend::cuda::Cuda;
+    pub use flint_backend::Backend;
 }
 
-/// Evaluates `$body` with `$b` bound to the backend of `$device` (a [`Device`]): commands are
-/// written once, generic over the backend, and this is the one place that picks it.
+/// Evaluates `$body` with `$b` bound to the backend of `$device` (a [`Device`]) computing in
+/// `$precision`: commands are written once, generic over the backend, and this is the one
+/// place that picks it.
 #[macro_export]
 macro_rules! on_backend {
-    ($device:expr, |$b:ident| $body:expr) => {
+    ($device:expr, $precision:expr, |$b:ident| $body:expr) => {
         match $device {
             $crate::device::Device::Cpu => {
                 let $b = $crate::device::backends::Cpu;
+                $crate::device::backends::Backend::set_precision(&$b, $precision)?;
                 $body
             }
             $crate::device::Device::Cuda(gpu) => {
-                let _ = gpu;
-                anyhow::bail!("the CUDA backend is not built yet")
+                let $b = $crate::device::backends::Cuda::new(gpu.index)?;
+                $crate::device::backends::Backend::set_precision(&$b, $precision)?;
+                $body
             }
         }
     };

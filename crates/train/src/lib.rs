@@ -1,6 +1,7 @@
 //! flint's training layer: tensors in and out, the optimizer, and the commands' bodies
 //! (`forward`, `bench`), all on top of `flint-model`.
 
+pub mod amp;
 pub mod bench;
 pub mod data;
 pub mod device;

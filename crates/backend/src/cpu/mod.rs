@@ -16,7 +16,8 @@ mod residual;
 pub use info::{cpu_info, CpuInfo};
 
 use crate::{
-    Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Tensor, Weight,
+    Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Precision, Tensor,
+    Weight,
 };
 use anyhow::{bail, Result};
 
@@ -113,6 +114,24 @@ impl Backend for Cpu {
 
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn set_precision(&self, precision: Precision) -> Result<()> {
+        if precision != Precision::Fp32 {
+            bail!(
+                "--precision {}: the CPU backend computes in fp32; use --precision fp32",
+                precision.name()
+            );
+        }
+        Ok(())
+    }
+
+    fn precision(&self) -> Precision {
+        Precision::Fp32
+    }
+
+    fn peak_flops(&self) -> Option<f64> {
+        None
     }
 
     fn matmul_forward(

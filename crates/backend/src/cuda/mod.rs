@@ -1,7 +1,9 @@
 //! The CUDA backend and everything that finds, checks and compiles for a GPU at run time.
 
 mod backend;
+mod blas;
 pub mod compile;
+mod launch;
 pub mod libs;
 pub mod probe;
 

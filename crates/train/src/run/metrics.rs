@@ -7,7 +7,9 @@
 //! {"step":100,"val_loss":2.25}
 //! ```
 //!
-//! `step` counts from 1. A non-finite value (a diverged loss) is written as `null`.
+//! `step` counts from 1. A non-finite value (a diverged loss) is written as `null`. Runs with
+//! `--precision fp16` add `"loss_scale"` (the GradScaler's scale the step used) and
+//! `"skipped"` (true when the step's gradients overflowed and the update was skipped).
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -24,6 +26,15 @@ struct TrainLine {
     grad_norm: f32,
     tokens_per_s: f64,
     elapsed_s: f64,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    amp: Option<LossScaling>,
+}
+
+/// What dynamic loss scaling did in a step (fp16 runs only).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct LossScaling {
+    pub loss_scale: f32,
+    pub skipped: bool,
 }
 
 /// An eval line.
@@ -38,6 +49,8 @@ struct EvalLine {
 pub struct MetricsWriter {
     file: File,
     path: PathBuf,
+    /// Added to the next training lines when set.
+    pub loss_scaling: Option<LossScaling>,
 }
 
 impl MetricsWriter {
@@ -64,6 +77,7 @@ impl MetricsWriter {
         Ok(Self {
             file,
             path: path.to_path_buf(),
+            loss_scaling: None,
         })
     }
 
@@ -90,6 +104,7 @@ impl MetricsWriter {
             grad_norm,
             tokens_per_s,
             elapsed_s,
+            amp: self.loss_scaling,
         })
     }
 

@@ -24,6 +24,9 @@ pub struct State {
     pub tokenizer_fingerprint: String,
     /// The model config, as JSON.
     pub model: serde_json::Value,
+    /// The fp16 loss scaler's state, for an exact resume (absent in other precisions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_scaler: Option<crate::amp::GradScaler>,
     /// File name -> (size in bytes, FNV-1a 64 checksum), checked before loading.
     pub files: BTreeMap<String, (u64, String)>,
 }

@@ -37,6 +37,7 @@ pub struct TrainOptions {
     pub keep_checkpoints: Option<usize>,
     pub seed: Option<u64>,
     pub device: Option<String>,
+    pub precision: Option<String>,
     pub threads: Option<usize>,
     pub out: Option<PathBuf>,
     pub n_layer: Option<usize>,
@@ -74,6 +75,8 @@ pub struct TrainConfig {
     pub keep_checkpoints: usize,
     pub seed: u64,
     pub device: String,
+    /// `auto` (bf16 on GPUs that have it, else fp32), fp32, tf32, bf16 or fp16.
+    pub precision: String,
     pub threads: Option<usize>,
     pub out: PathBuf,
     pub n_layer: Option<usize>,
@@ -120,6 +123,7 @@ impl TrainOptions {
             keep_checkpoints,
             seed,
             device,
+            precision,
             threads,
             out,
             n_layer,
@@ -157,6 +161,7 @@ impl TrainOptions {
             keep_checkpoints: self.keep_checkpoints.unwrap_or(3),
             seed: self.seed.unwrap_or(1337),
             device: self.device.unwrap_or_else(|| "auto".into()),
+            precision: self.precision.unwrap_or_else(|| "auto".into()),
             threads: self.threads,
             out: self.out.unwrap_or_else(default_out),
             n_layer: self.n_layer,
@@ -215,6 +220,9 @@ impl TrainConfig {
             bail!("--grad-clip and --weight-decay must be >= 0 and --eps > 0");
         }
         crate::device::DeviceRequest::parse(&self.device)?;
+        if self.precision != "auto" {
+            flint_backend::Precision::parse(&self.precision)?;
+        }
         Ok(())
     }
 

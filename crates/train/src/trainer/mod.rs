@@ -5,17 +5,18 @@
 pub mod checkpoint;
 pub mod config;
 
+use crate::amp::GradScaler;
 use crate::data::{self, DataOrder, Loader, LoaderState, Source, Tokenizer, Tokens};
 use crate::device::{self, DeviceRequest};
 use crate::generate::{generate, Sampling};
 use crate::hf;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
-use crate::run::metrics::MetricsWriter;
+use crate::run::metrics::{LossScaling, MetricsWriter};
 use crate::run::tensorboard::{wall_time_now, EventWriter};
 use crate::schedule::lr_at;
 use anyhow::{anyhow, bail, Context, Result};
 use config::{TrainConfig, TrainOptions};
-use flint_backend::Backend;
+use flint_backend::{Backend, Precision};
 use flint_model::gpt::{self, Gpt, GptConfig};
 use flint_model::BatchShape;
 use std::path::{Path, PathBuf};
@@ -129,11 +130,12 @@ pub fn train(
         None => options.resolve()?,
     };
     let selection = device::select(DeviceRequest::parse(&cfg.device)?)?;
+    let precision = device::precision(&cfg.precision, &selection.device)?;
     let described = match &selection.fallback_reason {
         Some(why) => format!("{} (no GPU: {why})", selection.device.describe()),
-        None => selection.device.describe(),
+        None => format!("{}, {}", selection.device.describe(), precision.name()),
     };
-    crate::on_backend!(&selection.device, |backend| train_on(
+    crate::on_backend!(&selection.device, precision, |backend| train_on(
         backend, &described, cfg, resume, stop, obs
     ))
 }
@@ -233,6 +235,8 @@ fn train_on<B: Backend>(
         eps: cfg.eps as f32,
         weight_decay: cfg.weight_decay as f32,
     };
+    // fp16 needs dynamic loss scaling; the other precisions have fp32's exponent range.
+    let mut scaler = (model.backend().precision() == Precision::Fp16).then(GradScaler::default);
     let mut opt = AdamW::new(
         model.backend(),
         model.layout(),
@@ -246,6 +250,7 @@ fn train_on<B: Backend>(
             model.backend().upload(m, &ck.m)?;
             model.backend().upload(v, &ck.v)?;
             opt.set_updates(ck.state.adam_updates);
+            scaler = ck.state.grad_scaler.or(scaler);
             ck.state.step + 1
         }
         None => 1,
@@ -269,7 +274,12 @@ fn train_on<B: Backend>(
         plan: model.describe_plan()?,
     });
 
-    let save = |model: &Gpt<B>, opt: &AdamW<B>, loader: &Loader, step: u64| -> Result<PathBuf> {
+    let save = |model: &Gpt<B>,
+                opt: &AdamW<B>,
+                loader: &Loader,
+                scaler: Option<GradScaler>,
+                step: u64|
+     -> Result<PathBuf> {
         let download = |t: flint_backend::Tensor| -> Result<Vec<f32>> {
             let mut v = vec![0.0; t.len()];
             model.backend().download(t, &mut v)?;
@@ -283,6 +293,7 @@ fn train_on<B: Backend>(
             tokenizer: tokenizer.spec(),
             tokenizer_fingerprint: tokenizer.fingerprint(),
             model: serde_json::to_value(&model.config)?,
+            grad_scaler: scaler,
             files: Default::default(),
         };
         let params = download(model.params())?;
@@ -315,6 +326,7 @@ fn train_on<B: Backend>(
         );
         opt.config.lr = lr as f32;
         model.zero_grad()?;
+        let loss_scale = scaler.map_or(1.0, |s| s.scale);
         let mut loss = 0.0f32;
         for micro in 0..accum {
             loader.next_batch(&dataset.train, &mut x, &mut y);
@@ -324,15 +336,36 @@ fn train_on<B: Backend>(
                 cfg.seed,
                 (step - 1) * accum as u64 + micro as u64 + 1,
             )))?;
-            loss += model.loss(1.0 / accum as f32)? / accum as f32;
+            loss += model.loss(loss_scale / accum as f32)? / accum as f32;
             model.backward()?;
         }
-        let grad_norm = if cfg.grad_clip > 0.0 {
+        // As GradScaler: unscale, then skip the update when any gradient overflowed.
+        let mut update = true;
+        if let Some(s) = &mut scaler {
+            model.backend().scale(model.grads(), 1.0 / loss_scale)?;
+            let finite = model.backend().sum_squares(model.grads())?.is_finite();
+            update = s.update(finite);
+            metrics.loss_scaling = Some(LossScaling {
+                loss_scale,
+                skipped: !update,
+            });
+            if !update {
+                obs.warn(&format!(
+                    "step {step}: fp16 gradients overflowed; update skipped, loss scale {loss_scale} -> {}",
+                    s.scale
+                ));
+            }
+        }
+        let grad_norm = if !update {
+            f32::INFINITY
+        } else if cfg.grad_clip > 0.0 {
             clip_grad_norm(model.backend(), model.grads(), cfg.grad_clip as f32)?
         } else {
             model.backend().sum_squares(model.grads())?.sqrt() as f32
         };
-        opt.step(model.backend(), model.params(), model.grads())?;
+        if update {
+            opt.step(model.backend(), model.params(), model.grads())?;
+        }
         last_step = step;
 
         let tokens_per_s = (b * t * accum) as f64 / t0.elapsed().as_secs_f64();
@@ -366,7 +399,7 @@ fn train_on<B: Backend>(
         events.flush()?;
         interrupted = stop.load(Ordering::SeqCst);
         if step % cfg.checkpoint_every == 0 || last || interrupted {
-            let dir = save(&model, &opt, &loader, step)?;
+            let dir = save(&model, &opt, &loader, scaler, step)?;
             obs.checkpoint(&dir);
         }
         if interrupted {

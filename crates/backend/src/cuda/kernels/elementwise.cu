@@ -1,1 +1,107 @@
-// (kernels to come)
+// Elementwise kernels and the small pieces of the matmul (bias, transpose, bias gradient).
+// Twins of cpu/mod.rs (fill, scale), cpu/matmul.rs, cpu/activation.rs and cpu/residual.rs.
+
+// x[n] = value
+extern "C" __global__ void fill(float* x, u64 n, float value) {
+    FOR_EACH(i, n) x[i] = value;
+}
+
+// x[n] *= s
+extern "C" __global__ void scale(float* x, u64 n, float s) {
+    FOR_EACH(i, n) x[i] *= s;
+}
+
+// out[rows, n] = bias[n] on every row (the matmul then accumulates onto it, as the CPU does)
+extern "C" __global__ void bias_rows(float* out, const float* bias, u64 rows, u64 n) {
+    FOR_EACH(i, rows * n) out[i] = bias[i % n];
+}
+
+// out[cols, rows] = inp[rows, cols]^T
+extern "C" __global__ void transpose(float* out, const float* inp, u64 rows, u64 cols) {
+    FOR_EACH(o, rows * cols) {
+        const u64 c = o / rows, r = o % rows;
+        out[o] = inp[r * cols + c];
+    }
+}
+
+// dbias[n] += sum over rows of dout[rows, n]: one thread per column adds the rows in order,
+// exactly as the CPU does.
+extern "C" __global__ void column_sum(float* dbias, const float* dout, u64 rows, u64 n) {
+    FOR_EACH(j, n) {
+        float acc = 0.0f;
+        for (u64 r = 0; r < rows; ++r) acc += dout[r * n + j];
+        dbias[j] += acc;
+    }
+}
+
+// ---- Activations: `act` is 0 = ReLU, 1 = GELU (erf), 2 = GELU (tanh), as in backend.rs.
+
+#define SQRT_2_OVER_PI 0.7978846f
+#define FRAC_1_SQRT_2 0.70710678118654752f
+#define FRAC_2_SQRT_PI 1.12837916709551257f
+
+// tanh(u) = 1 - 2 / (e^{2u} + 1), the formula of the CPU kernel (which evaluates e^x with a
+// polynomial; expf is within a few ulp of it).
+__device__ __forceinline__ float tanh_as_cpu(float u) { return 1.0f - 2.0f / (expf(2.0f * u) + 1.0f); }
+
+__device__ float activate(int act, float x) {
+    switch (act) {
+        case 0: return fmaxf(x, 0.0f);
+        case 1: return 0.5f * x * (1.0f + erff(x * FRAC_1_SQRT_2));
+        default: {
+            const float u = SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
+            return 0.5f * x * (1.0f + tanh_as_cpu(u));
+        }
+    }
+}
+
+__device__ float activate_grad(int act, float x) {
+    switch (act) {
+        case 0: return x > 0.0f ? 1.0f : 0.0f;
+        case 1: {
+            const float cdf = 0.5f * (1.0f + erff(x * FRAC_1_SQRT_2));
+            const float pdf = expf(-0.5f * x * x) * (FRAC_1_SQRT_2 * FRAC_2_SQRT_PI * 0.5f);
+            return cdf + x * pdf;
+        }
+        default: {
+            const float u = SQRT_2_OVER_PI * (x + 0.044715f * x * x * x);
+            const float t = tanh_as_cpu(u);
+            const float du = SQRT_2_OVER_PI * (1.0f + 3.0f * 0.044715f * x * x);
+            return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
+        }
+    }
+}
+
+// out[n] = dropout(act(inp)); dropout element i is element i
+extern "C" __global__ void activation_forward(float* out, const float* inp, u64 n, int act,
+                                              DROPOUT_PARAMS) {
+    const Dropout d = DROPOUT_ARGS;
+    FOR_EACH(i, n) out[i] = activate(act, inp[i]) * dropout_mul(d, i);
+}
+
+// dinp[n] = act'(inp) * dout * mask
+extern "C" __global__ void activation_backward(float* dinp, const float* dout, const float* inp,
+                                               u64 n, int act, DROPOUT_PARAMS) {
+    const Dropout d = DROPOUT_ARGS;
+    FOR_EACH(i, n) dinp[i] = activate_grad(act, inp[i]) * dout[i] * dropout_mul(d, i);
+}
+
+// ---- Residual connection
+
+// out[n] = resid + dropout(inp)
+extern "C" __global__ void residual_forward(float* out, const float* resid, const float* inp,
+                                            u64 n, DROPOUT_PARAMS) {
+    const Dropout d = DROPOUT_ARGS;
+    FOR_EACH(i, n) out[i] = resid[i] + inp[i] * dropout_mul(d, i);
+}
+
+// dresid[n] += dout;  dinp[n] = dropout(dout)
+extern "C" __global__ void residual_backward(float* dresid, float* dinp, const float* dout, u64 n,
+                                             DROPOUT_PARAMS) {
+    const Dropout d = DROPOUT_ARGS;
+    FOR_EACH(i, n) {
+        const float g = dout[i];
+        dresid[i] += g;
+        dinp[i] = g * dropout_mul(d, i);
+    }
+}

@@ -1,0 +1,275 @@
+//! Matrix products on cuBLASLt: f32 operands with f32 accumulation; in `--precision fp32`
+//! (`CUBLAS_COMPUTE_32F`, not TF32) results agree with the CPU's to rounding, the other
+//! precisions round the operands on the tensor cores (see [`compute_type`]).
+//!
+//! flint's matrices are row-major and cuBLASLt's column-major. A row-major `X[r, c]` is the
+//! column-major `X^T[c, r]`, so `C = A @ B` is computed as `C^T = B^T @ A^T`: cuBLASLt's first
+//! operand is our `B`, its second our `A`, and each transposed operand is a transpose flag,
+//! never a copy.
+
+use super::backend::DeviceMemory;
+use crate::Precision;
+use anyhow::{bail, Context, Result};
+use cudarc::cublaslt::{result, result::CublasError, sys};
+use std::ffi::c_void;
+
+/// Workspace for cuBLASLt's split-K and other algorithms: 32 MiB is NVIDIA's recommendation
+/// for Hopper (4 MiB suffices before it).
+pub(super) const WORKSPACE_BYTES: usize = 32 << 20;
+
+/// A row-major operand of a product, by device address: stored as used, or (`transposed`) as
+/// its transpose.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Operand {
+    pub addr: u64,
+    pub transposed: bool,
+}
+
+pub(super) struct Blas {
+    handle: sys::cublasLtHandle_t,
+    workspace: DeviceMemory,
+}
+
+// SAFETY: a cuBLASLt handle holds no per-call state and may be used from any thread; all
+// products are queued on one stream, so calls never share the workspace at the same time.
+unsafe impl Send for Blas {}
+unsafe impl Sync for Blas {}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        // SAFETY: the handle was created in `new` and is destroyed once; an error here cannot be
+        // reported and only leaks the handle.
+        let _ = unsafe { result::destroy_handle(self.handle) };
+    }
+}
+
+/// A cuBLASLt descriptor, destroyed on drop.
+struct Owned<T: Copy> {
+    raw: T,
+    destroy: unsafe fn(T) -> Result<(), CublasError>,
+}
+
+impl<T: Copy> Drop for Owned<T> {
+    fn drop(&mut self) {
+        // SAFETY: `raw` was created by the matching create call and is destroyed once.
+        let _ = unsafe { (self.destroy)(self.raw) };
+    }
+}
+
+impl Blas {
+    /// Needs cuBLASLt loaded (the caller checks `libs::loaded`) and the context bound;
+    /// `workspace` must hold [`WORKSPACE_BYTES`].
+    pub(super) fn new(workspace: DeviceMemory) -> Result<Blas> {
+        let handle = result::create_handle().context("cublasLtCreate")?;
+        Ok(Blas { handle, workspace })
+    }
+
+    /// `dst[m, n] (+)= a[m, k] @ b[k, n]`, row-major; `+=` when `accumulate`. All dimensions
+    /// must be nonzero.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm(
+        &self,
+        stream: cudarc::driver::sys::CUstream,
+        precision: Precision,
+        dst: u64,
+        accumulate: bool,
+        a: Operand,
+        b: Operand,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let shape = || {
+            format!(
+                "cuBLASLt {} product [{m}, {k}] @ [{k}, {n}]",
+                precision.name()
+            )
+        };
+        let desc = Owned {
+            raw: result::create_matmul_desc(
+                compute_type(precision),
+                sys::cudaDataType_t::CUDA_R_32F,
+            )
+            .with_context(shape)?,
+            destroy: result::destroy_matmul_desc,
+        };
+        use sys::cublasLtMatmulDescAttributes_t::{
+            CUBLASLT_MATMUL_DESC_TRANSA as TRANSA, CUBLASLT_MATMUL_DESC_TRANSB as TRANSB,
+        };
+        // cublasOperation_t: 0 = N, 1 = T.
+        let (trans_a, trans_b) = (b.transposed as i32, a.transposed as i32);
+        // SAFETY: the descriptor is live; each attribute is an int32 cublasOperation_t.
+        unsafe {
+            set_desc(desc.raw, TRANSA, &trans_a).with_context(shape)?;
+            set_desc(desc.raw, TRANSB, &trans_b).with_context(shape)?;
+        }
+        let layout_a = layout(b, k, n).with_context(shape)?;
+        let layout_b = layout(a, m, k).with_context(shape)?;
+        let layout_c = matrix(n, m, n).with_context(shape)?;
+        let pref = self.preference(a, b, dst).with_context(shape)?;
+        // SAFETY: all descriptors are live.
+        let heuristic = unsafe {
+            result::get_matmul_algo_heuristic(
+                self.handle,
+                desc.raw,
+                layout_a.raw,
+                layout_b.raw,
+                layout_c.raw,
+                layout_c.raw,
+                pref.raw,
+            )
+        }
+        .with_context(|| format!("{}: no algorithm", shape()))?;
+        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
+        // SAFETY: the descriptors are live and describe the operands, which the backend checked
+        // to be f32 views of sufficient length; with beta 0, C is not read. The workspace
+        // outlives the call (it is freed only after the stream is synchronised).
+        unsafe {
+            result::matmul(
+                self.handle,
+                desc.raw,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                b.addr as *const c_void,
+                layout_a.raw,
+                a.addr as *const c_void,
+                layout_b.raw,
+                dst as *const c_void,
+                layout_c.raw,
+                dst as *mut c_void,
+                layout_c.raw,
+                &heuristic.algo,
+                self.workspace.addr() as *mut c_void,
+                WORKSPACE_BYTES,
+                stream as sys::cudaStream_t,
+            )
+        }
+        .with_context(shape)
+    }
+
+    /// The search preferences: our workspace, and the operands' actual alignment (cuBLASLt
+    /// assumes 256-byte aligned pointers otherwise, and views into a buffer may be less).
+    fn preference(
+        &self,
+        a: Operand,
+        b: Operand,
+        dst: u64,
+    ) -> Result<Owned<sys::cublasLtMatmulPreference_t>> {
+        use sys::cublasLtMatmulPreferenceAttributes_t as P;
+        let pref = Owned {
+            raw: result::create_matmul_pref()?,
+            destroy: result::destroy_matmul_pref,
+        };
+        let workspace = WORKSPACE_BYTES as u64;
+        let attrs = [
+            (
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                alignment(b.addr),
+            ),
+            (
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                alignment(a.addr),
+            ),
+            (
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                alignment(dst),
+            ),
+            (
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+                alignment(dst),
+            ),
+        ];
+        // SAFETY: the preference is live; the workspace size is a uint64 and each alignment a
+        // uint32, as cuBLASLt documents these attributes.
+        unsafe {
+            result::set_matmul_pref_attribute(
+                pref.raw,
+                P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                (&workspace as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )?;
+            for (attr, value) in &attrs {
+                result::set_matmul_pref_attribute(
+                    pref.raw,
+                    *attr,
+                    (value as *const u32).cast(),
+                    std::mem::size_of::<u32>(),
+                )?;
+            }
+        }
+        Ok(pref)
+    }
+}
+
+/// # Safety
+/// `desc` must be live and `T` the attribute's type.
+unsafe fn set_desc<T>(
+    desc: sys::cublasLtMatmulDesc_t,
+    attr: sys::cublasLtMatmulDescAttributes_t,
+    value: &T,
+) -> Result<(), CublasError> {
+    result::set_matmul_desc_attribute(
+        desc,
+        attr,
+        (value as *const T).cast(),
+        std::mem::size_of::<T>(),
+    )
+}
+
+/// A column-major f32 matrix layout.
+fn matrix(rows: usize, cols: usize, ld: usize) -> Result<Owned<sys::cublasLtMatrixLayout_t>> {
+    if rows == 0 || cols == 0 {
+        bail!("empty matrix");
+    }
+    Ok(Owned {
+        raw: result::create_matrix_layout(
+            sys::cudaDataType_t::CUDA_R_32F,
+            rows as u64,
+            cols as u64,
+            ld as i64,
+        )?,
+        destroy: result::destroy_matrix_layout,
+    })
+}
+
+/// The column-major layout of a row-major operand used as `[rows, cols]`: stored row-major as
+/// `[rows, cols]` (or `[cols, rows]` when transposed), which column-major reads as its transpose.
+fn layout(op: Operand, rows: usize, cols: usize) -> Result<Owned<sys::cublasLtMatrixLayout_t>> {
+    let (stored_rows, stored_cols) = if op.transposed {
+        (cols, rows)
+    } else {
+        (rows, cols)
+    };
+    matrix(stored_cols, stored_rows, stored_cols)
+}
+
+/// The largest power of two, up to 256, that divides `addr`.
+fn alignment(addr: u64) -> u32 {
+    1 << addr.trailing_zeros().min(8)
+}
+
+/// fp32 storage in every precision; the low-precision modes round the operands on the matrix
+/// units and accumulate in fp32 (cuBLAS's `_FAST_` compute types), which is what mixed precision
+/// asks of a matmul while the master weights and optimizer state stay fp32.
+fn compute_type(p: Precision) -> sys::cublasComputeType_t {
+    use sys::cublasComputeType_t as C;
+    match p {
+        Precision::Fp32 => C::CUBLAS_COMPUTE_32F,
+        Precision::Tf32 => C::CUBLAS_COMPUTE_32F_FAST_TF32,
+        Precision::Bf16 => C::CUBLAS_COMPUTE_32F_FAST_16BF,
+        Precision::Fp16 => C::CUBLAS_COMPUTE_32F_FAST_16F,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::alignment;
+
+    #[test]
+    fn alignment_is_the_largest_power_of_two_dividing_the_address_up_to_256() {
+        assert_eq!(alignment(0x1000), 256);
+        assert_eq!(alignment(0x1004), 4);
+        assert_eq!(alignment(0x1010), 16);
+        assert_eq!(alignment(0), 256);
+    }
+}

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# The proof on a GPU, in one run of under 8 minutes, for a GPU machine with no cargo and no
+# network (the binary is built on the CPU machine and carried):
+#
+#   here:   cargo build --release && mkdir -p target/gpu && strip -o target/gpu/flint target/release/flint
+#   there:  scripts/gpu-check.sh OUTDIR          (python3 with torch for the PyTorch columns)
+#
+# Steps: flint doctor; every CUDA kernel against its CPU twin on fresh random inputs (fp32,
+# tf32, bf16 thresholds); a GPT `tiny` training smoke run in fp32 and bf16 (the loss falls and
+# bf16 tracks fp32); `flint bench seed` and `flint bench gpt --preset gpt2 --seq-len 1024` on the
+# GPU next to their PyTorch counterparts (bf16 autocast, SDPA). Full logs go to OUTDIR; a short
+# table is printed last. Exit status: 0 when every check passed.
+set -uo pipefail
+OUT=${1:?usage: scripts/gpu-check.sh OUTDIR}
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+FLINT=${FLINT:-target/gpu/flint}
+[ -x "$FLINT" ] || FLINT=target/release/flint
+PY=${PYTHON:-python3}
+SEED_BENCH=${SEED_BENCH:-}
+for c in ../shared/bench/torch_seed_bench.py shared/bench/torch_seed_bench.py; do
+    [ -z "$SEED_BENCH" ] && [ -f "$c" ] && SEED_BENCH=$c
+done
+GPT_BATCH=${GPT_BATCH:-8}
+export FLINT_CACHE_DIR="$OUT/cache"
+status=0
+# Every step has its own limit, and all of them together stop at 7.5 minutes.
+DEADLINE=$((SECONDS + 450))
+
+# run NAME TIMEOUT CMD...: runs one step, logs to OUT/NAME.log, records its exit status.
+run() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((DEADLINE - SECONDS)) t0=$SECONDS
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -le 0 ]; then
+        echo "SKIPPED: $name (out of time)"; status=1; return 1
+    fi
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    echo "$name rc=$rc $((SECONDS - t0))s" >>"$OUT/steps.txt"
+    [ $rc -eq 0 ] || { status=1; echo "FAILED: $name (exit $rc; see $OUT/$name.log)"; tail -5 "$OUT/$name.log"; }
+    return $rc
+}
+
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+run doctor 120 "$FLINT" doctor --device cuda
+"$FLINT" doctor --json >"$OUT/doctor.json" 2>/dev/null
+run parity 120 "$FLINT" doctor --parity --device cuda
+for p in fp32 bf16; do
+    rm -rf "$OUT/smoke-$p"
+    run "smoke-$p" 120 "$FLINT" train --device cuda --precision $p --steps 200 --eval-every 50 \
+        --checkpoint-every 1000 --out "$OUT/smoke-$p"
+done
+run flint-seed 90 "$FLINT" bench seed --device cuda --json
+if [ -n "$SEED_BENCH" ]; then
+    run torch-seed 90 "$PY" "$SEED_BENCH" --json
+else
+    echo "torch_seed_bench.py not found (set SEED_BENCH)" >"$OUT/torch-seed.log"
+fi
+run flint-gpt2 150 "$FLINT" bench gpt --device cuda --precision bf16 --preset gpt2 --seq-len 1024 \
+    --batch-size "$GPT_BATCH" --json
+run torch-gpt2 150 "$PY" bench/torch_gpt_bench.py --preset gpt2 --seq-len 1024 --batch-size "$GPT_BATCH" \
+    --amp bf16 --json
+
+"$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+
+def rows(name):
+    try:
+        return [json.loads(l) for l in (out / f"{name}.log").read_text().splitlines() if l.startswith("{")]
+    except OSError:
+        return []
+
+def losses(run):
+    try:
+        lines = [json.loads(l) for l in (out / run / "metrics.jsonl").read_text().splitlines()]
+        return [l["loss"] for l in lines if "loss" in l]
+    except OSError:
+        return []
+
+print("\n== parity (CUDA vs CPU twin, max relative error) ==")
+log = (out / "parity.log").read_text() if (out / "parity.log").exists() else ""
+summary = [l for l in log.splitlines() if l.startswith("parity (seed")]
+print(summary[-1] if summary else "parity did not run (see parity.log)")
+for l in log.splitlines():
+    if l.rstrip().endswith("FAILED"):
+        print("  " + l)
+print("\n== training smoke (GPT tiny, 200 steps) ==")
+f32, b16 = losses("smoke-fp32"), losses("smoke-bf16")
+for name, l in (("fp32", f32), ("bf16", b16)):
+    if l:
+        print(f"{name}: loss {l[0]:.3f} -> {l[-1]:.3f}  ({'falls' if l[-1] < 0.8 * l[0] else 'DOES NOT FALL'})")
+    else:
+        print(f"{name}: no metrics")
+if f32 and b16:
+    gap = abs(b16[-1] - f32[-1]) / f32[-1]
+    print(f"bf16 vs fp32 final loss: {gap:.1%} apart ({'tracks' if gap < 0.05 else 'DOES NOT TRACK'})")
+print("\n== speed (tokens/s, same GPU) ==")
+print(f"{'benchmark':<28}{'flint':>12}{'pytorch':>12}{'ratio':>8}{'MFU':>8}")
+pairs = [(f"seed {r['config']} fp32", r, next((t for t in rows("torch-seed") if t.get("config") == r["config"]), None))
+         for r in rows("flint-seed")]
+pairs += [(f"gpt2 seq1024 bf16", r, (rows("torch-gpt2") or [None])[0]) for r in rows("flint-gpt2")]
+for name, f, t in pairs:
+    ratio = f"{f['tokens_per_s'] / t['tokens_per_s']:.2f}x" if t else "n/a"
+    mfu = f"{f['mfu']:.1%}" if f.get("mfu") is not None else ""
+    tt = f"{t['tokens_per_s']:.0f}" if t else "n/a"
+    print(f"{name:<28}{f['tokens_per_s']:>12.0f}{tt:>12}{ratio:>8}{mfu:>8}")
+if not pairs:
+    print("(no flint benchmark rows)")
+EOF
+echo "gpu-check: $([ $status -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED); logs in $OUT"
+exit $status
