@@ -848,3 +848,54 @@ fn device_cpu_runs_the_demo_without_a_note() {
     );
     assert!(out.stderr.is_empty(), "{}", out.stderr);
 }
+
+#[test]
+fn doctor_parity_without_a_gpu_fails_and_says_so() {
+    let (_, v) = doctor_json(&[], &[]);
+    if v["device"] != "cpu" {
+        return; // a GPU machine: gpu-check.sh runs the parity there
+    }
+    let out = flint(["doctor", "--parity"]);
+    assert_eq!(out.code, Some(1), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("parity: not run, no usable GPU"),
+        "{}",
+        out.stdout
+    );
+}
+
+#[test]
+fn precision_errors_are_one_line_with_exit_2() {
+    let cases: [(&[&str], &str); 3] = [
+        (
+            &["bench", "gpt", "--precision", "fp64"],
+            "expected fp32, tf32, bf16 or fp16",
+        ),
+        (
+            &["--device", "cpu", "bench", "gpt", "--precision", "bf16"],
+            "the CPU backend computes in fp32",
+        ),
+        (
+            &[
+                "--device",
+                "cpu",
+                "train",
+                "--precision",
+                "fp16",
+                "--steps",
+                "1",
+            ],
+            "the CPU backend computes in fp32",
+        ),
+    ];
+    for (args, expect) in cases {
+        let out = flint(args);
+        assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
+        assert_eq!(out.stderr.trim_end().lines().count(), 1, "{}", out.stderr);
+        assert!(
+            out.stderr.starts_with("error: ") && out.stderr.contains(expect),
+            "{}",
+            out.stderr
+        );
+    }
+}

@@ -2,7 +2,7 @@
 //! before the first step, in one allocation.
 
 use crate::layout::{shape_str, Layout};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use flint_backend::{Backend, Buffer, DType, Tensor};
 
 /// The activations of one batch shape, allocated.
@@ -20,7 +20,14 @@ impl<B: Backend> Planned<B> {
         if slot.as_ref().map(|p| p.shape) != Some(shape) {
             *slot = None;
             let plan = plan(dims, shape);
-            let buffer = b.alloc(DType::F32, plan.total())?;
+            let buffer = b.alloc(DType::F32, plan.total()).with_context(|| {
+                format!(
+                    "the activations of a [batch {}, seq {}] step need {:.1} MiB",
+                    shape.batch,
+                    shape.seq,
+                    (plan.total() * 4) as f64 / 1048576.0
+                )
+            })?;
             let acts = Acts::new(&plan, buffer.tensor(), dims.num_layers);
             *slot = Some(Planned {
                 shape,

@@ -41,9 +41,18 @@ impl DeviceMemory {
         bind(stream)?;
         // SAFETY: plain allocation; the memory is owned by the returned value.
         let addr = unsafe { result::malloc_sync(bytes) }.map_err(|e| {
+            let mib = |b: usize| b as f64 / 1048576.0;
+            let free = match result::mem_get_info() {
+                Ok((free, total)) => format!(
+                    "{:.1} MiB of the GPU's {:.1} MiB are free",
+                    mib(free),
+                    mib(total)
+                ),
+                Err(_) => "the free memory is unknown".into(),
+            };
             anyhow!(
-                "cannot allocate {:.1} MiB of GPU memory: {e}",
-                bytes as f64 / 1048576.0
+                "out of GPU memory ({e}): {:.1} MiB more are needed but {free}; lower --batch-size or --seq-len (keeping the tokens per step with --grad-accum-steps), or choose a smaller --preset",
+                mib(bytes)
             )
         })?;
         let mem = DeviceMemory {
