@@ -572,6 +572,24 @@ fn attention_cases() -> Vec<(AttentionShape, bool, Option<Dropout>)> {
             }
         }
     }
+    // Causal attention works in blocks of 32 queries: a sequence of three blocks, the last
+    // partial, with and without padding and dropout.
+    for (padded, p) in [(false, 0.0), (true, 0.2)] {
+        let shape = AttentionShape {
+            batch: 3,
+            seq: 70,
+            heads: 2,
+            head_dim: 3,
+            batch_first: false,
+            causal: true,
+        };
+        let dropout = (p > 0.0).then_some(Dropout {
+            p,
+            seed: 3,
+            offset: 9,
+        });
+        cases.push((shape, padded, dropout));
+    }
     cases
 }
 

@@ -1,37 +1,12 @@
 //! ReLU and GELU (exact and tanh) with fused dropout.
 
+use super::math::tanh;
 use super::{dropout, CHUNK};
 use crate::{Activation, Dropout};
 use rayon::prelude::*;
 
 const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
-
-/// e^x for f32 in plain arithmetic (Cephes' `expf`: x = n ln2 + r, a degree-6 polynomial for
-/// e^r, 2^n through the exponent bits), so loops over it vectorise; within 2 ulp of `f32::exp`.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
-    // floor(v) by truncation and a correction: `f32::floor` is a libm call without SSE4.1.
-    let v = x * std::f32::consts::LOG2_E + 0.5;
-    let t = v as i32 as f32;
-    let n = if t > v { t - 1.0 } else { t };
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
-    let p = 1.987_569_1e-4;
-    let p = p * r + 1.398_199_9e-3;
-    let p = p * r + 8.333_452e-3;
-    let p = p * r + 4.166_579_6e-2;
-    let p = p * r + 1.666_666_5e-1;
-    let p = p * r + 0.5;
-    let y = p * r * r + r + 1.0;
-    y * f32::from_bits(((n as i32 + 127) << 23) as u32)
-}
-
-/// tanh(u) = 1 - 2 / (e^{2u} + 1), with the vectorisable [`exp`]; absolute error ~1e-7.
-#[inline(always)]
-fn tanh(u: f32) -> f32 {
-    1.0 - 2.0 / (exp(2.0 * u) + 1.0)
-}
 
 #[inline(always)]
 fn relu(x: f32) -> f32 {
@@ -171,25 +146,4 @@ pub(crate) fn backward(
             }
         });
     });
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn polynomial_exp_and_tanh_match_the_library_ones() {
-        for i in -20_000..=20_000 {
-            let x = i as f32 * 4e-3;
-            let (e, want) = (exp(x) as f64, (x as f64).exp());
-            assert!(
-                (e - want).abs() <= 3e-7 * want,
-                "exp({x}) = {e}, expected {want}"
-            );
-            let t = tanh(x) as f64;
-            assert!((t - (x as f64).tanh()).abs() <= 3e-7, "tanh({x}) = {t}");
-        }
-        assert_eq!(tanh(1e4), 1.0);
-        assert_eq!(tanh(-1e4), -1.0);
-    }
 }

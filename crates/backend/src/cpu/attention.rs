@@ -66,6 +66,38 @@ fn head_rows(s: &AttentionShape, b: usize) -> (usize, usize) {
     }
 }
 
+/// Query rows per block of causal attention (64 measured a little faster than 32 on GPT tiny):
+/// a block of rows `i0..i1` only needs keys `0..i1`
+/// (and key block `j0..j1` only queries `j0..`), which skips most of the masked upper triangle
+/// of every product. Without a causal mask there is one block.
+const CAUSAL_BLOCK: usize = 64;
+
+/// The blocks `(start, end)` over `0..seq`.
+fn blocks(s: &AttentionShape) -> impl Iterator<Item = (usize, usize)> {
+    let (seq, step) = (s.seq, if s.causal { CAUSAL_BLOCK } else { s.seq.max(1) });
+    (0..seq)
+        .step_by(step)
+        .map(move |i0| (i0, (i0 + step).min(seq)))
+}
+
+/// Keys that queries of a block ending at `i1` can see: `0..key_end`.
+fn key_end(s: &AttentionShape, i1: usize) -> usize {
+    if s.causal {
+        i1
+    } else {
+        s.seq
+    }
+}
+
+/// Queries that can see keys of a block starting at `j0`: `query_start..seq`.
+fn query_start(s: &AttentionShape, j0: usize) -> usize {
+    if s.causal {
+        j0
+    } else {
+        0
+    }
+}
+
 fn masked(s: &AttentionShape, key_padding: Option<&[f32]>, b: usize, i: usize, j: usize) -> bool {
     (s.causal && j > i) || key_padding.is_some_and(|kp| kp[b * s.seq + j] != 0.0)
 }
@@ -108,17 +140,23 @@ pub(crate) fn forward(
             let k = qkv[r0 * 3 * e + e + h * dh..].as_ptr();
             let v = qkv[r0 * 3 * e + 2 * e + h * dh..].as_ptr();
             let ld = step * 3 * e;
-            // SAFETY: q, k, v address seq tokens of dh columns inside qkv; p is this task's tile.
-            unsafe {
-                gemm(
-                    Mat(p.as_ptr(), seq, 1),
-                    false,
-                    Mat(q, ld, 1),
-                    Mat(k, 1, ld),
-                    seq,
-                    dh,
-                    seq,
-                );
+            // Scores of each block of queries against the keys they can see; the rest of each
+            // row is masked below without being read.
+            for (i0, i1) in blocks(s) {
+                let kn = key_end(s, i1);
+                // SAFETY: q, k, v address seq tokens of dh columns inside qkv; p is this task's
+                // tile.
+                unsafe {
+                    gemm(
+                        Mat(p[i0 * seq..].as_ptr(), seq, 1),
+                        false,
+                        Mat(q.add(i0 * ld), ld, 1),
+                        Mat(k, 1, ld),
+                        i1 - i0,
+                        dh,
+                        kn,
+                    );
+                }
             }
             for i in 0..seq {
                 let row = &mut p[i * seq..(i + 1) * seq];
@@ -136,28 +174,26 @@ pub(crate) fn forward(
                     row.fill(0.0);
                     continue;
                 }
-                let mut sum = 0.0;
-                for x in row.iter_mut() {
-                    *x = (*x - max).exp();
-                    sum += *x;
-                }
-                let inv = 1.0 / sum;
+                let inv = 1.0 / super::math::exp_shifted(row, max);
                 row.iter_mut().for_each(|x| *x *= inv);
             }
             with_tiles(seq, |tile, _| {
                 let pd = dropped(p, tile, d, bh * seq * seq);
-                let o = out_ptr.at(r0 * e + h * dh);
-                // SAFETY: this head owns columns h*dh..(h+1)*dh of its batch element's rows.
-                unsafe {
-                    gemm(
-                        Mat(o, step * e, 1),
-                        false,
-                        Mat(pd.as_ptr(), seq, 1),
-                        Mat(v, ld, 1),
-                        seq,
-                        seq,
-                        dh,
-                    );
+                for (i0, i1) in blocks(s) {
+                    let o = out_ptr.at((r0 + i0 * step) * e + h * dh);
+                    // SAFETY: this head owns columns h*dh..(h+1)*dh of its batch element's rows;
+                    // the probabilities past `key_end` are exactly zero and are skipped.
+                    unsafe {
+                        gemm(
+                            Mat(o, step * e, 1),
+                            false,
+                            Mat(pd[i0 * seq..].as_ptr(), seq, 1),
+                            Mat(v, ld, 1),
+                            i1 - i0,
+                            key_end(s, i1),
+                            dh,
+                        );
+                    }
                 }
             });
         });
@@ -195,26 +231,31 @@ pub(crate) fn backward(
         let ld = step * 3 * e;
         with_tiles(seq, |tile, ds| {
             let pd = dropped(p, tile, d, bh * seq * seq);
-            // SAFETY: operands address seq tokens of dh columns; this head owns its columns of dqkv.
-            unsafe {
-                gemm(
-                    Mat(dv, ld, 1),
-                    false,
-                    Mat(pd.as_ptr(), 1, seq),
-                    Mat(go, step * e, 1),
-                    seq,
-                    seq,
-                    dh,
-                );
-                gemm(
-                    Mat(ds.as_ptr(), seq, 1),
-                    false,
-                    Mat(go, step * e, 1),
-                    Mat(v, 1, ld),
-                    seq,
-                    dh,
-                    seq,
-                );
+            for (i0, i1) in blocks(s) {
+                let q0 = query_start(s, i0);
+                // SAFETY: operands address seq tokens of dh columns; this head owns its columns
+                // of dqkv. Key block i0..i1 of dv only gathers from queries q0.. that see it;
+                // query block i0..i1 of dP only needs the keys it sees.
+                unsafe {
+                    gemm(
+                        Mat(dv.add(i0 * ld), ld, 1),
+                        false,
+                        Mat(pd[q0 * seq + i0..].as_ptr(), 1, seq),
+                        Mat(go.add(q0 * step * e), step * e, 1),
+                        i1 - i0,
+                        seq - q0,
+                        dh,
+                    );
+                    gemm(
+                        Mat(ds[i0 * seq..].as_ptr(), seq, 1),
+                        false,
+                        Mat(go.add(i0 * step * e), step * e, 1),
+                        Mat(v, 1, ld),
+                        i1 - i0,
+                        dh,
+                        key_end(s, i1),
+                    );
+                }
             }
             if let Some(d) = d {
                 dropout::blocks(Some(d), bh * seq * seq, seq * seq, |r, mul| {
@@ -223,32 +264,39 @@ pub(crate) fn backward(
                 });
             }
             for i in 0..seq {
-                let (pr, dr) = (&p[i * seq..(i + 1) * seq], &mut ds[i * seq..(i + 1) * seq]);
+                // Past the keys row i can see, dP was not computed (and att is zero): dS is 0.
+                let n = if s.causal { i + 1 } else { seq };
+                let (pr, dr) = (&p[i * seq..i * seq + n], &mut ds[i * seq..(i + 1) * seq]);
+                let (dr, rest) = dr.split_at_mut(n);
+                rest.fill(0.0);
                 let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
                 dr.iter_mut()
                     .zip(pr)
                     .for_each(|(x, &a)| *x = a * (*x - dot) * scale);
             }
-            // SAFETY: as above.
-            unsafe {
-                gemm(
-                    Mat(dq, ld, 1),
-                    false,
-                    Mat(ds.as_ptr(), seq, 1),
-                    Mat(k, ld, 1),
-                    seq,
-                    seq,
-                    dh,
-                );
-                gemm(
-                    Mat(dk, ld, 1),
-                    false,
-                    Mat(ds.as_ptr(), 1, seq),
-                    Mat(q, ld, 1),
-                    seq,
-                    seq,
-                    dh,
-                );
+            for (i0, i1) in blocks(s) {
+                let q0 = query_start(s, i0);
+                // SAFETY: as above; dS is zero outside the blocks' ranges.
+                unsafe {
+                    gemm(
+                        Mat(dq.add(i0 * ld), ld, 1),
+                        false,
+                        Mat(ds[i0 * seq..].as_ptr(), seq, 1),
+                        Mat(k, ld, 1),
+                        i1 - i0,
+                        key_end(s, i1),
+                        dh,
+                    );
+                    gemm(
+                        Mat(dk.add(i0 * ld), ld, 1),
+                        false,
+                        Mat(ds[q0 * seq + i0..].as_ptr(), 1, seq),
+                        Mat(q.add(q0 * ld), ld, 1),
+                        i1 - i0,
+                        seq - q0,
+                        dh,
+                    );
+                }
             }
         });
     });

@@ -1,6 +1,7 @@
 //! Losses fused with their gradient: one pass writes `dinp` and returns the mean loss.
 
-use super::{deterministic_sum, CHUNK};
+use super::math::exp_shifted;
+use super::{deterministic_sum, SendPtr, CHUNK};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
@@ -48,32 +49,30 @@ pub(crate) fn cross_entropy(
         .filter(|&&t| t != IGNORE_INDEX)
         .count();
     let inv = if count > 0 { 1.0 / count as f32 } else { 0.0 };
-    dlogits[..rows * vocab]
-        .par_chunks_mut(vocab)
-        .enumerate()
-        .for_each(|(r, d)| {
+    // One pass per row: the exponentials go straight into `dlogits`, then become the softmax
+    // gradient; the row's loss, log(sum) + max - logit[target], comes from the same sum (in
+    // f64 from there on). Rows are summed in fixed chunks, so the loss is thread-independent.
+    let out = SendPtr(dlogits.as_mut_ptr());
+    let total = deterministic_sum(rows, 64, |range| {
+        let mut loss = 0.0f64;
+        for r in range {
             let x = &logits[r * vocab..(r + 1) * vocab];
+            // SAFETY: each row of `dlogits` is written by the one task that owns its range.
+            let d = unsafe { std::slice::from_raw_parts_mut(out.at(r * vocab), vocab) };
             if targets[r] == IGNORE_INDEX {
                 d.fill(0.0);
-                return;
+                continue;
             }
             let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-            let sum: f32 = x.iter().map(|&v| (v - max).exp()).sum();
-            for (j, d) in d.iter_mut().enumerate() {
-                *d = (x[j] - max).exp() / sum * inv;
-            }
-            d[targets[r] as usize] -= inv;
-        });
-    let total = deterministic_sum(rows, 64, |range| {
-        range
-            .filter(|&r| targets[r] != IGNORE_INDEX)
-            .map(|r| {
-                let x = &logits[r * vocab..(r + 1) * vocab];
-                let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v)) as f64;
-                let lse = max + x.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln();
-                lse - x[targets[r] as usize] as f64
-            })
-            .sum()
+            d.copy_from_slice(x);
+            let sum = exp_shifted(d, max);
+            let scale = inv / sum;
+            d.iter_mut().for_each(|v| *v *= scale);
+            let t = targets[r] as usize;
+            d[t] -= inv;
+            loss += (sum as f64).ln() + max as f64 - x[t] as f64;
+        }
+        loss
     });
     Ok((total * inv as f64) as f32)
 }

@@ -10,6 +10,7 @@ mod embedding;
 mod info;
 mod layernorm;
 mod loss;
+mod math;
 mod matmul;
 mod residual;
 

@@ -396,6 +396,9 @@ impl Backend for Cuda {
         if src.len() != dst.len() {
             bail!("download: {} elements into {}", src.len(), dst.len());
         }
+        if dst.is_empty() {
+            return Ok(()); // as in `copy_to_device`
+        }
         bind(&self.stream)?;
         // SAFETY: `src` holds dst.len() f32s; the copy waits for every queued kernel (legacy
         // default stream) and completes before returning.
@@ -972,6 +975,10 @@ fn copy_to_device<T>(stream: &CudaStream, addr: u64, dst: Tensor, src: &[T]) -> 
             src.len(),
             dst.len()
         );
+    }
+    if src.is_empty() {
+        // An empty buffer has no device memory (address 0), which the driver may refuse.
+        return Ok(());
     }
     bind(stream)?;
     // SAFETY: `dst` holds src.len() elements of this size (dtype checked by the caller); the

@@ -16,8 +16,10 @@ pub(super) const THREADS: usize = 256;
 /// Grid size cap: kernels loop over grid-sized strides, so more blocks only add scheduling.
 const MAX_BLOCKS: usize = 1 << 16;
 
-/// Dynamic shared memory a block may use without opting in (48 KiB on every GPU since Kepler).
-pub(super) const MAX_SHARED_BYTES: usize = 48 << 10;
+/// Dynamic shared memory a block may use without opting in: 48 KiB on every GPU since Kepler,
+/// a limit on static plus dynamic shared memory together, so the static arrays of the kernels
+/// (`block_reduce`'s 32 partials, at most 256 bytes) are reserved out of it.
+pub(super) const MAX_SHARED_BYTES: usize = (48 << 10) - 1024;
 
 /// One kernel argument; sizes and device addresses are `u64` (the kernels' `u64` and pointers).
 #[derive(Clone, Copy, Debug)]
