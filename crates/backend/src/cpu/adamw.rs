@@ -1,6 +1,6 @@
 //! `torch.optim.AdamW` over a flat buffer, and the sum of squares for global-norm clipping.
 
-use super::matmul::{transpose_block, TILE};
+use super::matmul::{copy_column, transpose_block, TILE};
 use super::{deterministic_sum, simd, SendPtr, CHUNK};
 use crate::AdamW;
 use rayon::prelude::*;
@@ -54,10 +54,10 @@ pub(crate) fn step(
                         // SAFETY: this slab owns rows r0..r0 + height of the matrix, i.e.
                         // those columns of every mirror row; (c0 + j) * rows + r0 + height
                         // <= rows * cols.
-                        unsafe {
-                            let dst = out.at((c0 + j) * rows + r0);
-                            std::ptr::copy_nonoverlapping(column.as_ptr(), dst, height)
-                        }
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(out.at((c0 + j) * rows + r0), height)
+                        };
+                        copy_column(dst, column);
                     });
                 }
             }

@@ -90,6 +90,20 @@ pub(crate) fn forward(
 /// Side of the square blocks transposes go through.
 pub(crate) const TILE: usize = 16;
 
+/// `dst.copy_from_slice(column)` for a tile column: a fixed-size copy (vector moves) when the
+/// column is full, since a memcpy call per 64 bytes would cost more than the copy itself.
+#[inline(always)]
+pub(crate) fn copy_column(dst: &mut [f32], column: &[f32]) {
+    if let (Ok(d), Ok(c)) = (
+        <&mut [f32; TILE]>::try_from(&mut *dst),
+        <&[f32; TILE]>::try_from(column),
+    ) {
+        *d = *c;
+        return;
+    }
+    dst.copy_from_slice(column);
+}
+
 /// Transposes a `height x width` block (both at most [`TILE`]) through a tile on the stack:
 /// row `i` of the block is `src(i)` (`width` values); `dst(j, column)` receives the block's
 /// column `j` (`height` values). Reads and writes are then whole cache lines.
@@ -131,7 +145,7 @@ pub(crate) fn transpose(out: &mut [f32], inp: &[f32], rows: usize, cols: usize) 
                 let height = TILE.min(rows - r0);
                 let src = |i: usize| &inp[(r0 + i) * cols + c0..(r0 + i) * cols + c0 + width];
                 transpose_block(height, width, src, |j, column| {
-                    out[j * rows + r0..j * rows + r0 + height].copy_from_slice(column)
+                    copy_column(&mut out[j * rows + r0..j * rows + r0 + height], column)
                 });
             }
         });
