@@ -1,5 +1,6 @@
 //! `flint train` and `flint generate` as users run them: bad input is a one-line error with exit
-//! status 2, Ctrl-C checkpoints, a SIGKILL loses only the steps since the last checkpoint.
+//! status 2, Ctrl-C checkpoints, a SIGKILL loses only the steps since the last checkpoint, a full
+//! disk during a checkpoint keeps the earlier ones.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -103,20 +104,25 @@ fn losses(run: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Starts a long training run and waits until it has logged `steps` steps.
-fn start_training(run: &Path, steps: usize) -> std::process::Child {
+/// `flint train` args for a SMALL run of `steps` steps in `run`, checkpointing every 2 steps.
+fn small_run<'a>(run: &'a Path, steps: &'a str) -> Vec<&'a str> {
     let mut args = vec![
         "train",
         "--steps",
-        "100000",
+        steps,
         "--checkpoint-every",
         "2",
         "--out",
         run.to_str().unwrap(),
     ];
     args.extend(SMALL);
+    args
+}
+
+/// Starts a long training run and waits until it has logged `steps` steps.
+fn start_training(run: &Path, steps: usize) -> std::process::Child {
     let child = Command::new(env!("CARGO_BIN_EXE_flint"))
-        .args(&args)
+        .args(small_run(run, "100000"))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -192,21 +198,63 @@ fn sigkill_loses_at_most_the_steps_since_the_last_checkpoint() {
         String::from_utf8_lossy(&resumed.stderr)
     );
 
-    let mut args = vec![
-        "train",
-        "--steps",
-        "300",
-        "--checkpoint-every",
-        "2",
-        "--out",
-        clean.to_str().unwrap(),
-    ];
-    args.extend(SMALL);
-    assert_eq!(flint(&args).status.code(), Some(0));
+    assert_eq!(flint(&small_run(&clean, "300")).status.code(), Some(0));
     // Each step appears once, with exactly the losses of a run that was never killed.
     let (killed, never) = (losses(&run), losses(&clean));
     assert_eq!(never.len(), 300);
     assert_eq!(killed, never);
+}
+
+#[test]
+fn a_full_disk_during_a_checkpoint_is_an_error_that_keeps_the_previous_checkpoints() {
+    let dir = scratch("diskfull");
+    let (run, clean) = (dir.join("run"), dir.join("clean"));
+    assert_eq!(flint(&small_run(&run, "4")).status.code(), Some(0));
+    // Resume with files limited to 64 KiB, less than a checkpoint's tensors: the write of
+    // step 6's checkpoint fails as on a full disk (EFBIG instead of ENOSPC; SIGXFSZ ignored so
+    // the write returns the error instead of killing the process).
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_flint"));
+    cmd.args(["train", "--resume", run.to_str().unwrap(), "--steps", "8"]);
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            let limit = libc::rlimit {
+                rlim_cur: 64 << 10,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot write the checkpoint of step 6") && stderr.contains("intact"),
+        "{stderr}"
+    );
+    // Only the complete checkpoints remain: no half-written step 6, no temporary folder.
+    let mut left: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["step_00000002", "step_00000004"]);
+    // With space again, the run resumes from step 4 and matches a run that never failed.
+    let resumed = flint(&["train", "--resume", run.to_str().unwrap(), "--steps", "8"]);
+    assert_eq!(
+        resumed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(flint(&small_run(&clean, "8")).status.code(), Some(0));
+    let (failed, never) = (losses(&run), losses(&clean));
+    assert_eq!(never.len(), 8);
+    assert_eq!(failed, never);
 }
 
 #[test]
