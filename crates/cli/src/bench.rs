@@ -57,18 +57,10 @@ pub fn run(b: Bench, device: &Device, verbose: bool) -> Result<()> {
             configs,
             precision,
             json,
-        } => {
-            let precision = flint_train::device::precision(&precision, device)?;
-            let run = Run {
-                device,
-                precision,
-                warmup,
-                steps,
-                json,
-                verbose,
-            };
-            seed(&run, &configs)
-        }
+        } => seed(
+            &Run::new(device, &precision, warmup, steps, json, verbose)?,
+            &configs,
+        ),
         Bench::Gpt {
             preset,
             batch_size,
@@ -77,18 +69,12 @@ pub fn run(b: Bench, device: &Device, verbose: bool) -> Result<()> {
             steps,
             precision,
             json,
-        } => {
-            let precision = flint_train::device::precision(&precision, device)?;
-            let run = Run {
-                device,
-                precision,
-                warmup,
-                steps,
-                json,
-                verbose,
-            };
-            gpt(&run, &preset, batch_size, seq_len)
-        }
+        } => gpt(
+            &Run::new(device, &precision, warmup, steps, json, verbose)?,
+            &preset,
+            batch_size,
+            seq_len,
+        ),
     }
 }
 
@@ -100,6 +86,26 @@ struct Run<'a> {
     steps: usize,
     json: bool,
     verbose: bool,
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        device: &'a Device,
+        precision: &str,
+        warmup: usize,
+        steps: usize,
+        json: bool,
+        verbose: bool,
+    ) -> Result<Self> {
+        Ok(Run {
+            device,
+            precision: flint_train::device::precision(precision, device)?,
+            warmup,
+            steps,
+            json,
+            verbose,
+        })
+    }
 }
 
 fn gpt(r: &Run, preset: &str, batch_size: Option<usize>, seq_len: Option<usize>) -> Result<()> {
