@@ -899,3 +899,40 @@ fn precision_errors_are_one_line_with_exit_2() {
         );
     }
 }
+
+#[test]
+fn doctor_finds_nvrtc_in_a_virtual_environments_pip_wheel() {
+    // The layout `pip install nvidia-cuda-nvrtc-cu12` leaves in a venv, holding a file that is
+    // not a real library: doctor must find it there, say it does not load, and not crash.
+    let venv = Scratch::new();
+    let lib = venv.path("lib/python3.11/site-packages/nvidia/cuda_nvrtc/lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    std::fs::write(lib.join("libnvrtc.so.12"), [0x55u8; 4096]).unwrap();
+    // Only the venv is set: the folders a user names explicitly would be searched first.
+    let out = Command::new(env!("CARGO_BIN_EXE_flint"))
+        .args(["doctor", "--json"])
+        .env("VIRTUAL_ENV", &venv.0)
+        .env_remove("LD_LIBRARY_PATH")
+        .env_remove("CUDA_HOME")
+        .env_remove("CUDA_PATH")
+        .env_remove("CUDA_ROOT")
+        .env_remove("CONDA_PREFIX")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let nvrtc = &v["libraries"][1];
+    assert_eq!(nvrtc["name"], "libnvrtc");
+    assert_eq!(
+        nvrtc["path"],
+        lib.join("libnvrtc.so.12").display().to_string(),
+        "{v}"
+    );
+    assert!(
+        nvrtc["error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid ELF header"),
+        "{nvrtc}"
+    );
+}

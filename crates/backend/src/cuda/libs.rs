@@ -215,29 +215,30 @@ fn search_dirs() -> Vec<PathBuf> {
     }
     env_roots.push("/usr/local".into());
     env_roots.push("/usr".into());
+    // Per environment, in the order above: its own lib folders, then the NVIDIA wheels in its
+    // lib/python3.X/{site,dist}-packages (so the active venv's wheels come before a system
+    // toolkit); Debian's python3 last.
     for root in &env_roots {
         dirs.push(root.join("lib64"));
         dirs.push(root.join("lib"));
-    }
-    // Python's package folders: lib/python3.X/{site,dist}-packages, plus Debian's python3.
-    let mut site_packages: Vec<PathBuf> = vec!["/usr/lib/python3/dist-packages".into()];
-    for root in &env_roots {
         for py in glob_dirs(&root.join("lib"), "python3") {
-            site_packages.push(py.join("site-packages"));
-            site_packages.push(py.join("dist-packages"));
+            dirs.extend(wheel_dirs(&py.join("site-packages")));
+            dirs.extend(wheel_dirs(&py.join("dist-packages")));
         }
     }
-    for sp in &site_packages {
-        for lib in Lib::ALL {
-            for wheel in lib.wheel_dirs() {
-                dirs.push(sp.join(wheel));
-            }
-        }
-    }
+    dirs.extend(wheel_dirs(Path::new("/usr/lib/python3/dist-packages")));
     dirs.retain(|d| d.is_dir());
     let mut seen = std::collections::HashSet::new();
     dirs.retain(|d| seen.insert(d.clone()));
     dirs
+}
+
+/// Where NVIDIA's wheels put the libraries inside one `site-packages` folder.
+fn wheel_dirs(site_packages: &Path) -> impl Iterator<Item = PathBuf> + '_ {
+    Lib::ALL
+        .iter()
+        .flat_map(|lib| lib.wheel_dirs())
+        .map(move |w| site_packages.join(w))
 }
 
 /// Sub-folders of `dir` whose names start with `prefix`: the exact name first (`/usr/local/cuda`
