@@ -342,9 +342,7 @@ fn train_on<B: Backend>(
         // As GradScaler: unscale, then skip the update when any gradient overflowed.
         let mut update = true;
         if let Some(s) = &mut scaler {
-            model.backend().scale(model.grads(), 1.0 / loss_scale)?;
-            let finite = model.backend().sum_squares(model.grads())?.is_finite();
-            update = s.update(finite);
+            update = s.unscale_and_update(model.backend(), model.grads())?;
             metrics.loss_scaling = Some(LossScaling {
                 loss_scale,
                 skipped: !update,
