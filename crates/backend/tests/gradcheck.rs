@@ -572,15 +572,19 @@ fn attention_cases() -> Vec<(AttentionShape, bool, Option<Dropout>)> {
             }
         }
     }
-    // Causal attention works in blocks of 32 queries: a sequence of three blocks, the last
-    // partial, with and without padding and dropout.
-    for (padded, p) in [(false, 0.0), (true, 0.2)] {
+    // Causal attention works in blocks of 64 queries: sequences of two and three blocks, the
+    // last partial, in both token layouts, with and without padding and dropout.
+    for (seq, batch_first, padded, p) in [
+        (70, false, false, 0.0),
+        (70, false, true, 0.2),
+        (130, true, true, 0.1),
+    ] {
         let shape = AttentionShape {
             batch: 3,
-            seq: 70,
+            seq,
             heads: 2,
             head_dim: 3,
-            batch_first: false,
+            batch_first,
             causal: true,
         };
         let dropout = (p > 0.0).then_some(Dropout {

@@ -4,6 +4,7 @@ use anyhow::Result;
 use flint_backend::cpu::{cpu_info, Cpu, CpuInfo};
 use flint_backend::cuda::probe::{probe, GpuProbe};
 use flint_backend::cuda::Cuda;
+use flint_backend::parity::ParityRow;
 use flint_train::device::{Device, DeviceRequest};
 use serde_json::{json, Value};
 
@@ -39,40 +40,78 @@ pub fn run(a: Args, device: Option<&str>) -> Result<bool> {
         (Err(why), _) => Some(why.clone()),
         _ => None,
     };
+    let parity = a.parity.then(|| parity(&chosen));
     if a.json {
-        println!("{}", report_json(&cpu, &gpus, &chosen, reason.as_deref()));
+        let mut report = report_json(&cpu, &gpus, &chosen, reason.as_deref());
+        if let Some(p) = &parity {
+            report["parity"] = parity_json(p);
+        }
+        println!("{report}");
     } else {
         print_text(&cpu, &gpus, &chosen, reason.as_deref());
+        if let Some(p) = &parity {
+            print_parity(p);
+        }
     }
-    if a.parity {
-        return parity(&chosen);
-    }
-    Ok(chosen.is_ok())
+    Ok(match &parity {
+        Some(p) => p.as_ref().is_ok_and(|p| p.rows.iter().all(|r| r.passed)),
+        None => chosen.is_ok(),
+    })
 }
 
-/// `--parity` on the chosen GPU; true when every output is within its threshold.
-fn parity(chosen: &Result<Device, String>) -> Result<bool> {
-    let gpu = match chosen {
-        Ok(Device::Cuda(g)) => g,
-        _ => {
-            println!("parity: not run, no usable GPU");
-            return Ok(false);
-        }
+/// The outcome of `--parity`.
+struct Parity {
+    seed: u64,
+    rows: Vec<ParityRow>,
+}
+
+/// Every CUDA kernel against its CPU twin on the chosen GPU, or why it could not run.
+fn parity(chosen: &Result<Device, String>) -> Result<Parity, String> {
+    let Ok(Device::Cuda(gpu)) = chosen else {
+        return Err("no usable GPU".into());
     };
-    let cuda = Cuda::new(gpu.index)?;
+    let cuda = Cuda::new(gpu.index).map_err(|e| format!("{e:#}"))?;
     // Fresh inputs every run: the kernels must compute the same function on any valid input.
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
-    let rows = flint_backend::parity::run(&Cpu, &cuda, seed)?;
-    print!("{}", flint_backend::parity::table(&rows));
-    let failed = rows.iter().filter(|r| !r.passed).count();
-    println!(
-        "parity (seed {seed}): {} of {} outputs within threshold, {failed} failed",
-        rows.len() - failed,
-        rows.len()
-    );
-    Ok(failed == 0)
+    let rows = flint_backend::parity::run(&Cpu, &cuda, seed).map_err(|e| format!("{e:#}"))?;
+    Ok(Parity { seed, rows })
+}
+
+fn print_parity(p: &Result<Parity, String>) {
+    match p {
+        Err(why) => println!("parity: not run, {why}"),
+        Ok(p) => {
+            print!("{}", flint_backend::parity::table(&p.rows));
+            let failed = p.rows.iter().filter(|r| !r.passed).count();
+            println!(
+                "parity (seed {}): {} of {} outputs within threshold, {failed} failed",
+                p.seed,
+                p.rows.len() - failed,
+                p.rows.len()
+            );
+        }
+    }
+}
+
+fn parity_json(p: &Result<Parity, String>) -> Value {
+    match p {
+        Err(why) => json!({ "ran": false, "error": why }),
+        Ok(p) => json!({
+            "ran": true,
+            "seed": p.seed,
+            "passed": p.rows.iter().all(|r| r.passed),
+            "rows": p.rows.iter().map(|r| json!({
+                "kernel": r.kernel,
+                "dtype": r.dtype,
+                // JSON has no infinity: a failed call's error is null.
+                "max_rel_err": r.max_rel_err.is_finite().then_some(r.max_rel_err),
+                "threshold": r.threshold,
+                "passed": r.passed,
+            })).collect::<Vec<_>>(),
+        }),
+    }
 }
 
 fn yes(b: bool) -> &'static str {

@@ -76,8 +76,14 @@ pub fn select(request: DeviceRequest) -> Result<Selection> {
         DeviceRequest::Cuda(n) => n,
     };
     // Without the driver there is nothing to probe (and no reason to map the big libraries).
-    if libs::loaded(Lib::Driver).is_none() && request == DeviceRequest::Auto {
-        return Ok(cpu("no NVIDIA driver (libcuda.so.1 not found)".into()));
+    if request == DeviceRequest::Auto {
+        match libs::found(Lib::Driver).map(|f| (&f.path, &f.loaded)) {
+            None => return Ok(cpu("no NVIDIA driver (libcuda.so.1 not found)".into())),
+            Some((path, Err(e))) => {
+                return Ok(cpu(format!("{} does not load: {e}", path.display())))
+            }
+            Some((_, Ok(()))) => {}
+        }
     }
     let probe = probe::probe();
     match probe.usable(index) {

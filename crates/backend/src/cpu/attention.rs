@@ -148,7 +148,7 @@ pub(crate) fn forward(
                 // tile.
                 unsafe {
                     gemm(
-                        Mat(p[i0 * seq..].as_ptr(), seq, 1),
+                        Mat(p[i0 * seq..].as_mut_ptr(), seq, 1),
                         false,
                         Mat(q.add(i0 * ld), ld, 1),
                         Mat(k, 1, ld),
@@ -247,7 +247,7 @@ pub(crate) fn backward(
                         dh,
                     );
                     gemm(
-                        Mat(ds[i0 * seq..].as_ptr(), seq, 1),
+                        Mat(ds[i0 * seq..].as_mut_ptr(), seq, 1),
                         false,
                         Mat(go.add(i0 * step * e), step * e, 1),
                         Mat(v, 1, ld),

@@ -52,6 +52,7 @@ pub(crate) fn cross_entropy(
     // One pass per row: the exponentials go straight into `dlogits`, then become the softmax
     // gradient; the row's loss, log(sum) + max - logit[target], comes from the same sum (in
     // f64 from there on). Rows are summed in fixed chunks, so the loss is thread-independent.
+    assert!(dlogits.len() >= rows * vocab && logits.len() >= rows * vocab);
     let out = SendPtr(dlogits.as_mut_ptr());
     let total = deterministic_sum(rows, 64, |range| {
         let mut loss = 0.0f64;

@@ -2,17 +2,21 @@
 //! `expf` is a call per element), within 2 ulp of the library functions.
 
 /// e^x for f32 in plain arithmetic (Cephes' `expf`: x = n ln2 + r, a degree-6 polynomial for
-/// e^r, 2^n through the exponent bits), so loops over it vectorise; within 2 ulp of `f32::exp`.
+/// e^r, 2^n through the exponent bits), so loops over it vectorise; within 2 ulp of `f32::exp`
+/// up to 88, where it saturates (e^88 = 1.7e38); 0 below -87; NaN stays NaN.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
-    let x = x.clamp(-87.0, 88.0);
+    // max/min, unlike clamp, turn NaN into a bound: the casts below always see a finite value
+    // in range. NaN and the underflow are put back by the selects at the end.
+    #[allow(clippy::manual_clamp)] // clamp would keep NaN
+    let xc = x.max(-87.0).min(88.0);
     // floor(v) by truncation and a correction: `f32::floor` is a libm call without SSE4.1.
-    let v = x * std::f32::consts::LOG2_E + 0.5;
-    // SAFETY: |v| < 128 after the clamp, so the truncation is in range. A plain `as` cast
+    let v = xc * std::f32::consts::LOG2_E + 0.5;
+    // SAFETY: v is in [-125.1, 127.5], so the truncation is in range. A plain `as` cast
     // saturates, which LLVM does not vectorise (it goes through scalar registers).
     let t = unsafe { v.to_int_unchecked::<i32>() } as f32;
     let n = if t > v { t - 1.0 } else { t };
-    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let r = xc - n * 0.693_359_4 - n * -2.121_944_4e-4;
     let p = 1.987_569_1e-4;
     let p = p * r + 1.398_199_9e-3;
     let p = p * r + 8.333_452e-3;
@@ -20,8 +24,16 @@ pub(crate) fn exp(x: f32) -> f32 {
     let p = p * r + 1.666_666_5e-1;
     let p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
-    // SAFETY: n is an integer in [-126, 128], in range for i32.
-    y * f32::from_bits(((unsafe { n.to_int_unchecked::<i32>() } + 127) << 23) as u32)
+    // SAFETY: n is an integer in [-126, 127], in range for i32.
+    let y = y * f32::from_bits(((unsafe { n.to_int_unchecked::<i32>() } + 127) << 23) as u32);
+    // Below -87, e^x < 1.7e-38: 0, as `f32::exp` gives for -inf (masked softmax entries).
+    if x < -87.0 {
+        0.0
+    } else if x.is_nan() {
+        x
+    } else {
+        y
+    }
 }
 
 /// tanh(u) = 1 - 2 / (e^{2u} + 1), with the vectorisable [`exp`]; absolute error ~1e-7.
@@ -104,5 +116,8 @@ mod tests {
         }
         assert_eq!(tanh(1e4), 1.0);
         assert_eq!(tanh(-1e4), -1.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp(f32::INFINITY), exp(88.0));
+        assert!(exp(f32::NAN).is_nan() && tanh(f32::NAN).is_nan());
     }
 }

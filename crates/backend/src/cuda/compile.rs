@@ -58,6 +58,19 @@ fn require_nvrtc() -> Result<()> {
     }
 }
 
+/// NVRTC's options for `arch` (part of the cache key).
+fn options(arch: (i32, i32)) -> [String; 5] {
+    [
+        format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
+        "--std=c++17".to_string(),
+        // NVRTC's defaults already keep denormals and IEEE division and square root, which the
+        // fp32 parity with the CPU twin relies on; say so explicitly so a change is deliberate.
+        "--ftz=false".to_string(),
+        "--prec-div=true".to_string(),
+        "--prec-sqrt=true".to_string(),
+    ]
+}
+
 /// Compiles `src` to a cubin for compute capability `arch` (e.g. `(9, 0)`); the error carries
 /// NVRTC's log.
 pub fn compile(src: &str, arch: (i32, i32)) -> Result<Vec<u8>> {
@@ -66,15 +79,7 @@ pub fn compile(src: &str, arch: (i32, i32)) -> Result<Vec<u8>> {
     let name = CString::new("flint_kernels.cu").expect("no NUL");
     let prog = nvrtc::create_program(&csrc, Some(&name))
         .map_err(|e| anyhow!("nvrtcCreateProgram: {e:?}"))?;
-    let opts = [
-        format!("--gpu-architecture=sm_{}{}", arch.0, arch.1),
-        "--std=c++17".to_string(),
-        // NVRTC's defaults already keep denormals and IEEE division and square root, which the
-        // fp32 parity with the CPU twin relies on; say so explicitly so a change is deliberate.
-        "--ftz=false".to_string(),
-        "--prec-div=true".to_string(),
-        "--prec-sqrt=true".to_string(),
-    ];
+    let opts = options(arch);
     // SAFETY: `prog` was just created and is destroyed exactly once below.
     let compiled = unsafe { nvrtc::compile_program(prog, &opts) };
     let result = match compiled {
@@ -120,7 +125,7 @@ fn get_cubin(prog: sys::nvrtcProgram) -> Result<Vec<u8>> {
 pub fn kernels_cubin(arch: (i32, i32)) -> Result<Vec<u8>> {
     let src = source();
     let version = nvrtc_version()?;
-    let key = fnv1a(format!("{src}\0sm_{}{}\0nvrtc {version:?}", arch.0, arch.1).as_bytes());
+    let key = fnv1a(format!("{src}\0{:?}\0nvrtc {version:?}", options(arch)).as_bytes());
     let path =
         cache_dir().map(|d| d.join(format!("kernels-sm{}{}-{key:016x}.cubin", arch.0, arch.1)));
     if let Some(p) = &path {

@@ -73,12 +73,17 @@ impl GpuProbe {
         if let Some(p) = self.problems.iter().find(|p| p.blocking) {
             return Err(p.what.clone());
         }
-        match self.gpus.get(index) {
+        // By the driver's index: a GPU whose properties could not be read is missing from
+        // `gpus`, and must not shift the others.
+        match self.gpus.iter().find(|g| g.index == index) {
             None if self.gpus.is_empty() => Err("no NVIDIA GPU found".into()),
             None => Err(format!(
-                "cuda:{index} does not exist: this machine has {} GPU(s), cuda:0 to cuda:{}",
-                self.gpus.len(),
-                self.gpus.len() - 1
+                "cuda:{index} does not exist or cannot be queried: this machine has {}",
+                self.gpus
+                    .iter()
+                    .map(|g| format!("cuda:{}", g.index))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )),
             Some(g) => match &g.unusable {
                 Some(why) => Err(why.clone()),
@@ -379,7 +384,7 @@ fn check_gpus(p: &mut GpuProbe) {
                 ));
                 p.problems.push(Problem {
                     what: g.unusable.clone().expect("just set"),
-                    fix: "use an NVRTC that knows this GPU (a newer nvidia-cuda-nvrtc wheel or toolkit); `flint doctor --verbose` prints the compiler log".into(),
+                    fix: "use an NVRTC that knows this GPU (a newer nvidia-cuda-nvrtc wheel or toolkit); `flint doctor --json` has the whole compiler log (gpus[].kernels_error)".into(),
                     blocking: false,
                 });
             }

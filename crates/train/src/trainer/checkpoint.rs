@@ -27,6 +27,12 @@ pub struct State {
     /// The fp16 loss scaler's state, for an exact resume (absent in other precisions).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grad_scaler: Option<crate::amp::GradScaler>,
+    /// Where and in which precision the run trained (`cpu` / `cuda:0`, `fp32` / `bf16` / ...):
+    /// a resume elsewhere is allowed but not bit-identical, and says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<String>,
     /// File name -> (size in bytes, FNV-1a 64 checksum), checked before loading.
     pub files: BTreeMap<String, (u64, String)>,
 }

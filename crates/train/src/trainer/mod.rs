@@ -117,20 +117,26 @@ pub fn train(
             })?;
             let base: TrainOptions = toml::from_str(&text)
                 .map_err(|e| anyhow!("{}: {}", saved.display(), e.message()))?;
-            // Flags given with --resume may only extend the run.
-            let steps = options.steps;
-            let mut cfg = TrainOptions {
+            // Flags given with --resume may extend the run or move it to another device or
+            // precision (the loop warns that losses then stop being bit-identical).
+            TrainOptions {
                 out: Some(run.to_path_buf()),
+                steps: options.steps.or(base.steps),
+                device: options.device.or(base.device),
+                precision: options.precision.or(base.precision),
                 ..base
             }
-            .resolve()?;
-            cfg.steps = steps.unwrap_or(cfg.steps);
-            cfg
+            .resolve()?
         }
         None => options.resolve()?,
     };
     let selection = device::select(DeviceRequest::parse(&cfg.device)?)?;
-    let precision = device::precision(&cfg.precision, &selection.device)?;
+    let precision = device::precision(&cfg.precision, &selection.device).map_err(|e| {
+        match &selection.fallback_reason {
+            Some(why) => anyhow!("{e} (no GPU: {why})"),
+            None => e,
+        }
+    })?;
     let described = match &selection.fallback_reason {
         Some(why) => format!("{} (no GPU: {why})", selection.device.describe()),
         None => format!("{}, {}", selection.device.describe(), precision.name()),
@@ -250,7 +256,21 @@ fn train_on<B: Backend>(
             model.backend().upload(m, &ck.m)?;
             model.backend().upload(v, &ck.v)?;
             opt.set_updates(ck.state.adam_updates);
-            scaler = ck.state.grad_scaler.or(scaler);
+            scaler = scaler.map(|fresh| ck.state.grad_scaler.unwrap_or(fresh));
+            // Which GPU does not matter, the kind of device and the precision do.
+            let kind = |d: &str| d.split(':').next().unwrap_or_default().to_string();
+            let now = (
+                kind(&model.backend().device()),
+                model.backend().precision().name(),
+            );
+            if let (Some(device), Some(precision)) = (&ck.state.device, &ck.state.precision) {
+                if (kind(device), precision.as_str()) != now {
+                    obs.warn(&format!(
+                        "the checkpoint was trained on {device} in {precision}; continuing on {} in {}: the losses will not be bit-identical to an uninterrupted run",
+                        now.0, now.1
+                    ));
+                }
+            }
             ck.state.step + 1
         }
         None => 1,
@@ -294,6 +314,8 @@ fn train_on<B: Backend>(
             tokenizer_fingerprint: tokenizer.fingerprint(),
             model: serde_json::to_value(&model.config)?,
             grad_scaler: scaler,
+            device: Some(model.backend().device()),
+            precision: Some(model.backend().precision().name().to_string()),
             files: Default::default(),
         };
         let params = download(model.params())?;
