@@ -39,7 +39,7 @@ enum Command {
     Demo,
     /// Run an nn.TransformerEncoder trained in PyTorch, in eval mode, on a safetensors input.
     Forward(forward::Args),
-    /// Train a GPT-2 style model (default: `tiny` on the embedded corpus, on the CPU).
+    /// Train a GPT-2 style model (default: `tiny` on the embedded corpus).
     Train(Box<train::Args>),
     /// Sample text from a trained run or a Hugging Face GPT-2 folder.
     Generate(generate::Args),
