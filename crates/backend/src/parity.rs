@@ -407,19 +407,25 @@ fn layernorm<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
 }
 
 fn attention<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
-    let (batch, seq, heads, head_dim) = (3, 24, 3, 16);
-    // Unpadded lengths of the three sequences: the last is all padding (rows with every key
-    // masked, which attend to nothing).
-    let lengths = [seq, seq - 7, 0];
-    // (batch_first, causal, key padding, dropout p)
+    // (batch, seq, heads, head_dim, batch_first, causal, key padding, dropout p); seq 37 is a
+    // multiple of nothing, and every shape has several heads and batch elements (the CUDA
+    // backend batches its products over heads and loops over the batch).
     let configs = [
-        (true, true, false, None),
-        (false, false, true, Some(0.1)),
-        (true, true, true, Some(0.25)),
-        (false, true, false, Some(0.5)),
-        (true, false, false, None),
+        (3, 24, 3, 16, true, true, false, None),
+        (3, 24, 3, 16, false, false, true, Some(0.1)),
+        (3, 24, 3, 16, true, true, true, Some(0.25)),
+        (3, 24, 3, 16, false, true, false, Some(0.5)),
+        (3, 24, 3, 16, true, false, false, None),
+        (3, 37, 2, 8, true, true, true, Some(0.2)),
+        (3, 37, 2, 8, false, true, true, Some(0.3)),
+        (3, 37, 2, 8, false, false, false, None),
     ];
-    for (i, (batch_first, causal, padded, p)) in configs.into_iter().enumerate() {
+    for (i, (batch, seq, heads, head_dim, batch_first, causal, padded, p)) in
+        configs.into_iter().enumerate()
+    {
+        // Unpadded lengths of the three sequences: the last is all padding (rows with every
+        // key masked, which attend to nothing).
+        let lengths = [seq, seq - 7, 0];
         let shape = AttentionShape {
             batch,
             seq,
@@ -449,7 +455,7 @@ fn attention<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
             d
         )))?;
         let call = format!(
-            "attention batch_first={batch_first} causal={causal} padding={padded} dropout={p:?}"
+            "attention [{batch}, {seq}, {heads}, {head_dim}] batch_first={batch_first} causal={causal} padding={padded} dropout={p:?}"
         );
         h.check(&format!("{call} forward"), &[("out", out), ("att", att)])?;
         // The backward starts from the reference's probabilities on both sides.

@@ -5,9 +5,10 @@
 //!
 //! Tensors are device addresses. Each call checks the dtype and length of every view it is
 //! given before a kernel touches it, so a wrong plan is an error, not a stray write. The step
-//! allocates no device memory: scratch for sums read back to the host is allocated in `new`.
+//! allocates no device memory after its first: scratch for sums read back to the host is
+//! allocated in `new`, attention's (see [`AttentionScratch`]) on the first call that needs it.
 
-use super::blas::{self, Blas, Operand};
+use super::blas::{self, Blas, Operand, Strided};
 use super::compile;
 use super::launch::{self, elementwise, grid, size, Arg, Kernels, THREADS};
 use super::libs::{self, Lib};
@@ -125,11 +126,35 @@ impl Scratch {
     }
 }
 
+/// One batch element's `[heads, seq, seq]` matrices between attention's products: dropout(att)
+/// when dropout is on, and in the backward dP, turned into dS in place. The products of batch
+/// element `b + 1` are queued after those of `b` on the one stream, so a single element's worth
+/// is enough, whatever the batch size. Allocated on first use and grown when a call needs more,
+/// so a training step allocates nothing after its first.
+struct AttentionScratch {
+    mem: DeviceMemory,
+    floats: usize,
+}
+
+impl AttentionScratch {
+    /// The address of at least `floats` floats.
+    fn reserve(&mut self, stream: &Arc<CudaStream>, floats: usize) -> Result<u64> {
+        if self.floats < floats {
+            // Dropping the old memory waits for the work queued on it.
+            self.mem = DeviceMemory::zeroed(stream, floats * 4)?;
+            self.floats = floats;
+        }
+        Ok(self.mem.addr)
+    }
+}
+
 pub struct Cuda {
     kernels: Kernels,
     blas: Blas,
     /// Locked for the whole of a call that reads results back through it.
     scratch: Mutex<Scratch>,
+    /// Locked for the whole of an attention call.
+    attention_scratch: Mutex<AttentionScratch>,
     stream: Arc<CudaStream>,
     ordinal: usize,
     /// Index into [`Precision::ALL`]; atomic because the trait takes `&self`.
@@ -182,6 +207,10 @@ impl Cuda {
             kernels,
             blas,
             scratch: Mutex::new(scratch),
+            attention_scratch: Mutex::new(AttentionScratch {
+                mem: DeviceMemory::zeroed(&stream, 0)?,
+                floats: 0,
+            }),
             stream,
             ordinal,
             precision: AtomicUsize::new(0),
@@ -217,7 +246,7 @@ impl Cuda {
         Ok(out)
     }
 
-    /// `dst[m, n] (+)= a[m, k] @ b[k, n]`, any dimension possibly zero.
+    /// `dst[m, n] (+)= a[m, k] @ b[k, n]` on packed matrices, any dimension possibly zero.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
         &self,
@@ -240,6 +269,38 @@ impl Cuda {
                 [Arg::U64(dst), size(m * n), Arg::F32(0.0)],
             );
         }
+        // A packed row-major operand used as [rows, cols] has rows of `cols` elements, or of
+        // `rows` when it is stored transposed.
+        let packed = |op: Operand, rows: usize, cols: usize| Strided {
+            op,
+            ld: if op.transposed { rows } else { cols },
+            stride: 0,
+        };
+        self.gemm_batched(
+            packed(plain(dst), m, n),
+            accumulate,
+            packed(a, m, k),
+            packed(b, k, n),
+            m,
+            k,
+            n,
+            1,
+        )
+    }
+
+    /// `count` strided products (see [`Blas::gemm`]), every dimension nonzero.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_batched(
+        &self,
+        dst: Strided,
+        accumulate: bool,
+        a: Strided,
+        b: Strided,
+        m: usize,
+        k: usize,
+        n: usize,
+        count: usize,
+    ) -> Result<()> {
         bind(&self.stream)?;
         let precision = self.precision();
         self.blas.gemm(
@@ -252,7 +313,29 @@ impl Cuda {
             m,
             k,
             n,
+            count,
         )
+    }
+
+    fn attention_scratch(&self) -> Result<std::sync::MutexGuard<'_, AttentionScratch>> {
+        self.attention_scratch
+            .lock()
+            .map_err(|_| anyhow!("a thread panicked while using the attention scratch buffer"))
+    }
+
+    /// `dst[..n] = dropout(att[start..start + n])`, element `i` with multiplier `start + i` of the
+    /// dropout stream.
+    fn attention_dropout(
+        &self,
+        dst: u64,
+        att: u64,
+        start: usize,
+        n: usize,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
+        let args = [ptr(dst), ptr(att), size(n), size(start)];
+        let args = args.into_iter().chain(dropout_args(dropout));
+        self.launch(&self.kernels.attention_dropout, elementwise(n), args)
     }
 
     /// Dynamic shared memory for a row of `n` floats, checked against the per-block limit.
@@ -315,16 +398,68 @@ fn dropout_args(d: Option<Dropout>) -> [Arg; 4] {
     ]
 }
 
-/// The kernels' `ATTN_PARAMS`.
-fn attention_args(s: &AttentionShape) -> [Arg; 6] {
+/// The `seq, heads, hd, causal` parameters of the attention kernels.
+fn attention_args(s: &AttentionShape) -> [Arg; 4] {
     [
-        size(s.batch),
         size(s.seq),
         size(s.heads),
         size(s.head_dim),
-        Arg::I32(s.batch_first as i32),
         Arg::I32(s.causal as i32),
     ]
+}
+
+/// Where attention's per-head matrices of batch element `b` lie, for products batched over the
+/// heads. Batching over heads rather than over batch elements: a head's columns are `head_dim`
+/// further in both token layouts (and its att matrix `seq * seq` further), so one stride serves
+/// both, and the host loops over the batch.
+struct Heads<'a> {
+    s: &'a AttentionShape,
+    b: usize,
+}
+
+impl Heads<'_> {
+    /// Rows between consecutive tokens of a sequence.
+    fn step(&self) -> usize {
+        if self.s.batch_first {
+            1
+        } else {
+            self.s.batch
+        }
+    }
+
+    /// Head 0 of part `part` (0 = q, 1 = k, 2 = v) of the `[rows, 3 * E]` buffer at `base`, as a
+    /// `[seq, head_dim]` matrix (or its transpose).
+    fn qkv(&self, base: u64, part: usize, transposed: bool) -> Strided {
+        let e = self.s.width();
+        let at = self.s.row(self.b, 0) * 3 * e + part * e;
+        Strided {
+            op: Operand {
+                addr: base + 4 * at as u64,
+                transposed,
+            },
+            ld: 3 * e * self.step(),
+            stride: self.s.head_dim,
+        }
+    }
+
+    /// Head 0 of the `[rows, E]` buffer at `base` (out, dout), as a `[seq, head_dim]` matrix.
+    fn tokens(&self, base: u64) -> Strided {
+        let e = self.s.width();
+        Strided {
+            op: plain(base + 4 * (self.s.row(self.b, 0) * e) as u64),
+            ld: e * self.step(),
+            stride: self.s.head_dim,
+        }
+    }
+
+    /// Head 0's `[seq, seq]` matrix (or its transpose) of `[heads, seq, seq]` ones at `addr`.
+    fn square(&self, addr: u64, transposed: bool) -> Strided {
+        Strided {
+            op: Operand { addr, transposed },
+            ld: self.s.seq,
+            stride: self.s.seq * self.s.seq,
+        }
+    }
 }
 
 /// The kernels' activation code (`activate` in elementwise.cu).
@@ -599,22 +734,51 @@ impl Backend for Cuda {
         dropout: Option<Dropout>,
     ) -> Result<()> {
         let s = shape;
-        let (rows, e) = (s.rows(), s.width());
-        let att_rows = s.batch * s.heads * s.seq;
+        let (rows, e, seq, heads, hd) = (s.rows(), s.width(), s.seq, s.heads, s.head_dim);
+        let att_rows = s.batch * heads * seq;
         let out = f32s(out, rows * e, "attention_forward out")?;
-        let att = f32s(att, att_rows * s.seq, "attention_forward att")?;
+        let att = f32s(att, att_rows * seq, "attention_forward att")?;
         let qkv = f32s(qkv, rows * 3 * e, "attention_forward qkv")?;
         let key_padding = match key_padding {
-            Some(kp) => f32s(kp, s.batch * s.seq, "attention_forward key_padding")?,
+            Some(kp) => f32s(kp, s.batch * seq, "attention_forward key_padding")?,
             None => 0, // a null pointer: no padding
         };
-        let shared = Self::shared_row(s.seq, "attention_forward")?;
-        let args = [ptr(att), ptr(qkv), ptr(key_padding)];
+        if att_rows == 0 {
+            return Ok(());
+        }
+        if hd == 0 {
+            bail!("attention_forward: head_dim is 0");
+        }
+        let square = heads * seq * seq;
+        let att_of = |b: usize| att + 4 * (b * square) as u64;
+        // Scores q @ k^T of every head, then the masked softmax over all of them in place.
+        for b in 0..s.batch {
+            let at = Heads { s, b };
+            let (q, k) = (at.qkv(qkv, 0, false), at.qkv(qkv, 1, true));
+            let scores = at.square(att_of(b), false);
+            self.gemm_batched(scores, false, q, k, seq, hd, seq, heads)?;
+        }
+        let args = [ptr(att), ptr(key_padding), size(s.batch)];
         let args = args.into_iter().chain(attention_args(s));
-        self.launch(&self.kernels.attention_scores, grid(att_rows, 0), args)?;
-        let args = [ptr(out), ptr(att), ptr(qkv)].into_iter();
-        let args = args.chain(attention_args(s)).chain(dropout_args(dropout));
-        self.launch(&self.kernels.attention_values, grid(att_rows, shared), args)
+        self.launch(&self.kernels.attention_softmax, grid(att_rows, 0), args)?;
+        let mut scratch = self.attention_scratch()?;
+        let dropped = match dropout {
+            Some(_) => Some(scratch.reserve(&self.stream, square)?),
+            None => None,
+        };
+        for b in 0..s.batch {
+            let at = Heads { s, b };
+            let probs = match dropped {
+                Some(buf) => {
+                    self.attention_dropout(buf, att, b * square, square, dropout)?;
+                    buf
+                }
+                None => att_of(b),
+            };
+            let (probs, v) = (at.square(probs, false), at.qkv(qkv, 2, false));
+            self.gemm_batched(at.tokens(out), false, probs, v, seq, seq, hd, heads)?;
+        }
+        Ok(())
     }
 
     fn attention_backward(
@@ -627,35 +791,48 @@ impl Backend for Cuda {
         dropout: Option<Dropout>,
     ) -> Result<()> {
         let s = shape;
-        let (rows, e) = (s.rows(), s.width());
-        let att_rows = s.batch * s.heads * s.seq;
-        if s.head_dim == 0 {
+        let (rows, e, seq, heads, hd) = (s.rows(), s.width(), s.seq, s.heads, s.head_dim);
+        let att_rows = s.batch * heads * seq;
+        if hd == 0 {
             bail!("attention_backward: head_dim is 0");
         }
         let dqkv = f32s(dqkv, rows * 3 * e, "attention_backward dqkv")?;
         let dout = f32s(dout, rows * e, "attention_backward dout")?;
         let qkv = f32s(qkv, rows * 3 * e, "attention_backward qkv")?;
-        let att = f32s(att, att_rows * s.seq, "attention_backward att")?;
-        let cfg = grid(att_rows, Self::shared_row(s.seq, "attention_backward")?);
-        // The order matters: see attention.cu.
-        let tail = || attention_args(s).into_iter().chain(dropout_args(dropout));
-        let args = [ptr(dqkv), ptr(dout), ptr(qkv), ptr(att)];
-        self.launch(
-            &self.kernels.attention_backward_query,
-            cfg,
-            args.into_iter().chain(tail()),
-        )?;
-        self.launch(
-            &self.kernels.attention_backward_key,
-            cfg,
-            args.into_iter().chain(tail()),
-        )?;
-        let args = [ptr(dqkv), ptr(dout), ptr(att)];
-        self.launch(
-            &self.kernels.attention_backward_value,
-            cfg,
-            args.into_iter().chain(tail()),
-        )
+        let att = f32s(att, att_rows * seq, "attention_backward att")?;
+        if att_rows == 0 {
+            return Ok(());
+        }
+        let square = heads * seq * seq;
+        let mut scratch = self.attention_scratch()?;
+        let buf = scratch.reserve(&self.stream, square)?;
+        for b in 0..s.batch {
+            let at = Heads { s, b };
+            let go = at.tokens(dout);
+            // dv = dropout(att)^T @ dout, before dP takes the scratch over.
+            let probs = match dropout {
+                Some(_) => {
+                    self.attention_dropout(buf, att, b * square, square, dropout)?;
+                    buf
+                }
+                None => att + 4 * (b * square) as u64,
+            };
+            let dv = at.qkv(dqkv, 2, false);
+            self.gemm_batched(dv, false, at.square(probs, true), go, seq, seq, hd, heads)?;
+            // dP = dout @ v^T, then dS in place.
+            let v = at.qkv(qkv, 2, true);
+            self.gemm_batched(at.square(buf, false), false, go, v, seq, hd, seq, heads)?;
+            let args = [ptr(buf), ptr(att), size(b)].into_iter();
+            let args = args.chain(attention_args(s)).chain(dropout_args(dropout));
+            let cfg = grid(heads * seq, 0);
+            self.launch(&self.kernels.attention_softmax_backward, cfg, args)?;
+            // dq = dS @ k;  dk = dS^T @ q.
+            let (dq, k) = (at.qkv(dqkv, 0, false), at.qkv(qkv, 1, false));
+            self.gemm_batched(dq, false, at.square(buf, false), k, seq, seq, hd, heads)?;
+            let (dk, q) = (at.qkv(dqkv, 1, false), at.qkv(qkv, 0, false));
+            self.gemm_batched(dk, false, at.square(buf, true), q, seq, seq, hd, heads)?;
+        }
+        Ok(())
     }
 
     fn embedding_forward(

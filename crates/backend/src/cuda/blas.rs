@@ -25,6 +25,15 @@ pub(super) struct Operand {
     pub transposed: bool,
 }
 
+/// An operand as it lies in memory: `ld` elements between consecutive stored rows, and `stride`
+/// elements between the matrices of consecutive products of a batch (see [`Blas::gemm`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Strided {
+    pub op: Operand,
+    pub ld: usize,
+    pub stride: usize,
+}
+
 pub(super) struct Blas {
     handle: sys::cublasLtHandle_t,
     workspace: DeviceMemory,
@@ -64,27 +73,32 @@ impl Blas {
         Ok(Blas { handle, workspace })
     }
 
-    /// `dst[m, n] (+)= a[m, k] @ b[k, n]`, row-major; `+=` when `accumulate`. All dimensions
-    /// must be nonzero.
+    /// `dst[m, n] (+)= a[m, k] @ b[k, n]`, row-major, `count` times: product `i` reads and writes
+    /// each matrix `i * stride` elements past its first; `+=` when `accumulate`. `dst` must not
+    /// be transposed. All dimensions and `count` must be nonzero.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm(
         &self,
         stream: cudarc::driver::sys::CUstream,
         precision: Precision,
-        dst: u64,
+        dst: Strided,
         accumulate: bool,
-        a: Operand,
-        b: Operand,
+        a: Strided,
+        b: Strided,
         m: usize,
         k: usize,
         n: usize,
+        count: usize,
     ) -> Result<()> {
         let shape = || {
             format!(
-                "cuBLASLt {} product [{m}, {k}] @ [{k}, {n}]",
+                "cuBLASLt {} product [{m}, {k}] @ [{k}, {n}] (x{count})",
                 precision.name()
             )
         };
+        if dst.op.transposed {
+            bail!("{}: the destination is transposed", shape());
+        }
         let desc = Owned {
             raw: result::create_matmul_desc(
                 compute_type(precision),
@@ -97,16 +111,16 @@ impl Blas {
             CUBLASLT_MATMUL_DESC_TRANSA as TRANSA, CUBLASLT_MATMUL_DESC_TRANSB as TRANSB,
         };
         // cublasOperation_t: 0 = N, 1 = T.
-        let (trans_a, trans_b) = (b.transposed as i32, a.transposed as i32);
+        let (trans_a, trans_b) = (b.op.transposed as i32, a.op.transposed as i32);
         // SAFETY: the descriptor is live; each attribute is an int32 cublasOperation_t.
         unsafe {
             set_desc(desc.raw, TRANSA, &trans_a).with_context(shape)?;
             set_desc(desc.raw, TRANSB, &trans_b).with_context(shape)?;
         }
-        let layout_a = layout(b, k, n).with_context(shape)?;
-        let layout_b = layout(a, m, k).with_context(shape)?;
-        let layout_c = matrix(n, m, n).with_context(shape)?;
-        let pref = self.preference(a, b, dst).with_context(shape)?;
+        let layout_a = layout(b, k, n, count).with_context(shape)?;
+        let layout_b = layout(a, m, k, count).with_context(shape)?;
+        let layout_c = layout(dst, m, n, count).with_context(shape)?;
+        let pref = self.preference(a, b, dst, count).with_context(shape)?;
         // SAFETY: all descriptors are live.
         let heuristic = unsafe {
             result::get_matmul_algo_heuristic(
@@ -130,13 +144,13 @@ impl Blas {
                 desc.raw,
                 (&alpha as *const f32).cast(),
                 (&beta as *const f32).cast(),
-                b.addr as *const c_void,
+                b.op.addr as *const c_void,
                 layout_a.raw,
-                a.addr as *const c_void,
+                a.op.addr as *const c_void,
                 layout_b.raw,
-                dst as *const c_void,
+                dst.op.addr as *const c_void,
                 layout_c.raw,
-                dst as *mut c_void,
+                dst.op.addr as *mut c_void,
                 layout_c.raw,
                 &heuristic.algo,
                 self.workspace.addr() as *mut c_void,
@@ -148,12 +162,15 @@ impl Blas {
     }
 
     /// The search preferences: our workspace, and the operands' actual alignment (cuBLASLt
-    /// assumes 256-byte aligned pointers otherwise, and views into a buffer may be less).
+    /// assumes 256-byte aligned pointers otherwise, and views into a buffer may be less). In a
+    /// batch, each matrix after the first is `stride` elements further, so the promise is what
+    /// every one of their addresses satisfies.
     fn preference(
         &self,
-        a: Operand,
-        b: Operand,
-        dst: u64,
+        a: Strided,
+        b: Strided,
+        dst: Strided,
+        count: usize,
     ) -> Result<Owned<sys::cublasLtMatmulPreference_t>> {
         use sys::cublasLtMatmulPreferenceAttributes_t as P;
         let pref = Owned {
@@ -164,19 +181,19 @@ impl Blas {
         let attrs = [
             (
                 P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                alignment(b.addr),
+                batch_alignment(b, count),
             ),
             (
                 P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                alignment(a.addr),
+                batch_alignment(a, count),
             ),
             (
                 P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                alignment(dst),
+                batch_alignment(dst, count),
             ),
             (
                 P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                alignment(dst),
+                batch_alignment(dst, count),
             ),
         ];
         // SAFETY: the preference is live; the workspace size is a uint64 and each alignment a
@@ -216,31 +233,70 @@ unsafe fn set_desc<T>(
     )
 }
 
-/// A column-major f32 matrix layout.
-fn matrix(rows: usize, cols: usize, ld: usize) -> Result<Owned<sys::cublasLtMatrixLayout_t>> {
-    if rows == 0 || cols == 0 {
-        bail!("empty matrix");
-    }
-    Ok(Owned {
-        raw: result::create_matrix_layout(
-            sys::cudaDataType_t::CUDA_R_32F,
-            rows as u64,
-            cols as u64,
-            ld as i64,
-        )?,
-        destroy: result::destroy_matrix_layout,
-    })
-}
-
 /// The column-major layout of a row-major operand used as `[rows, cols]`: stored row-major as
-/// `[rows, cols]` (or `[cols, rows]` when transposed), which column-major reads as its transpose.
-fn layout(op: Operand, rows: usize, cols: usize) -> Result<Owned<sys::cublasLtMatrixLayout_t>> {
-    let (stored_rows, stored_cols) = if op.transposed {
+/// `[rows, cols]` (or `[cols, rows]` when transposed), which column-major reads as its
+/// transpose, with leading dimension `op.ld`; `count` of them `op.stride` elements apart.
+fn layout(
+    op: Strided,
+    rows: usize,
+    cols: usize,
+    count: usize,
+) -> Result<Owned<sys::cublasLtMatrixLayout_t>> {
+    let (stored_rows, stored_cols) = if op.op.transposed {
         (cols, rows)
     } else {
         (rows, cols)
     };
-    matrix(stored_cols, stored_rows, stored_cols)
+    if stored_rows == 0 || stored_cols == 0 || count == 0 {
+        bail!("empty matrix");
+    }
+    if op.ld < stored_cols {
+        bail!("rows of {stored_cols} elements {} apart", op.ld);
+    }
+    let layout = Owned {
+        raw: result::create_matrix_layout(
+            sys::cudaDataType_t::CUDA_R_32F,
+            stored_cols as u64,
+            stored_rows as u64,
+            op.ld as i64,
+        )?,
+        destroy: result::destroy_matrix_layout,
+    };
+    if count > 1 {
+        use sys::cublasLtMatrixLayoutAttribute_t::{
+            CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT as COUNT,
+            CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET as OFFSET,
+        };
+        let (count, stride) = (i32::try_from(count)?, op.stride as i64);
+        // SAFETY: the layout is live; cuBLASLt documents the batch count as an int32 and the
+        // strided batch offset as an int64.
+        unsafe {
+            result::set_matrix_layout_attribute(
+                layout.raw,
+                COUNT,
+                (&count as *const i32).cast(),
+                std::mem::size_of::<i32>(),
+            )?;
+            result::set_matrix_layout_attribute(
+                layout.raw,
+                OFFSET,
+                (&stride as *const i64).cast(),
+                std::mem::size_of::<i64>(),
+            )?;
+        }
+    }
+    Ok(layout)
+}
+
+/// The alignment every matrix of a batch of `count` has: that of the first, and of the stride
+/// between them (in bytes) when there are several.
+fn batch_alignment(op: Strided, count: usize) -> u32 {
+    let first = alignment(op.op.addr);
+    if count > 1 {
+        first.min(alignment(op.stride as u64 * 4))
+    } else {
+        first
+    }
 }
 
 /// The largest power of two, up to 256, that divides `addr`.
@@ -263,7 +319,7 @@ fn compute_type(p: Precision) -> sys::cublasComputeType_t {
 
 #[cfg(test)]
 mod tests {
-    use super::alignment;
+    use super::{alignment, batch_alignment, Operand, Strided};
 
     #[test]
     fn alignment_is_the_largest_power_of_two_dividing_the_address_up_to_256() {
@@ -271,5 +327,22 @@ mod tests {
         assert_eq!(alignment(0x1004), 4);
         assert_eq!(alignment(0x1010), 16);
         assert_eq!(alignment(0), 256);
+    }
+
+    #[test]
+    fn a_batch_promises_the_alignment_of_every_matrix() {
+        let head = |stride| Strided {
+            op: Operand {
+                addr: 0x1000,
+                transposed: false,
+            },
+            ld: 96,
+            stride,
+        };
+        // Heads 8 floats apart: 32 bytes.
+        assert_eq!(batch_alignment(head(8), 3), 32);
+        assert_eq!(batch_alignment(head(64), 12), 256);
+        // A single product only needs its own address aligned.
+        assert_eq!(batch_alignment(head(8), 1), 256);
     }
 }

@@ -109,11 +109,9 @@ kernels!(
     layernorm_forward,
     layernorm_backward_input,
     layernorm_backward_params,
-    attention_scores,
-    attention_values,
-    attention_backward_query,
-    attention_backward_key,
-    attention_backward_value,
+    attention_softmax,
+    attention_dropout,
+    attention_softmax_backward,
     attention_decode,
     embedding_forward,
     embedding_backward,
@@ -229,10 +227,10 @@ mod tests {
             assert!(sigs.contains_key(*name), "{name} is not in the CUDA source");
         }
         assert_eq!(
-            sigs["attention_values"],
+            sigs["attention_softmax_backward"],
             [
-                &[Kind::U64; 7][..],
-                &[Kind::I32; 2],
+                &[Kind::U64; 6][..],
+                &[Kind::I32],
                 &[Kind::U64; 3],
                 &[Kind::F32]
             ]

@@ -96,8 +96,3 @@ __device__ T block_reduce(T v, Op op) {
     for (u32 w = 1; w < warps; ++w) total = op(total, partial[w]);
     return total;
 }
-
-// Row `t` of sequence `b` in a [rows, ...] token buffer (AttentionShape::row).
-__device__ __forceinline__ u64 token_row(u64 b, u64 t, u64 batch, u64 seq, int batch_first) {
-    return batch_first ? b * seq + t : t * batch + b;
-}
