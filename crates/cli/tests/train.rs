@@ -233,7 +233,9 @@ fn a_full_disk_during_a_checkpoint_is_an_error_that_keeps_the_previous_checkpoin
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
     assert!(
-        stderr.contains("cannot write the checkpoint of step 6") && stderr.contains("intact"),
+        stderr.contains("cannot write the checkpoint of step 6")
+            && stderr.contains("intact")
+            && stderr.contains("--resume"),
         "{stderr}"
     );
     // Only the complete checkpoints remain: no half-written step 6, no temporary folder.

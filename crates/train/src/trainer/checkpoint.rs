@@ -126,9 +126,10 @@ pub fn save(
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
         bail!(
-            "{}: cannot write the checkpoint of step {} ({e:#}); earlier checkpoints are intact",
+            "{}: cannot write the checkpoint of step {} ({e:#}); earlier checkpoints are intact: free space (or fix the folder's permissions), then continue with `flint train --resume {}`",
             root.display(),
-            state.step
+            state.step,
+            run.display()
         );
     }
     for old in complete(run)?.into_iter().rev().skip(keep) {
