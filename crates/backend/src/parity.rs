@@ -347,6 +347,27 @@ fn matmul<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
         );
         h.check(&call, &[("dinp", dinp), ("dweight", dw), ("dbias", db)])?;
     }
+    // The bias gradient over more rows and columns: the CUDA backend sums columns in chunks of
+    // 32 rows and tiles of 32 columns, here several of each, the last of both ragged.
+    let (rows, k) = (300, 8);
+    for n in [200, 1000] {
+        let (dinp, dw, db) = (h.random(rows * k)?, h.random(k * n)?, h.random(n)?);
+        let (dout, inp, w) = (h.random(rows * n)?, h.random(rows * k)?, h.random(k * n)?);
+        both_ok(both!(h, |bk, t| bk.matmul_backward(
+            Some(t(dinp)),
+            true,
+            weight(t(dw), OutIn),
+            Some(t(db)),
+            t(dout),
+            t(inp),
+            weight(t(w), OutIn),
+            rows,
+            k,
+            n
+        )))?;
+        let call = format!("matmul_backward [{rows}, {k}] @ [{k}, {n}] +=");
+        h.check(&call, &[("dinp", dinp), ("dweight", dw), ("dbias", db)])?;
+    }
     Ok(())
 }
 
@@ -377,33 +398,53 @@ fn layernorm<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
         &[("out", out), ("mean", mean), ("rstd", rstd)],
     )?;
     for accumulate in [false, true] {
-        let (dinp, dw, db, dout) = (
-            h.random(rows * c)?,
-            h.random(c)?,
-            h.random(c)?,
-            h.random(rows * c)?,
-        );
-        let (mean, rstd) = (h.random(rows)?, h.positive(rows)?);
-        both_ok(both!(h, |bk, t| bk.layernorm_backward(
-            t(dinp),
-            accumulate,
-            t(dw),
-            t(db),
-            t(dout),
-            t(inp),
-            t(w),
-            t(mean),
-            t(rstd),
-            rows,
-            c
-        )))?;
         let call = format!(
             "layernorm_backward{}",
             if accumulate { " +=" } else { " =" }
         );
-        h.check(&call, &[("dinp", dinp), ("dweight", dw), ("dbias", db)])?;
+        layernorm_backward(h, &call, inp, w, rows, c, accumulate)?;
+    }
+    // The parameter gradients over more rows and columns: several of the CUDA backend's chunks
+    // of 32 rows and tiles of 32 columns, the last of both ragged.
+    let rows = 300;
+    for c in [200, 1000] {
+        let (inp, w) = (h.uniform(rows * c, 3.0)?, h.random(c)?);
+        let call = format!("layernorm_backward [{rows}, {c}] +=");
+        layernorm_backward(h, &call, inp, w, rows, c, true)?;
     }
     Ok(())
+}
+
+fn layernorm_backward<A: Backend, B: Backend>(
+    h: &mut Harness<A, B>,
+    call: &str,
+    inp: Pair,
+    w: Pair,
+    rows: usize,
+    c: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let (dinp, dw, db, dout) = (
+        h.random(rows * c)?,
+        h.random(c)?,
+        h.random(c)?,
+        h.random(rows * c)?,
+    );
+    let (mean, rstd) = (h.random(rows)?, h.positive(rows)?);
+    both_ok(both!(h, |bk, t| bk.layernorm_backward(
+        t(dinp),
+        accumulate,
+        t(dw),
+        t(db),
+        t(dout),
+        t(inp),
+        t(w),
+        t(mean),
+        t(rstd),
+        rows,
+        c
+    )))?;
+    h.check(call, &[("dinp", dinp), ("dweight", dw), ("dbias", db)])
 }
 
 fn attention<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {

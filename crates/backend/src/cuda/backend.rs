@@ -5,8 +5,9 @@
 //!
 //! Tensors are device addresses. Each call checks the dtype and length of every view it is
 //! given before a kernel touches it, so a wrong plan is an error, not a stray write. The step
-//! allocates no device memory after its first: scratch for sums read back to the host is
-//! allocated in `new`, attention's (see [`AttentionScratch`]) on the first call that needs it.
+//! allocates no device memory after its first: scratch for sums read back to the host and for
+//! the partial sums of column reductions is allocated in `new`, attention's (see
+//! [`AttentionScratch`]) on the first call that needs it.
 
 use super::blas::{self, Blas, Operand, Strided};
 use super::compile;
@@ -23,6 +24,18 @@ use std::sync::{Arc, Mutex};
 
 /// Per-block partial sums a reduction may leave (its grid is capped to this many blocks).
 const PARTIALS: usize = 1024;
+
+/// Column reductions (see [`Cuda::column_reduce`]) cut the rows into at most this many chunks of
+/// at least [`MIN_CHUNK_ROWS`]: at GPT-2 sizes (8192 rows, 768 to 3072 columns) that is 64
+/// chunks times 24 to 96 tiles of 32 columns, thousands of blocks, enough to fill any GPU.
+const MAX_ROW_CHUNKS: usize = 64;
+
+/// Rows a chunk gets at least, so that small reductions do not drown in partials.
+const MIN_CHUNK_ROWS: usize = 32;
+
+/// f32 partial sums of the column reductions: [`MAX_ROW_CHUNKS`] chunks of 65536 columns, 16 MiB.
+/// Wider reductions go in slabs of columns that fit.
+const COLUMN_PARTIALS: usize = MAX_ROW_CHUNKS << 16;
 
 /// Device memory, freed on drop.
 pub(super) struct DeviceMemory {
@@ -155,6 +168,9 @@ pub struct Cuda {
     scratch: Mutex<Scratch>,
     /// Locked for the whole of an attention call.
     attention_scratch: Mutex<AttentionScratch>,
+    /// [`COLUMN_PARTIALS`] floats, locked for the whole of a column reduction: the two levels
+    /// of another call must not interleave with its own on the stream.
+    column_partials: Mutex<DeviceMemory>,
     stream: Arc<CudaStream>,
     ordinal: usize,
     /// Index into [`Precision::ALL`]; atomic because the trait takes `&self`.
@@ -211,6 +227,7 @@ impl Cuda {
                 mem: DeviceMemory::zeroed(&stream, 0)?,
                 floats: 0,
             }),
+            column_partials: Mutex::new(DeviceMemory::zeroed(&stream, COLUMN_PARTIALS * 4)?),
             stream,
             ordinal,
             precision: AtomicUsize::new(0),
@@ -645,8 +662,8 @@ impl Backend for Cuda {
         }
         if let Some(dbias) = dbias {
             let dbias = f32s(dbias, n, "matmul_backward dbias")?;
-            let args = [ptr(dbias), ptr(dout), size(rows), size(n)];
-            self.launch(&self.kernels.column_sum, elementwise(n), args)?;
+            let kernel = &self.kernels.column_sum_partials;
+            self.column_reduce(kernel, &[dbias], &[ptr(dout)], rows, n)?;
         }
         Ok(())
     }
@@ -707,21 +724,13 @@ impl Backend for Cuda {
             Arg::I32(accumulate as i32),
         ];
         self.launch(&self.kernels.layernorm_backward_input, grid(rows, 0), args)?;
-        let args = [
-            ptr(f32s(dweight, c, "layernorm_backward dweight")?),
-            ptr(f32s(dbias, c, "layernorm_backward dbias")?),
-            ptr(dout),
-            ptr(inp),
-            ptr(mean),
-            ptr(rstd),
-            size(rows),
-            size(c),
+        let outs = [
+            f32s(dweight, c, "layernorm_backward dweight")?,
+            f32s(dbias, c, "layernorm_backward dbias")?,
         ];
-        self.launch(
-            &self.kernels.layernorm_backward_params,
-            elementwise(c),
-            args,
-        )
+        let inputs = [ptr(dout), ptr(inp), ptr(mean), ptr(rstd)];
+        let kernel = &self.kernels.layernorm_backward_params_partials;
+        self.column_reduce(kernel, &outs, &inputs, rows, c)
     }
 
     fn attention_forward(
@@ -1135,6 +1144,56 @@ impl Backend for Cuda {
 }
 
 impl Cuda {
+    /// `outs[o][n] += ` column sums over `rows` rows of `[rows, n]` matrices, in two levels (see
+    /// COLUMN_PARAMS in kernels/common.cuh): `kernel`, called with the partials buffer, then
+    /// `inputs`, then COLUMN_PARAMS, leaves output `o`'s sum over row chunk `ch` in
+    /// `partials[(o * chunks + ch) * cols..][..cols]`; add_column_partials then adds each
+    /// output's chunks in order. The chunks depend on `rows` alone, so a result depends on
+    /// neither timing, the GPU nor the number of columns.
+    fn column_reduce(
+        &self,
+        kernel: &launch::Kernel,
+        outs: &[u64],
+        inputs: &[Arg],
+        rows: usize,
+        n: usize,
+    ) -> Result<()> {
+        let guard = self
+            .column_partials
+            .lock()
+            .map_err(|_| anyhow!("a thread panicked while using the column partials"))?;
+        let partials = guard.addr();
+        let chunk_rows = rows.div_ceil(MAX_ROW_CHUNKS).max(MIN_CHUNK_ROWS);
+        let chunks = rows.div_ceil(chunk_rows);
+        // Columns whose partials fit the buffer: at least 32768, so more than one slab is rare.
+        let slab = COLUMN_PARTIALS / (outs.len() * chunks.max(1));
+        for col0 in (0..n).step_by(slab) {
+            let cols = slab.min(n - col0);
+            let items = cols.div_ceil(32) * chunks;
+            let params = [
+                size(rows),
+                size(n),
+                size(col0),
+                size(cols),
+                size(chunk_rows),
+            ];
+            let args = std::iter::once(ptr(partials))
+                .chain(inputs.iter().copied())
+                .chain(params);
+            self.launch(kernel, grid(items, 0), args)?;
+            for (o, &out) in outs.iter().enumerate() {
+                let args = [
+                    ptr(out + 4 * col0 as u64),
+                    ptr(partials + 4 * (o * chunks * cols) as u64),
+                    size(chunks),
+                    size(cols),
+                ];
+                self.launch(&self.kernels.add_column_partials, elementwise(cols), args)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Adds the `blocks` partial sums a reduction left in scratch and reads the total back.
     fn total(&self, scratch: &Scratch, blocks: usize) -> Result<f64> {
         let args = [ptr(scratch.partials()), size(blocks), ptr(scratch.total())];

@@ -9,9 +9,11 @@
 
 use super::backend::DeviceMemory;
 use crate::Precision;
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use cudarc::cublaslt::{result, result::CublasError, sys};
+use std::collections::HashMap;
 use std::ffi::c_void;
+use std::sync::Mutex;
 
 /// Workspace for cuBLASLt's split-K and other algorithms: 32 MiB is NVIDIA's recommendation
 /// for Hopper (4 MiB suffices before it).
@@ -37,6 +39,38 @@ pub(super) struct Strided {
 pub(super) struct Blas {
     handle: sys::cublasLtHandle_t,
     workspace: DeviceMemory,
+    /// The algorithm cuBLASLt's heuristic chose for each distinct product (see [`AlgoKey`]): a
+    /// training step makes hundreds of products of a few dozen kinds, and the heuristic query
+    /// costs far more host time than building the descriptors, which are therefore still made
+    /// per call (small host structs; caching them too would mean sharing raw handles between
+    /// threads for little gain). NVIDIA documents `cublasLtMatmulAlgo_t` as plain data that may
+    /// be stored and reused with the same library. The map grows by one small entry per kind of
+    /// product a run makes, so it stays tiny.
+    algos: Mutex<HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>>,
+}
+
+/// Everything the heuristic query is given: the compute type, and each operand's layout (its
+/// transpose flag, leading dimension, batch stride) and promised alignment, with the product's
+/// dimensions and batch count. The workspace is always the same one, and beta (`accumulate`) is
+/// not an input of the query.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct AlgoKey {
+    precision: Precision,
+    /// `(transposed, ld, stride, alignment)` of a, b and dst.
+    operands: [(bool, usize, usize, u32); 3],
+    dims: [usize; 4],
+}
+
+impl AlgoKey {
+    fn new(p: Precision, a: Strided, b: Strided, dst: Strided, dims: [usize; 4]) -> AlgoKey {
+        let count = dims[3];
+        let op = |s: Strided| (s.op.transposed, s.ld, s.stride, batch_alignment(s, count));
+        AlgoKey {
+            precision: p,
+            operands: [op(a), op(b), op(dst)],
+            dims,
+        }
+    }
 }
 
 // SAFETY: a cuBLASLt handle holds no per-call state and may be used from any thread; all
@@ -70,7 +104,11 @@ impl Blas {
     /// `workspace` must hold [`WORKSPACE_BYTES`].
     pub(super) fn new(workspace: DeviceMemory) -> Result<Blas> {
         let handle = result::create_handle().context("cublasLtCreate")?;
-        Ok(Blas { handle, workspace })
+        Ok(Blas {
+            handle,
+            workspace,
+            algos: Mutex::new(HashMap::new()),
+        })
     }
 
     /// `dst[m, n] (+)= a[m, k] @ b[k, n]`, row-major, `count` times: product `i` reads and writes
@@ -120,20 +158,33 @@ impl Blas {
         let layout_a = layout(b, k, n, count).with_context(shape)?;
         let layout_b = layout(a, m, k, count).with_context(shape)?;
         let layout_c = layout(dst, m, n, count).with_context(shape)?;
-        let pref = self.preference(a, b, dst, count).with_context(shape)?;
-        // SAFETY: all descriptors are live.
-        let heuristic = unsafe {
-            result::get_matmul_algo_heuristic(
-                self.handle,
-                desc.raw,
-                layout_a.raw,
-                layout_b.raw,
-                layout_c.raw,
-                layout_c.raw,
-                pref.raw,
-            )
-        }
-        .with_context(|| format!("{}: no algorithm", shape()))?;
+        let mut algos = self
+            .algos
+            .lock()
+            .map_err(|_| anyhow!("a thread panicked while choosing a cuBLASLt algorithm"))?;
+        let key = AlgoKey::new(precision, a, b, dst, [m, k, n, count]);
+        let algo = match algos.get(&key) {
+            Some(algo) => *algo,
+            None => {
+                let pref = self.preference(a, b, dst, count).with_context(shape)?;
+                // SAFETY: all descriptors are live.
+                let heuristic = unsafe {
+                    result::get_matmul_algo_heuristic(
+                        self.handle,
+                        desc.raw,
+                        layout_a.raw,
+                        layout_b.raw,
+                        layout_c.raw,
+                        layout_c.raw,
+                        pref.raw,
+                    )
+                }
+                .with_context(|| format!("{}: no algorithm", shape()))?;
+                algos.insert(key, heuristic.algo);
+                heuristic.algo
+            }
+        };
+        drop(algos);
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
         // SAFETY: the descriptors are live and describe the operands, which the backend checked
         // to be f32 views of sufficient length; with beta 0, C is not read. The workspace
@@ -152,7 +203,7 @@ impl Blas {
                 layout_c.raw,
                 dst.op.addr as *mut c_void,
                 layout_c.raw,
-                &heuristic.algo,
+                &algo,
                 self.workspace.addr() as *mut c_void,
                 WORKSPACE_BYTES,
                 stream as sys::cudaStream_t,

@@ -18,7 +18,8 @@ const MAX_BLOCKS: usize = 1 << 16;
 
 /// Dynamic shared memory a block may use without opting in: 48 KiB on every GPU since Kepler,
 /// a limit on static plus dynamic shared memory together, so the static arrays of the kernels
-/// (`block_reduce`'s 32 partials, at most 256 bytes) are reserved out of it.
+/// that take dynamic memory (`block_reduce`'s 32 partials, at most 256 bytes) are reserved out
+/// of it.
 pub(super) const MAX_SHARED_BYTES: usize = (48 << 10) - 1024;
 
 /// One kernel argument; sizes and device addresses are `u64` (the kernels' `u64` and pointers).
@@ -101,14 +102,15 @@ kernels!(
     scale,
     bias_rows,
     transpose,
-    column_sum,
+    column_sum_partials,
+    add_column_partials,
     activation_forward,
     activation_backward,
     residual_forward,
     residual_backward,
     layernorm_forward,
     layernorm_backward_input,
-    layernorm_backward_params,
+    layernorm_backward_params_partials,
     attention_softmax,
     attention_dropout,
     attention_softmax_backward,

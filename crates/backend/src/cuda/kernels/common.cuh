@@ -96,3 +96,48 @@ __device__ T block_reduce(T v, Op op) {
     for (u32 w = 1; w < warps; ++w) total = op(total, partial[w]);
     return total;
 }
+
+// ---- Column reductions in two levels (backend.rs, `column_reduce`)
+//
+// out[j] += sum over rows of f(row, j), for columns col0..col0 + cols of [rows, n] matrices.
+// The rows are cut into chunks of chunk_rows; work item w (one block at a time, grid-stride) is
+// the 32-column tile w % tiles of chunk w / tiles. Lane l of warp v adds rows v, v + warps, ...
+// of the chunk in its column, so each warp reads 128 contiguous bytes per row; the warps' sums
+// are then added in warp order and stored as the chunk's partial, and add_column_partials adds
+// the partials in chunk order. Every sum has a fixed order: results do not depend on timing.
+#define COLUMN_PARAMS u64 rows, u64 n, u64 col0, u64 cols, u64 chunk_rows
+
+struct ColumnItem {
+    u64 chunk, j, r0, r1;  // the chunk, this thread's column (relative to col0), its rows r0..r1
+    bool active;           // j < cols
+};
+
+// Calls body(item) for each work item of this block. Every thread of the block runs every
+// item (the body may call column_warps_sum, which synchronises).
+template <typename Body>
+__device__ void for_column_items(u64 rows, u64 cols, u64 chunk_rows, Body body) {
+    const u64 tiles = (cols + 31) / 32, chunks = (rows + chunk_rows - 1) / chunk_rows;
+    for (u64 w = blockIdx.x; w < tiles * chunks; w += gridDim.x) {
+        ColumnItem it;
+        it.chunk = w / tiles;
+        it.j = (w % tiles) * 32 + threadIdx.x % 32;
+        it.active = it.j < cols;
+        it.r0 = it.chunk * chunk_rows + threadIdx.x / 32;
+        const u64 end = (it.chunk + 1) * chunk_rows;
+        it.r1 = end < rows ? end : rows;
+        body(it);
+    }
+}
+
+// The sum, in warp order, of `acc` over the warps of the block, for this thread's lane. Every
+// thread of the block must call it (it synchronises).
+__device__ float column_warps_sum(float acc) {
+    __shared__ float part[1024];  // one per thread of the largest block
+    const u32 lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    __syncthreads();  // the previous call's readers of `part` are done
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    float s = part[lane];
+    for (u32 v = 1; v < warps; ++v) s += part[v * 32 + lane];
+    return s;
+}

@@ -24,13 +24,26 @@ extern "C" __global__ void transpose(float* out, const float* inp, u64 rows, u64
     }
 }
 
-// dbias[n] += sum over rows of dout[rows, n]: one thread per column adds the rows in order,
-// exactly as the CPU does.
-extern "C" __global__ void column_sum(float* dbias, const float* dout, u64 rows, u64 n) {
-    FOR_EACH(j, n) {
+// partials[chunk, cols] = sum over the chunk's rows of dout[rows, n] (see COLUMN_PARAMS): the
+// first level of the bias gradient dbias[n] += sum over rows of dout.
+extern "C" __global__ void column_sum_partials(float* partials, const float* dout, COLUMN_PARAMS) {
+    for_column_items(rows, cols, chunk_rows, [&](const ColumnItem& it) {
         float acc = 0.0f;
-        for (u64 r = 0; r < rows; ++r) acc += dout[r * n + j];
-        dbias[j] += acc;
+        if (it.active)
+            for (u64 r = it.r0; r < it.r1; r += blockDim.x / 32) acc += dout[r * n + col0 + it.j];
+        const float s = column_warps_sum(acc);
+        if (threadIdx.x < 32 && it.active) partials[it.chunk * cols + it.j] = s;
+    });
+}
+
+// out[cols] += sum over chunks, in chunk order, of partials[chunks, cols]: the second level of a
+// column reduction.
+extern "C" __global__ void add_column_partials(float* out, const float* partials, u64 chunks,
+                                               u64 cols) {
+    FOR_EACH(j, cols) {
+        float s = 0.0f;
+        for (u64 c = 0; c < chunks; ++c) s += partials[c * cols + j];
+        out[j] += s;
     }
 }
 

@@ -48,19 +48,26 @@ extern "C" __global__ void layernorm_backward_input(float* dinp, const float* do
     }
 }
 
-// dweight[c] += sum_rows dout * xhat;  dbias[c] += sum_rows dout.
-// One thread per column adds the rows in order, exactly as the CPU does.
-extern "C" __global__ void layernorm_backward_params(float* dweight, float* dbias, const float* dout,
-                                                     const float* inp, const float* mean,
-                                                     const float* rstd, u64 rows, u64 c) {
-    FOR_EACH(j, c) {
+// partials[chunk, cols] = sum over the chunk's rows of dout * xhat, then partials[chunks + chunk,
+// cols] = sum of dout (see COLUMN_PARAMS, n = c): the first level of dweight[c] += sum_rows
+// dout * xhat and dbias[c] += sum_rows dout.
+extern "C" __global__ void layernorm_backward_params_partials(float* partials, const float* dout,
+                                                              const float* inp, const float* mean,
+                                                              const float* rstd, COLUMN_PARAMS) {
+    const u64 chunks = (rows + chunk_rows - 1) / chunk_rows;
+    for_column_items(rows, cols, chunk_rows, [&](const ColumnItem& it) {
         float aw = 0.0f, ab = 0.0f;
-        for (u64 r = 0; r < rows; ++r) {
-            const float g = dout[r * c + j];
-            aw += g * (inp[r * c + j] - mean[r]) * rstd[r];
-            ab += g;
+        if (it.active)
+            for (u64 r = it.r0; r < it.r1; r += blockDim.x / 32) {
+                const u64 e = r * n + col0 + it.j;
+                const float g = dout[e];
+                aw += g * (inp[e] - mean[r]) * rstd[r];
+                ab += g;
+            }
+        const float sw = column_warps_sum(aw), sb = column_warps_sum(ab);
+        if (threadIdx.x < 32 && it.active) {
+            partials[it.chunk * cols + it.j] = sw;
+            partials[(chunks + it.chunk) * cols + it.j] = sb;
         }
-        dweight[j] += aw;
-        dbias[j] += ab;
-    }
+    });
 }
