@@ -190,19 +190,24 @@ fn sigkill_loses_at_most_the_steps_since_the_last_checkpoint() {
     child.kill().unwrap();
     child.wait().unwrap();
     // The run may have got well past step 5 before the kill landed: finish at a step far beyond.
-    let resumed = flint(&["train", "--resume", run.to_str().unwrap(), "--steps", "300"]);
+    assert_resumes_like_an_uninterrupted_run(&run, &clean, 300);
+}
+
+/// Resumes `run` up to `steps`, trains `clean` from scratch to `steps`, and asserts that each
+/// step appears once in `run` with exactly the losses of the run that was never interrupted.
+fn assert_resumes_like_an_uninterrupted_run(run: &Path, clean: &Path, steps: usize) {
+    let n = steps.to_string();
+    let resumed = flint(&["train", "--resume", run.to_str().unwrap(), "--steps", &n]);
     assert_eq!(
         resumed.status.code(),
         Some(0),
         "{}",
         String::from_utf8_lossy(&resumed.stderr)
     );
-
-    assert_eq!(flint(&small_run(&clean, "300")).status.code(), Some(0));
-    // Each step appears once, with exactly the losses of a run that was never killed.
-    let (killed, never) = (losses(&run), losses(&clean));
-    assert_eq!(never.len(), 300);
-    assert_eq!(killed, never);
+    assert_eq!(flint(&small_run(clean, &n)).status.code(), Some(0));
+    let (interrupted, never) = (losses(run), losses(clean));
+    assert_eq!(never.len(), steps);
+    assert_eq!(interrupted, never);
 }
 
 #[test]
@@ -246,17 +251,7 @@ fn a_full_disk_during_a_checkpoint_is_an_error_that_keeps_the_previous_checkpoin
     left.sort();
     assert_eq!(left, ["step_00000002", "step_00000004"]);
     // With space again, the run resumes from step 4 and matches a run that never failed.
-    let resumed = flint(&["train", "--resume", run.to_str().unwrap(), "--steps", "8"]);
-    assert_eq!(
-        resumed.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&resumed.stderr)
-    );
-    assert_eq!(flint(&small_run(&clean, "8")).status.code(), Some(0));
-    let (failed, never) = (losses(&run), losses(&clean));
-    assert_eq!(never.len(), 8);
-    assert_eq!(failed, never);
+    assert_resumes_like_an_uninterrupted_run(&run, &clean, 8);
 }
 
 #[test]
