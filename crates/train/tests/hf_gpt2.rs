@@ -76,6 +76,7 @@ fn five_steps_with_accumulation_clipping_and_adamw_match_torch() {
         weight_decay: num("weight_decay"),
     };
     let mut opt = AdamW::new(&Cpu, gpt.layout(), config, gpt::decays, &gpt.mirrors()).unwrap();
+    let p0 = download(gpt.params());
     let (ids, targets) = (ints(&data, "micro_input_ids"), ints(&data, "micro_targets"));
     let (losses, norms) = (
         data.f32("losses").unwrap().1,
@@ -109,7 +110,28 @@ fn five_steps_with_accumulation_clipping_and_adamw_match_torch() {
     let p = download(gpt.params());
     for entry in gpt.layout().entries() {
         let got = &p[entry.offset..entry.offset + entry.numel()];
-        let e = rel_err(got, &data.f32(&format!("step5.{}", entry.name)).unwrap().1);
+        let want = data.f32(&format!("step5.{}", entry.name)).unwrap().1;
+        let (got, want) = match entry.name.ends_with("attn.c_attn.bias") {
+            true => {
+                // The key bias adds q.b to every score of a row, which softmax cancels: its
+                // gradient is zero but for rounding, and AdamW's normalised update turns that
+                // noise into a drift of either sign, in PyTorch as in flint. So it is only
+                // checked to stay put: a real gradient would move it ~lr per step.
+                let e = got.len() / 3;
+                let start = &p0[entry.offset + e..entry.offset + 2 * e];
+                let drift = got[e..2 * e]
+                    .iter()
+                    .zip(start)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                let bound = 0.01 * config.lr * losses.len() as f32;
+                assert!(drift <= bound, "{} key bias drift {drift:e}", entry.name);
+                let q_and_v = |x: &[f32]| [&x[..e], &x[2 * e..]].concat();
+                (q_and_v(got), q_and_v(&want))
+            }
+            false => (got.to_vec(), want),
+        };
+        let e = rel_err(&got, &want);
         assert!(e <= TOL, "{} after 5 steps rel err {e:e}", entry.name);
     }
 }

@@ -1,6 +1,6 @@
 //! `torch.optim.AdamW` over a flat buffer, and the sum of squares for global-norm clipping.
 
-use super::matmul::{copy_column, transpose_block, TILE};
+use super::transpose::{copy_column, transpose_block, TILE};
 use super::{deterministic_sum, simd, SendPtr, CHUNK};
 use crate::AdamW;
 use rayon::prelude::*;

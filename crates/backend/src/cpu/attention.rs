@@ -3,57 +3,58 @@
 //! columns of the packed `[rows, 3 * E]` q|k|v and `[rows, E]` buffers in place, for either
 //! token layout (`batch_first` or not), so no head is ever copied out.
 
+use super::head_gemm::{product, Causal, Mat};
+use super::transpose::{copy_column, transpose_block, TILE};
 use super::{dropout, SendPtr};
 use crate::{AttentionShape, Dropout};
-use gemm::Parallelism;
 use rayon::prelude::*;
 use std::cell::RefCell;
 
 thread_local! {
-    // Two [seq, seq] tiles per thread, grown once: the step allocates nothing after the first.
+    // Per-thread scratch, grown once: the step allocates nothing after the first.
     static TILES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-fn with_tiles<R>(seq: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+/// Scratch for one head: two `[seq, seq]` tiles (dropped probabilities, dS) and a
+/// `[head_dim, seq]` one (a transposed K or V, so every product reads its right operand by rows).
+struct Tiles<'a> {
+    probs: &'a mut [f32],
+    ds: &'a mut [f32],
+    transposed: &'a mut [f32],
+}
+
+fn with_tiles<R>(seq: usize, dh: usize, f: impl FnOnce(Tiles) -> R) -> R {
     TILES.with(|t| {
         let mut t = t.borrow_mut();
-        if t.len() < 2 * seq * seq {
-            t.resize(2 * seq * seq, 0.0);
+        let len = 2 * seq * seq + dh * seq;
+        if t.len() < len {
+            t.resize(len, 0.0);
         }
-        let (a, b) = t[..2 * seq * seq].split_at_mut(seq * seq);
-        f(a, b)
+        let (probs, rest) = t[..len].split_at_mut(seq * seq);
+        let (ds, transposed) = rest.split_at_mut(seq * seq);
+        f(Tiles {
+            probs,
+            ds,
+            transposed,
+        })
     })
 }
 
-/// A strided matrix operand: base pointer, row stride, column stride (in elements).
-#[derive(Clone, Copy)]
-struct Mat(*const f32, usize, usize);
-
-/// `dst (+)= lhs[m, k] @ rhs[k, n]`, single-threaded (parallelism is across heads).
+/// `out[d, j] = x[j * ld + d]`: one head's `[seq, dh]` keys or values, transposed, as a right
+/// operand.
 ///
-/// SAFETY: every operand must address its full extent; `dst` must not be written concurrently.
-unsafe fn gemm(dst: Mat, accumulate: bool, lhs: Mat, rhs: Mat, m: usize, k: usize, n: usize) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.0 as *mut f32,
-        dst.2 as isize,
-        dst.1 as isize,
-        accumulate,
-        lhs.0,
-        lhs.2 as isize,
-        lhs.1 as isize,
-        rhs.0,
-        rhs.2 as isize,
-        rhs.1 as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        Parallelism::None,
-    )
+/// SAFETY: `x` must address `seq` rows of `dh` values at stride `ld`.
+unsafe fn transpose_head(out: &mut [f32], x: *const f32, ld: usize, seq: usize, dh: usize) -> Mat {
+    for j0 in (0..seq).step_by(TILE) {
+        for d0 in (0..dh).step_by(TILE) {
+            let (height, width) = (TILE.min(seq - j0), TILE.min(dh - d0));
+            let src = |j: usize| std::slice::from_raw_parts(x.add((j0 + j) * ld + d0), width);
+            transpose_block(height, width, src, |d, column| {
+                copy_column(&mut out[(d0 + d) * seq + j0..][..height], column)
+            });
+        }
+    }
+    Mat(out.as_ptr(), seq, 1)
 }
 
 /// Where head `h` of batch element `b` lives: the row of its token 0, and the row step between
@@ -66,35 +67,13 @@ fn head_rows(s: &AttentionShape, b: usize) -> (usize, usize) {
     }
 }
 
-/// Query rows per block of causal attention (64 measured a little faster than 32 on GPT tiny):
-/// a block of rows `i0..i1` only needs keys `0..i1`
-/// (and key block `j0..j1` only queries `j0..`), which skips most of the masked upper triangle
-/// of every product. Without a causal mask there is one block.
-const CAUSAL_BLOCK: usize = 64;
-
-/// The blocks `(start, end)` over `0..seq`.
-fn blocks(s: &AttentionShape) -> impl Iterator<Item = (usize, usize)> {
-    let (seq, step) = (s.seq, if s.causal { CAUSAL_BLOCK } else { s.seq.max(1) });
-    (0..seq)
-        .step_by(step)
-        .map(move |i0| (i0, (i0 + step).min(seq)))
-}
-
-/// Keys that queries of a block ending at `i1` can see: `0..key_end`.
-fn key_end(s: &AttentionShape, i1: usize) -> usize {
+/// How much of each product a causal mask lets [`product`] skip (everything is computed without
+/// one).
+fn causal(s: &AttentionShape, mode: Causal) -> Causal {
     if s.causal {
-        i1
+        mode
     } else {
-        s.seq
-    }
-}
-
-/// Queries that can see keys of a block starting at `j0`: `query_start..seq`.
-fn query_start(s: &AttentionShape, j0: usize) -> usize {
-    if s.causal {
-        j0
-    } else {
-        0
+        Causal::Full
     }
 }
 
@@ -140,27 +119,56 @@ pub(crate) fn forward(
             let k = qkv[r0 * 3 * e + e + h * dh..].as_ptr();
             let v = qkv[r0 * 3 * e + 2 * e + h * dh..].as_ptr();
             let ld = step * 3 * e;
-            // Scores of each block of queries against the keys they can see; the rest of each
-            // row is masked below without being read.
-            for (i0, i1) in blocks(s) {
-                let kn = key_end(s, i1);
+            with_tiles(seq, dh, |t| {
                 // SAFETY: q, k, v address seq tokens of dh columns inside qkv; p is this task's
-                // tile.
+                // tile; this head owns columns h*dh..(h+1)*dh of its batch element's output rows.
+                let kt = unsafe { transpose_head(t.transposed, k, ld, seq, dh) };
+                // Scores of each query against the keys it can see; the rest of each row is
+                // masked below without being read.
                 unsafe {
-                    gemm(
-                        Mat(p[i0 * seq..].as_mut_ptr(), seq, 1),
+                    product(
+                        Mat(p.as_mut_ptr(), seq, 1),
                         false,
-                        Mat(q.add(i0 * ld), ld, 1),
-                        Mat(k, 1, ld),
-                        i1 - i0,
-                        dh,
-                        kn,
+                        Mat(q, ld, 1),
+                        kt,
+                        (seq, dh, seq),
+                        causal(s, Causal::Lower),
                     );
                 }
+                super::simd(|| softmax(p, s, key_padding, b, scale));
+                let pd = dropped(p, t.probs, d, bh * seq * seq);
+                // The probabilities past the diagonal are exactly zero and are skipped.
+                unsafe {
+                    product(
+                        Mat(out_ptr.at(r0 * e + h * dh), step * e, 1),
+                        false,
+                        Mat(pd.as_ptr(), seq, 1),
+                        Mat(v, ld, 1),
+                        (seq, seq, dh),
+                        causal(s, Causal::SumToRow),
+                    );
+                }
+            });
+        });
+}
+
+/// Scaled, masked softmax of each row of one head's `[seq, seq]` scores, in place. Keys past
+/// the causal limit are zeroed without being read.
+#[inline(always)]
+fn softmax(p: &mut [f32], s: &AttentionShape, key_padding: Option<&[f32]>, b: usize, scale: f32) {
+    let seq = s.seq;
+    for i in 0..seq {
+        let row = &mut p[i * seq..(i + 1) * seq];
+        let (row, hidden) = row.split_at_mut(if s.causal { i + 1 } else { seq });
+        hidden.fill(0.0);
+        let mut max = f32::NEG_INFINITY;
+        match key_padding {
+            // Branch-free, so it vectorises.
+            None => {
+                row.iter_mut().for_each(|x| *x *= scale);
+                max = row.iter().fold(max, |m, &x| m.max(x));
             }
-            for i in 0..seq {
-                let row = &mut p[i * seq..(i + 1) * seq];
-                let mut max = f32::NEG_INFINITY;
+            Some(_) => {
                 for (j, x) in row.iter_mut().enumerate() {
                     *x = if masked(s, key_padding, b, i, j) {
                         f32::NEG_INFINITY
@@ -169,34 +177,16 @@ pub(crate) fn forward(
                     };
                     max = max.max(*x);
                 }
-                if max == f32::NEG_INFINITY {
-                    // Every key masked: attend to nothing rather than produce NaN.
-                    row.fill(0.0);
-                    continue;
-                }
-                let inv = 1.0 / super::math::exp_shifted(row, max);
-                row.iter_mut().for_each(|x| *x *= inv);
             }
-            with_tiles(seq, |tile, _| {
-                let pd = dropped(p, tile, d, bh * seq * seq);
-                for (i0, i1) in blocks(s) {
-                    let o = out_ptr.at((r0 + i0 * step) * e + h * dh);
-                    // SAFETY: this head owns columns h*dh..(h+1)*dh of its batch element's rows;
-                    // the probabilities past `key_end` are exactly zero and are skipped.
-                    unsafe {
-                        gemm(
-                            Mat(o, step * e, 1),
-                            false,
-                            Mat(pd[i0 * seq..].as_ptr(), seq, 1),
-                            Mat(v, ld, 1),
-                            i1 - i0,
-                            key_end(s, i1),
-                            dh,
-                        );
-                    }
-                }
-            });
-        });
+        }
+        if max == f32::NEG_INFINITY {
+            // Every key masked: attend to nothing rather than produce NaN.
+            row.fill(0.0);
+            continue;
+        }
+        let inv = 1.0 / super::math::exp_shifted(row, max);
+        row.iter_mut().for_each(|x| *x *= inv);
+    }
 }
 
 /// Given dout[rows, E]: dv = dropout(att)^T @ dout;  dP = dropout(dout @ v^T);
@@ -229,33 +219,30 @@ pub(crate) fn backward(
         );
         let go = dout[r0 * e + h * dh..].as_ptr();
         let ld = step * 3 * e;
-        with_tiles(seq, |tile, ds| {
-            let pd = dropped(p, tile, d, bh * seq * seq);
-            for (i0, i1) in blocks(s) {
-                let q0 = query_start(s, i0);
-                // SAFETY: operands address seq tokens of dh columns; this head owns its columns
-                // of dqkv. Key block i0..i1 of dv only gathers from queries q0.. that see it;
-                // query block i0..i1 of dP only needs the keys it sees.
-                unsafe {
-                    gemm(
-                        Mat(dv.add(i0 * ld), ld, 1),
-                        false,
-                        Mat(pd[q0 * seq + i0..].as_ptr(), 1, seq),
-                        Mat(go.add(q0 * step * e), step * e, 1),
-                        i1 - i0,
-                        seq - q0,
-                        dh,
-                    );
-                    gemm(
-                        Mat(ds[i0 * seq..].as_mut_ptr(), seq, 1),
-                        false,
-                        Mat(go.add(i0 * step * e), step * e, 1),
-                        Mat(v, 1, ld),
-                        i1 - i0,
-                        dh,
-                        key_end(s, i1),
-                    );
-                }
+        with_tiles(seq, dh, |t| {
+            let pd = dropped(p, t.probs, d, bh * seq * seq);
+            let ds = t.ds;
+            // SAFETY: operands address seq tokens of dh columns; this head owns its columns of
+            // dqkv. Under a causal mask, key j of dv only gathers from the queries that see it,
+            // query i of dP only needs the keys it sees, and dS is zero past the diagonal.
+            let vt = unsafe { transpose_head(t.transposed, v, ld, seq, dh) };
+            unsafe {
+                product(
+                    Mat(dv, ld, 1),
+                    false,
+                    Mat(pd.as_ptr(), 1, seq),
+                    Mat(go, step * e, 1),
+                    (seq, seq, dh),
+                    causal(s, Causal::SumFromRow),
+                );
+                product(
+                    Mat(ds.as_mut_ptr(), seq, 1),
+                    false,
+                    Mat(go, step * e, 1),
+                    vt,
+                    (seq, dh, seq),
+                    causal(s, Causal::Lower),
+                );
             }
             if let Some(d) = d {
                 dropout::blocks(Some(d), bh * seq * seq, seq * seq, |r, mul| {
@@ -274,29 +261,23 @@ pub(crate) fn backward(
                     .zip(pr)
                     .for_each(|(x, &a)| *x = a * (*x - dot) * scale);
             }
-            for (i0, i1) in blocks(s) {
-                let q0 = query_start(s, i0);
-                // SAFETY: as above; dS is zero outside the blocks' ranges.
-                unsafe {
-                    gemm(
-                        Mat(dq.add(i0 * ld), ld, 1),
-                        false,
-                        Mat(ds[i0 * seq..].as_ptr(), seq, 1),
-                        Mat(k, ld, 1),
-                        i1 - i0,
-                        key_end(s, i1),
-                        dh,
-                    );
-                    gemm(
-                        Mat(dk.add(i0 * ld), ld, 1),
-                        false,
-                        Mat(ds[q0 * seq + i0..].as_ptr(), 1, seq),
-                        Mat(q.add(q0 * ld), ld, 1),
-                        i1 - i0,
-                        seq - q0,
-                        dh,
-                    );
-                }
+            unsafe {
+                product(
+                    Mat(dq, ld, 1),
+                    false,
+                    Mat(ds.as_ptr(), seq, 1),
+                    Mat(k, ld, 1),
+                    (seq, seq, dh),
+                    causal(s, Causal::SumToRow),
+                );
+                product(
+                    Mat(dk, ld, 1),
+                    false,
+                    Mat(ds.as_ptr(), 1, seq),
+                    Mat(q, ld, 1),
+                    (seq, seq, dh),
+                    causal(s, Causal::SumFromRow),
+                );
             }
         });
     });

@@ -7,12 +7,14 @@ mod adamw;
 mod attention;
 mod dropout;
 mod embedding;
+mod head_gemm;
 mod info;
 mod layernorm;
 mod loss;
 mod math;
 mod matmul;
 mod residual;
+mod transpose;
 
 pub use info::{cpu_info, CpuInfo};
 
@@ -151,7 +153,7 @@ impl Backend for Cpu {
     }
 
     fn transpose(&self, out: Tensor, inp: Tensor, rows: usize, cols: usize) -> Result<()> {
-        matmul::transpose(f32s_mut(out), f32s(inp), rows, cols);
+        transpose::transpose(f32s_mut(out), f32s(inp), rows, cols);
         Ok(())
     }
 
