@@ -5,9 +5,12 @@ use crate::WeightLayout;
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-fn parallelism() -> Parallelism {
-    Parallelism::Rayon(rayon::current_num_threads())
-}
+/// Pieces a product is cut into along its larger side, each at least [`MIN_PIECE`] wide: the
+/// `gemm` crate threads poorly when one side is small (the weight gradients of a 128-wide model
+/// ran on one core), and whole pieces on separate threads do not. The count depends on the shape
+/// only, never on the thread count, so results do not either.
+const MAX_PIECES: usize = 4;
+const MIN_PIECE: usize = 64;
 
 /// `dst[m, n] (+)= lhs[m, k] @ rhs[k, n]` with explicit (row, column) strides for each operand.
 #[allow(clippy::too_many_arguments)]
@@ -21,35 +24,61 @@ pub(crate) fn gemm_strided(
     m: usize,
     k: usize,
     n: usize,
-    par: Parallelism,
 ) {
     assert!(dst.len() >= m * n);
     assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
     assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
-    // SAFETY: the asserts above keep every access inside the three slices.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            par,
-        )
-    }
+    let split_rows = m >= n;
+    let side = m.max(n);
+    let pieces = (side / MIN_PIECE).clamp(1, MAX_PIECES);
+    let step = side.div_ceil(pieces);
+    // Threads left over once every piece has one thread, for the crate to use inside a piece.
+    let inner = rayon::current_num_threads().div_ceil(pieces);
+    let (dst, lhs, rhs) = (
+        super::SendPtr(dst.as_mut_ptr()),
+        super::SendPtr(lhs.as_ptr() as *mut f32),
+        super::SendPtr(rhs.as_ptr() as *mut f32),
+    );
+    (0..pieces).into_par_iter().for_each(|piece| {
+        let (start, end) = (piece * step, ((piece + 1) * step).min(side));
+        let (dst, lhs, rhs, pm, pn) = if split_rows {
+            let (dst, lhs) = (dst.at(start * n), lhs.at(start * lhs_rs));
+            (dst, lhs, rhs.at(0), end - start, n)
+        } else {
+            (
+                dst.at(start),
+                lhs.at(0),
+                rhs.at(start * rhs_cs),
+                m,
+                end - start,
+            )
+        };
+        // SAFETY: the asserts above keep every access inside the three slices, and the
+        // pieces write disjoint rows (or columns) of `dst`.
+        unsafe {
+            gemm::gemm(
+                pm,
+                pn,
+                k,
+                dst,
+                1,
+                n as isize,
+                accumulate,
+                lhs,
+                lhs_cs as isize,
+                lhs_rs as isize,
+                rhs,
+                rhs_cs as isize,
+                rhs_rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                Parallelism::Rayon(inner),
+            )
+        }
+    });
 }
 
 /// out[rows, n] = inp[rows, k] @ W + bias[n]
@@ -83,7 +112,6 @@ pub(crate) fn forward(
         rows,
         k,
         n,
-        parallelism(),
     );
 }
 
@@ -107,46 +135,13 @@ pub(crate) fn backward(
             WeightLayout::OutIn => (k, 1),
             WeightLayout::InOut => (1, n),
         };
-        gemm_strided(
-            dinp,
-            accumulate,
-            dout,
-            (n, 1),
-            weight,
-            strides,
-            rows,
-            n,
-            k,
-            parallelism(),
-        );
+        gemm_strided(dinp, accumulate, dout, (n, 1), weight, strides, rows, n, k);
     }
     match dlayout {
         // dW[n, k] = dout^T @ inp
-        WeightLayout::OutIn => gemm_strided(
-            dweight,
-            true,
-            dout,
-            (1, n),
-            inp,
-            (k, 1),
-            n,
-            rows,
-            k,
-            parallelism(),
-        ),
+        WeightLayout::OutIn => gemm_strided(dweight, true, dout, (1, n), inp, (k, 1), n, rows, k),
         // dW[k, n] = inp^T @ dout
-        WeightLayout::InOut => gemm_strided(
-            dweight,
-            true,
-            inp,
-            (1, k),
-            dout,
-            (n, 1),
-            k,
-            rows,
-            n,
-            parallelism(),
-        ),
+        WeightLayout::InOut => gemm_strided(dweight, true, inp, (1, k), dout, (n, 1), k, rows, n),
     }
     if let Some(dbias) = dbias {
         // Each task owns a block of columns and sums all rows in order: deterministic.
