@@ -166,7 +166,7 @@ fn softmax(p: &mut [f32], s: &AttentionShape, key_padding: Option<&[f32]>, b: us
             // Branch-free, so it vectorises.
             None => {
                 row.iter_mut().for_each(|x| *x *= scale);
-                max = row.iter().fold(max, |m, &x| m.max(x));
+                max = super::math::lane_max(row.len(), |j| row[j]);
             }
             Some(_) => {
                 for (j, x) in row.iter_mut().enumerate() {
@@ -250,17 +250,19 @@ pub(crate) fn backward(
                     ds[r].iter_mut().zip(mul).for_each(|(x, m)| *x *= m);
                 });
             }
-            for i in 0..seq {
-                // Past the keys row i can see, dP was not computed (and att is zero): dS is 0.
-                let n = if s.causal { i + 1 } else { seq };
-                let (pr, dr) = (&p[i * seq..i * seq + n], &mut ds[i * seq..(i + 1) * seq]);
-                let (dr, rest) = dr.split_at_mut(n);
-                rest.fill(0.0);
-                let dot: f32 = pr.iter().zip(dr.iter()).map(|(a, b)| a * b).sum();
-                dr.iter_mut()
-                    .zip(pr)
-                    .for_each(|(x, &a)| *x = a * (*x - dot) * scale);
-            }
+            super::simd(|| {
+                for i in 0..seq {
+                    // Past the keys row i can see, dP was not computed (and att is zero): dS is 0.
+                    let n = if s.causal { i + 1 } else { seq };
+                    let (pr, dr) = (&p[i * seq..i * seq + n], &mut ds[i * seq..(i + 1) * seq]);
+                    let (dr, rest) = dr.split_at_mut(n);
+                    rest.fill(0.0);
+                    let dot = super::math::lane_sum(n, |j| pr[j] * dr[j]);
+                    dr.iter_mut()
+                        .zip(pr)
+                        .for_each(|(x, &a)| *x = a * (*x - dot) * scale);
+                }
+            });
             unsafe {
                 product(
                     Mat(dq, ld, 1),

@@ -70,17 +70,39 @@ pub(crate) fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
 #[inline(always)]
 fn exp_shifted_plain(row: &mut [f32], max: f32) -> f32 {
     row.iter_mut().for_each(|x| *x = exp(*x - max));
-    // 16 running sums, one per lane, added in a fixed order: vectorises, and the result does not
-    // depend on the SIMD level.
-    let mut lanes = [0.0f32; 16];
-    let chunks = row.chunks_exact(16);
-    let tail: f32 = chunks.remainder().iter().sum();
-    for c in chunks {
-        for (l, x) in lanes.iter_mut().zip(c) {
-            *l += x;
+    lane_sum(row.len(), |j| row[j])
+}
+
+/// The sum of `term(j)` over `0..n` in 16 running sums, one per vector lane, added in a fixed
+/// order at the end: this vectorises (a plain `sum()` is one serial chain of dependent adds),
+/// and the result does not depend on the SIMD level.
+#[inline(always)]
+pub(crate) fn lane_sum(n: usize, term: impl Fn(usize) -> f32) -> f32 {
+    lane_fold(n, 0.0, term, |a, b| a + b)
+}
+
+/// The largest `term(j)` over `0..n` (`-inf` for none), vectorised like [`lane_sum`].
+#[inline(always)]
+pub(crate) fn lane_max(n: usize, term: impl Fn(usize) -> f32) -> f32 {
+    lane_fold(n, f32::NEG_INFINITY, term, f32::max)
+}
+
+#[inline(always)]
+fn lane_fold(
+    n: usize,
+    init: f32,
+    term: impl Fn(usize) -> f32,
+    op: impl Fn(f32, f32) -> f32 + Copy,
+) -> f32 {
+    let mut lanes = [init; 16];
+    let full = n - n % 16;
+    for base in (0..full).step_by(16) {
+        for (l, lane) in lanes.iter_mut().enumerate() {
+            *lane = op(*lane, term(base + l));
         }
     }
-    lanes.iter().sum::<f32>() + tail
+    let tail = (full..n).map(term).fold(init, op);
+    op(lanes.into_iter().fold(init, op), tail)
 }
 
 #[cfg(test)]
