@@ -61,16 +61,14 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
-        if n == 0 {
-            eprintln!("error: --threads must be at least 1");
-            return ExitCode::from(2);
-        }
-        if let Err(e) = rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()
-        {
-            eprintln!("error: cannot start {n} threads: {e}");
+    if cli.threads == Some(0) {
+        eprintln!("error: --threads must be at least 1");
+        return ExitCode::from(2);
+    }
+    // `train` may take its thread count from its TOML file, so it starts the pool itself.
+    if !matches!(cli.command, Command::Train(_)) {
+        if let Err(e) = start_threads(cli.threads) {
+            eprintln!("error: {e:#}");
             return ExitCode::from(2);
         }
     }
@@ -95,6 +93,19 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Starts the worker pool with `threads` threads (default: one per core), this thread being
+/// one of them: the CPU kernels' parallel loops then start from a worker, so each one hands
+/// work to the others directly instead of waking the pool and sleeping until it is done (a few
+/// hundred times per training step).
+pub fn start_threads(threads: Option<usize>) -> anyhow::Result<()> {
+    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .use_current_thread()
+        .build_global()
+        .map_err(|e| anyhow::anyhow!("cannot start {n} threads: {e}"))
 }
 
 /// Resolves `--device` (default `auto`); a fallback to the CPU is explained on stderr, so that

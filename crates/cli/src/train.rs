@@ -216,12 +216,8 @@ pub fn run(a: Args, device: Option<String>, threads: Option<usize>, verbose: boo
         Some(path) => flags.or(TrainOptions::from_toml_file(path)?),
         None => flags,
     };
-    if let (None, Some(n)) = (threads, options.threads) {
-        // `threads` from the TOML file: the flag, when given, already sized the pool.
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(n)
-            .build_global()?;
-    }
+    // The flag, else `threads` from the TOML file, else one per core.
+    crate::start_threads(threads.or(options.threads))?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // Ctrl-C: finish the current step, write a checkpoint, exit.
