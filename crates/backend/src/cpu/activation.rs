@@ -1,7 +1,7 @@
 //! ReLU and GELU (exact and tanh) with fused dropout.
 
 use super::math::tanh;
-use super::{dropout, CHUNK};
+use super::{dropout, simd_fn, CHUNK};
 use crate::{Activation, Dropout};
 use rayon::prelude::*;
 
@@ -46,40 +46,8 @@ fn gelu_tanh_grad(x: f32) -> f32 {
     0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
 }
 
-/// Compiles `$inner` (an `#[inline(always)]` loop taking an `impl Fn(f32) -> f32` last) for
-/// AVX-512 and AVX2 and dispatches on the CPU at run time. Not a closure through
-/// [`super::simd`]: closures are not always inlined, and the activation must be, to vectorise.
-macro_rules! simd_variants {
-    ($name:ident => $inner:ident($($arg:ident: $ty:ty),*)) => {
-        fn $name(f: impl Fn(f32) -> f32 + Copy, $($arg: $ty),*) {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx512f,avx2,fma")]
-                unsafe fn avx512(f: impl Fn(f32) -> f32 + Copy, $($arg: $ty),*) {
-                    $inner($($arg),*, f)
-                }
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2(f: impl Fn(f32) -> f32 + Copy, $($arg: $ty),*) {
-                    $inner($($arg),*, f)
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU supports the features the function is compiled for.
-                    return unsafe { avx512(f, $($arg),*) };
-                }
-                if std::arch::is_x86_feature_detected!("avx2")
-                    && std::arch::is_x86_feature_detected!("fma")
-                {
-                    // SAFETY: as above.
-                    return unsafe { avx2(f, $($arg),*) };
-                }
-            }
-            $inner($($arg),*, f)
-        }
-    };
-}
-
-simd_variants!(map_simd => map(o: &mut [f32], x: &[f32], m: Option<&[f32]>));
-simd_variants!(map_grad_simd => map_grad(di: &mut [f32], g: &[f32], x: &[f32], m: Option<&[f32]>));
+simd_fn!(map_simd => map(o: &mut [f32], x: &[f32], m: Option<&[f32]>, f: impl Fn(f32) -> f32 + Copy));
+simd_fn!(map_grad_simd => map_grad(di: &mut [f32], g: &[f32], x: &[f32], m: Option<&[f32]>, f: impl Fn(f32) -> f32 + Copy));
 
 /// o = f(x) * m
 #[inline(always)]
@@ -118,9 +86,9 @@ pub(crate) fn forward(out: &mut [f32], inp: &[f32], a: Activation, d: Option<Dro
         dropout::blocks(d, base, out.len(), |r, mul| {
             let (o, x) = (&mut out[r.clone()], &inp[base + r.start..base + r.end]);
             match a {
-                Activation::Relu => map_simd(relu, o, x, mul),
+                Activation::Relu => map_simd(o, x, mul, relu),
                 Activation::Gelu => map(o, x, mul, gelu),
-                Activation::GeluTanh => map_simd(gelu_tanh, o, x, mul),
+                Activation::GeluTanh => map_simd(o, x, mul, gelu_tanh),
             }
         });
     });
@@ -140,9 +108,9 @@ pub(crate) fn backward(
             let span = base + r.start..base + r.end;
             let (di, g, x) = (&mut di[r], &dout[span.clone()], &inp[span]);
             match a {
-                Activation::Relu => map_grad_simd(relu_grad, di, g, x, mul),
+                Activation::Relu => map_grad_simd(di, g, x, mul, relu_grad),
                 Activation::Gelu => map_grad(di, g, x, mul, gelu_grad),
-                Activation::GeluTanh => map_grad_simd(gelu_tanh_grad, di, g, x, mul),
+                Activation::GeluTanh => map_grad_simd(di, g, x, mul, gelu_tanh_grad),
             }
         });
     });

@@ -1,7 +1,7 @@
 //! `torch.optim.AdamW` over a flat buffer, and the sum of squares for global-norm clipping.
 
 use super::transpose::{copy_column, transpose_block, TILE};
-use super::{deterministic_sum, simd, SendPtr, CHUNK};
+use super::{deterministic_sum, simd_fn, SendPtr, CHUNK};
 use crate::AdamW;
 use rayon::prelude::*;
 
@@ -44,7 +44,7 @@ pub(crate) fn step(
         .enumerate()
         .for_each(|(i, ((p, m), v))| {
             let g = &grad[i * chunk..i * chunk + p.len()];
-            simd(|| update(p, g, m, v, &c));
+            update_simd(p, g, m, v, &c);
             if let Some((out, rows, cols)) = mirror {
                 let (r0, height) = (i * TILE, p.len() / cols);
                 for c0 in (0..cols).step_by(TILE) {
@@ -72,6 +72,8 @@ struct Consts {
     step_size: f32,
     decay: f32,
 }
+
+simd_fn!(update_simd => update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &Consts));
 
 #[inline(always)]
 fn update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &Consts) {

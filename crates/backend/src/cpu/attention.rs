@@ -5,7 +5,7 @@
 
 use super::head_gemm::{product, Causal, Mat};
 use super::transpose::{copy_column, transpose_block, TILE};
-use super::{dropout, SendPtr};
+use super::{dropout, simd_fn, SendPtr};
 use crate::{AttentionShape, Dropout};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -135,7 +135,7 @@ pub(crate) fn forward(
                         causal(s, Causal::Lower),
                     );
                 }
-                super::simd(|| softmax(p, s, key_padding, b, scale));
+                softmax_simd(p, s, key_padding, b, scale);
                 let pd = dropped(p, t.probs, d, bh * seq * seq);
                 // The probabilities past the diagonal are exactly zero and are skipped.
                 unsafe {
@@ -151,6 +151,8 @@ pub(crate) fn forward(
             });
         });
 }
+
+simd_fn!(softmax_simd => softmax(p: &mut [f32], s: &AttentionShape, key_padding: Option<&[f32]>, b: usize, scale: f32));
 
 /// Scaled, masked softmax of each row of one head's `[seq, seq]` scores, in place. Keys past
 /// the causal limit are zeroed without being read.
@@ -186,6 +188,25 @@ fn softmax(p: &mut [f32], s: &AttentionShape, key_padding: Option<&[f32]>, b: us
         }
         let inv = 1.0 / super::math::exp_shifted(row, max);
         row.iter_mut().for_each(|x| *x *= inv);
+    }
+}
+
+simd_fn!(softmax_backward_simd => softmax_backward(ds: &mut [f32], p: &[f32], s: &AttentionShape, scale: f32));
+
+/// `dS = att * (dP - rowsum(att * dP)) * scale` in place of one head's `dP`; zero past the
+/// keys each query sees (where dP was not computed, and att is zero).
+#[inline(always)]
+fn softmax_backward(ds: &mut [f32], p: &[f32], s: &AttentionShape, scale: f32) {
+    let seq = s.seq;
+    for i in 0..seq {
+        let n = if s.causal { i + 1 } else { seq };
+        let (pr, dr) = (&p[i * seq..i * seq + n], &mut ds[i * seq..(i + 1) * seq]);
+        let (dr, rest) = dr.split_at_mut(n);
+        rest.fill(0.0);
+        let dot = super::math::lane_sum(n, |j| pr[j] * dr[j]);
+        dr.iter_mut()
+            .zip(pr)
+            .for_each(|(x, &a)| *x = a * (*x - dot) * scale);
     }
 }
 
@@ -250,19 +271,7 @@ pub(crate) fn backward(
                     ds[r].iter_mut().zip(mul).for_each(|(x, m)| *x *= m);
                 });
             }
-            super::simd(|| {
-                for i in 0..seq {
-                    // Past the keys row i can see, dP was not computed (and att is zero): dS is 0.
-                    let n = if s.causal { i + 1 } else { seq };
-                    let (pr, dr) = (&p[i * seq..i * seq + n], &mut ds[i * seq..(i + 1) * seq]);
-                    let (dr, rest) = dr.split_at_mut(n);
-                    rest.fill(0.0);
-                    let dot = super::math::lane_sum(n, |j| pr[j] * dr[j]);
-                    dr.iter_mut()
-                        .zip(pr)
-                        .for_each(|(x, &a)| *x = a * (*x - dot) * scale);
-                }
-            });
+            softmax_backward_simd(ds, p, s, scale);
             unsafe {
                 product(
                     Mat(dq, ld, 1),

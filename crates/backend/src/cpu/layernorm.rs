@@ -1,7 +1,7 @@
 //! `nn.LayerNorm` over the last dimension (biased variance, as PyTorch).
 
 use super::math::lane_sum;
-use super::simd;
+use super::simd_fn;
 use rayon::prelude::*;
 
 fn rows_per_task(c: usize) -> usize {
@@ -28,26 +28,31 @@ pub(crate) fn forward(
         .zip(rstd[..rows].par_chunks_mut(rpt))
         .enumerate()
         .for_each(|(t, ((out, mean), rstd))| {
-            simd(|| {
-                for (i, (o, (m, s))) in out
-                    .chunks_mut(c)
-                    .zip(mean.iter_mut().zip(rstd.iter_mut()))
-                    .enumerate()
-                {
-                    let r = t * rpt + i;
-                    let (x, o) = (&inp[r * c..(r + 1) * c], &mut o[..c]);
-                    let (weight, bias) = (&weight[..c], &bias[..c]);
-                    let mu = lane_sum(c, |j| x[j]) / c as f32;
-                    let var = lane_sum(c, |j| (x[j] - mu) * (x[j] - mu)) / c as f32;
-                    let rs = 1.0 / (var + eps).sqrt();
-                    for j in 0..c {
-                        o[j] = (x[j] - mu) * rs * weight[j] + bias[j];
-                    }
-                    *m = mu;
-                    *s = rs;
-                }
-            })
+            let inp = &inp[t * rpt * c..];
+            for (i, (o, (m, s))) in out
+                .chunks_mut(c)
+                .zip(mean.iter_mut().zip(rstd.iter_mut()))
+                .enumerate()
+            {
+                let x = &inp[i * c..(i + 1) * c];
+                (*m, *s) = forward_row_simd(o, x, &weight[..c], &bias[..c], eps);
+            }
         });
+}
+
+simd_fn!(forward_row_simd => forward_row(o: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> (f32, f32));
+
+/// One row of [`forward`]; returns its mean and 1 / std.
+#[inline(always)]
+fn forward_row(o: &mut [f32], x: &[f32], weight: &[f32], bias: &[f32], eps: f32) -> (f32, f32) {
+    let c = x.len();
+    let mu = lane_sum(c, |j| x[j]) / c as f32;
+    let var = lane_sum(c, |j| (x[j] - mu) * (x[j] - mu)) / c as f32;
+    let rs = 1.0 / (var + eps).sqrt();
+    for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(weight).zip(bias) {
+        *o = (x - mu) * rs * w + b;
+    }
+    (mu, rs)
 }
 
 /// dinp (+)= rstd * (g - mean(g) - xhat * mean(g * xhat)) with g = dout * weight;
@@ -67,53 +72,85 @@ pub(crate) fn backward(
     c: usize,
 ) {
     let rpt = rows_per_task(c);
+    let (mean, rstd) = (&mean[..rows], &rstd[..rows]);
     dinp[..rows * c]
         .par_chunks_mut(rpt * c)
         .enumerate()
         .for_each(|(t, dinp)| {
-            simd(|| {
-                for (i, di) in dinp.chunks_mut(c).enumerate() {
-                    let r = t * rpt + i;
-                    let (x, g) = (&inp[r * c..(r + 1) * c], &dout[r * c..(r + 1) * c]);
-                    let (weight, di) = (&weight[..c], &mut di[..c]);
-                    let (mu, rs) = (mean[r], rstd[r]);
-                    let sum_g = lane_sum(c, |j| g[j] * weight[j]);
-                    let sum_gx = lane_sum(c, |j| g[j] * weight[j] * (x[j] - mu) * rs);
-                    let (mean_g, mean_gx) = (sum_g / c as f32, sum_gx / c as f32);
-                    for j in 0..c {
-                        let xhat = (x[j] - mu) * rs;
-                        let v = rs * (g[j] * weight[j] - mean_g - xhat * mean_gx);
-                        di[j] = if accumulate { di[j] + v } else { v };
-                    }
-                }
-            })
+            for (i, di) in dinp.chunks_mut(c).enumerate() {
+                let r = t * rpt + i;
+                let (x, g) = (&inp[r * c..(r + 1) * c], &dout[r * c..(r + 1) * c]);
+                let stats = (mean[r], rstd[r]);
+                backward_row_simd(di, accumulate, x, g, &weight[..c], stats);
+            }
         });
     // Parameter gradients: each task owns a block of columns and walks all rows in order, so
     // the sums do not depend on the thread count.
-    const COLS: usize = 64;
     dweight[..c]
         .par_chunks_mut(COLS)
         .zip(dbias[..c].par_chunks_mut(COLS))
         .enumerate()
         .for_each(|(blk, (dw, db))| {
-            simd(|| {
-                let c0 = blk * COLS;
-                let w = dw.len();
-                let mut aw = [0.0f32; COLS];
-                let mut ab = [0.0f32; COLS];
-                for r in 0..rows {
-                    let (mu, rs) = (mean[r], rstd[r]);
-                    let x = &inp[r * c + c0..r * c + c0 + w];
-                    let g = &dout[r * c + c0..r * c + c0 + w];
-                    for j in 0..w {
-                        aw[j] += g[j] * (x[j] - mu) * rs;
-                        ab[j] += g[j];
-                    }
-                }
-                for j in 0..w {
-                    dw[j] += aw[j];
-                    db[j] += ab[j];
-                }
-            })
+            param_grads_simd(dw, db, blk * COLS, dout, inp, (mean, rstd), c);
         });
+}
+
+simd_fn!(backward_row_simd => backward_row(di: &mut [f32], accumulate: bool, x: &[f32], g: &[f32], weight: &[f32], stats: (f32, f32)));
+
+/// One row of [`backward`]'s input gradient.
+#[inline(always)]
+fn backward_row(
+    di: &mut [f32],
+    accumulate: bool,
+    x: &[f32],
+    g: &[f32],
+    weight: &[f32],
+    (mu, rs): (f32, f32),
+) {
+    let c = x.len();
+    // Equal lengths, visibly to the compiler, so that the indexed sums carry no bounds checks.
+    let (g, weight) = (&g[..c], &weight[..c]);
+    let sum_g = lane_sum(c, |j| g[j] * weight[j]);
+    let sum_gx = lane_sum(c, |j| g[j] * weight[j] * (x[j] - mu) * rs);
+    let (mean_g, mean_gx) = (sum_g / c as f32, sum_gx / c as f32);
+    let grad = |(&x, &g), &w| rs * (g * w - mean_g - (x - mu) * rs * mean_gx);
+    let grads = x.iter().zip(g).zip(weight).map(|(xg, w)| grad(xg, w));
+    // Two loops rather than a select per element, which stays scalar.
+    match accumulate {
+        true => di.iter_mut().zip(grads).for_each(|(d, v)| *d += v),
+        false => di.iter_mut().zip(grads).for_each(|(d, v)| *d = v),
+    }
+}
+
+/// Columns per task of the parameter gradients.
+const COLS: usize = 64;
+
+simd_fn!(param_grads_simd => param_grads(dw: &mut [f32], db: &mut [f32], c0: usize, dout: &[f32], inp: &[f32], stats: (&[f32], &[f32]), c: usize));
+
+/// `dw`, `db` (columns `c0..` of the weight and bias gradients) += their sums over all rows.
+#[inline(always)]
+fn param_grads(
+    dw: &mut [f32],
+    db: &mut [f32],
+    c0: usize,
+    dout: &[f32],
+    inp: &[f32],
+    (mean, rstd): (&[f32], &[f32]),
+    c: usize,
+) {
+    let w = dw.len();
+    let mut aw = [0.0f32; COLS];
+    let mut ab = [0.0f32; COLS];
+    for (r, (&mu, &rs)) in mean.iter().zip(rstd).enumerate() {
+        let x = &inp[r * c + c0..r * c + c0 + w];
+        let g = &dout[r * c + c0..r * c + c0 + w];
+        for (((aw, ab), &x), &g) in aw.iter_mut().zip(ab.iter_mut()).zip(x).zip(g) {
+            *aw += g * (x - mu) * rs;
+            *ab += g;
+        }
+    }
+    for (((dw, db), aw), ab) in dw.iter_mut().zip(db.iter_mut()).zip(aw).zip(ab) {
+        *dw += aw;
+        *db += ab;
+    }
 }

@@ -42,31 +42,9 @@ pub(crate) fn tanh(u: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * u) + 1.0)
 }
 
-/// `row[j] = e^(row[j] - max)`, returning the sum: the exponentials of a softmax, vectorised.
-pub(crate) fn exp_shifted(row: &mut [f32], max: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx512f,avx2,fma")]
-        unsafe fn avx512(row: &mut [f32], max: f32) -> f32 {
-            exp_shifted_plain(row, max)
-        }
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(row: &mut [f32], max: f32) -> f32 {
-            exp_shifted_plain(row, max)
-        }
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { avx512(row, max) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above.
-            return unsafe { avx2(row, max) };
-        }
-    }
-    exp_shifted_plain(row, max)
-}
+super::simd_fn!(pub(crate) exp_shifted => exp_shifted_plain(row: &mut [f32], max: f32) -> f32);
 
+/// `row[j] = e^(row[j] - max)`, returning the sum: the exponentials of a softmax, vectorised.
 #[inline(always)]
 fn exp_shifted_plain(row: &mut [f32], max: f32) -> f32 {
     row.iter_mut().for_each(|x| *x = exp(*x - max));

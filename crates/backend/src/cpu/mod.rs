@@ -468,34 +468,38 @@ impl SendPtr {
     }
 }
 
-/// Runs `f` compiled for the widest SIMD the CPU has (AVX-512, else AVX2+FMA, else the
-/// baseline): elementwise loops are written once, as plain iterator code, and the compiler
-/// vectorises them for each level once `f` is inlined here.
-#[inline(always)]
-pub(crate) fn simd<R>(f: impl FnOnce() -> R) -> R {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { simd_avx512(f) };
+/// `simd_fn!(name => inner(args) -> ret)` defines `name(args) -> ret`, which runs `inner` (an
+/// `#[inline(always)]` function of plain iterator code) compiled for the widest SIMD the CPU has:
+/// AVX-512, else AVX2 + FMA, else the baseline, chosen at run time. Loops are written once and
+/// the compiler vectorises them for each level. A named function, not a closure handed to a
+/// generic wrapper: a closure is compiled once, for the baseline, unless it is inlined, and
+/// larger ones are not.
+macro_rules! simd_fn {
+    ($vis:vis $name:ident => $inner:ident($($arg:ident: $ty:ty),*) $(-> $ret:ty)?) => {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    $inner($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    $inner($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU supports the features the function is compiled for.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2")
+                    && std::arch::is_x86_feature_detected!("fma")
+                {
+                    // SAFETY: as above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $inner($($arg),*)
         }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above.
-            return unsafe { simd_avx2(f) };
-        }
-    }
-    f()
+    };
 }
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn simd_avx512<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn simd_avx2<R>(f: impl FnOnce() -> R) -> R {
-    f()
-}
+pub(crate) use simd_fn;
