@@ -286,13 +286,6 @@ impl Cuda {
                 [Arg::U64(dst), size(m * n), Arg::F32(0.0)],
             );
         }
-        // A packed row-major operand used as [rows, cols] has rows of `cols` elements, or of
-        // `rows` when it is stored transposed.
-        let packed = |op: Operand, rows: usize, cols: usize| Strided {
-            op,
-            ld: if op.transposed { rows } else { cols },
-            stride: 0,
-        };
         self.gemm_batched(
             packed(plain(dst), m, n),
             accumulate,
@@ -496,6 +489,16 @@ fn weight_operand(w: Weight, k: usize, n: usize, what: &str) -> Result<Operand> 
     })
 }
 
+/// A packed row-major operand used as `[rows, cols]`: rows of `cols` elements, or of `rows`
+/// when it is stored transposed.
+fn packed(op: Operand, rows: usize, cols: usize) -> Strided {
+    Strided {
+        op,
+        ld: if op.transposed { rows } else { cols },
+        stride: 0,
+    }
+}
+
 fn plain(addr: u64) -> Operand {
     Operand {
         addr,
@@ -612,13 +615,29 @@ impl Backend for Cuda {
         let out = f32s(out, rows * n, "matmul_forward out")?;
         let inp = f32s(inp, rows * k, "matmul_forward inp")?;
         let w = weight_operand(weight, k, n, "matmul_forward weight")?;
-        // The bias is written first and the product accumulated onto it, as on the CPU.
-        if let Some(bias) = bias {
-            let bias = f32s(bias, n, "matmul_forward bias")?;
-            let args = [ptr(out), ptr(bias), size(rows), size(n)];
-            self.launch(&self.kernels.bias_rows, elementwise(rows * n), args)?;
+        let Some(bias) = bias else {
+            return self.gemm(out, false, plain(inp), w, rows, k, n);
+        };
+        let bias = f32s(bias, n, "matmul_forward bias")?;
+        if rows > 0 && k > 0 && n > 0 {
+            bind(&self.stream)?;
+            let (dst, a, b) = (
+                packed(plain(out), rows, n),
+                packed(plain(inp), rows, k),
+                packed(w, k, n),
+            );
+            let (stream, precision) = (self.stream.cu_stream(), self.precision());
+            if self
+                .blas
+                .gemm_bias(stream, precision, dst, a, b, bias, [rows, k, n])?
+            {
+                return Ok(());
+            }
         }
-        self.gemm(out, bias.is_some(), plain(inp), w, rows, k, n)
+        // Without the epilogue: the bias written first and the product accumulated onto it.
+        let args = [ptr(out), ptr(bias), size(rows), size(n)];
+        self.launch(&self.kernels.bias_rows, elementwise(rows * n), args)?;
+        self.gemm(out, true, plain(inp), w, rows, k, n)
     }
 
     fn transpose(&self, out: Tensor, inp: Tensor, rows: usize, cols: usize) -> Result<()> {

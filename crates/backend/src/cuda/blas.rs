@@ -46,29 +46,38 @@ pub(super) struct Blas {
     /// threads for little gain). NVIDIA documents `cublasLtMatmulAlgo_t` as plain data that may
     /// be stored and reused with the same library. The map grows by one small entry per kind of
     /// product a run makes, so it stays tiny.
-    algos: Mutex<HashMap<AlgoKey, sys::cublasLtMatmulAlgo_t>>,
+    /// `None` where the heuristic has no algorithm (for a product with the bias epilogue, which
+    /// is then done without it).
+    algos: Mutex<HashMap<AlgoKey, Option<sys::cublasLtMatmulAlgo_t>>>,
 }
 
 /// Everything the heuristic query is given: the compute type, and each operand's layout (its
 /// transpose flag, leading dimension, batch stride) and promised alignment, with the product's
-/// dimensions and batch count. The workspace is always the same one, and beta (`accumulate`) is
-/// not an input of the query.
+/// dimensions and batch count, and whether the bias epilogue is on. The workspace is always the
+/// same one, and beta (`accumulate`) is not an input of the query.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct AlgoKey {
     precision: Precision,
     /// `(transposed, ld, stride, alignment)` of a, b and dst.
     operands: [(bool, usize, usize, u32); 3],
     dims: [usize; 4],
+    bias: bool,
 }
 
 impl AlgoKey {
-    fn new(p: Precision, a: Strided, b: Strided, dst: Strided, dims: [usize; 4]) -> AlgoKey {
+    fn new(
+        p: Precision,
+        (a, b, dst): (Strided, Strided, Strided),
+        dims: [usize; 4],
+        bias: bool,
+    ) -> AlgoKey {
         let count = dims[3];
         let op = |s: Strided| (s.op.transposed, s.ld, s.stride, batch_alignment(s, count));
         AlgoKey {
             precision: p,
             operands: [op(a), op(b), op(dst)],
             dims,
+            bias,
         }
     }
 }
@@ -128,6 +137,53 @@ impl Blas {
         n: usize,
         count: usize,
     ) -> Result<()> {
+        let operands = (a, b, dst);
+        let done = self.matmul(
+            stream,
+            precision,
+            operands,
+            accumulate,
+            [m, k, n, count],
+            None,
+        )?;
+        debug_assert!(done, "without an epilogue, a missing algorithm is an error");
+        Ok(())
+    }
+
+    /// `dst[m, n] = a[m, k] @ b[k, n] + bias[n]` (`bias`: the device address of `n` f32) in
+    /// one product, through cuBLASLt's bias epilogue: the bias is added as the result is
+    /// stored, instead of being written first and read back. `Ok(false)`, having done nothing,
+    /// when cuBLASLt offers no algorithm for this product with the epilogue.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm_bias(
+        &self,
+        stream: cudarc::driver::sys::CUstream,
+        precision: Precision,
+        dst: Strided,
+        a: Strided,
+        b: Strided,
+        bias: u64,
+        [m, k, n]: [usize; 3],
+    ) -> Result<bool> {
+        self.matmul(
+            stream,
+            precision,
+            (a, b, dst),
+            false,
+            [m, k, n, 1],
+            Some(bias),
+        )
+    }
+
+    fn matmul(
+        &self,
+        stream: cudarc::driver::sys::CUstream,
+        precision: Precision,
+        (a, b, dst): (Strided, Strided, Strided),
+        accumulate: bool,
+        [m, k, n, count]: [usize; 4],
+        bias: Option<u64>,
+    ) -> Result<bool> {
         let shape = || {
             format!(
                 "cuBLASLt {} product [{m}, {k}] @ [{k}, {n}] (x{count})",
@@ -155,6 +211,22 @@ impl Blas {
             set_desc(desc.raw, TRANSA, &trans_a).with_context(shape)?;
             set_desc(desc.raw, TRANSB, &trans_b).with_context(shape)?;
         }
+        if let Some(bias) = bias {
+            use sys::cublasLtMatmulDescAttributes_t::{
+                CUBLASLT_MATMUL_DESC_BIAS_POINTER as BIAS_POINTER,
+                CUBLASLT_MATMUL_DESC_EPILOGUE as EPILOGUE,
+            };
+            // Row-major dst[m, n] is cuBLASLt's column-major [n, m]: its n rows are our
+            // columns, which is what the epilogue broadcasts a bias vector over.
+            let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32;
+            let pointer = bias as *const c_void;
+            // SAFETY: the descriptor is live; the epilogue is a uint32 cublasLtEpilogue_t and
+            // the bias pointer a device address of n f32 (D's type, the default bias type).
+            unsafe {
+                set_desc(desc.raw, EPILOGUE, &epilogue).with_context(shape)?;
+                set_desc(desc.raw, BIAS_POINTER, &pointer).with_context(shape)?;
+            }
+        }
         let layout_a = layout(b, k, n, count).with_context(shape)?;
         let layout_b = layout(a, m, k, count).with_context(shape)?;
         let layout_c = layout(dst, m, n, count).with_context(shape)?;
@@ -162,7 +234,7 @@ impl Blas {
             .algos
             .lock()
             .map_err(|_| anyhow!("a thread panicked while choosing a cuBLASLt algorithm"))?;
-        let key = AlgoKey::new(precision, a, b, dst, [m, k, n, count]);
+        let key = AlgoKey::new(precision, (a, b, dst), [m, k, n, count], bias.is_some());
         let algo = match algos.get(&key) {
             Some(algo) => *algo,
             None => {
@@ -178,13 +250,23 @@ impl Blas {
                         layout_c.raw,
                         pref.raw,
                     )
-                }
-                .with_context(|| format!("{}: no algorithm", shape()))?;
-                algos.insert(key, heuristic.algo);
-                heuristic.algo
+                };
+                let algo = match (heuristic, bias) {
+                    (Ok(h), _) => Some(h.algo),
+                    // Not every product has an algorithm with the epilogue.
+                    (Err(_), Some(_)) => None,
+                    (Err(e), None) => {
+                        return Err(e).with_context(|| format!("{}: no algorithm", shape()))
+                    }
+                };
+                algos.insert(key, algo);
+                algo
             }
         };
         drop(algos);
+        let Some(algo) = algo else {
+            return Ok(false);
+        };
         let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
         // SAFETY: the descriptors are live and describe the operands, which the backend checked
         // to be f32 views of sufficient length; with beta 0, C is not read. The workspace
@@ -209,7 +291,8 @@ impl Blas {
                 stream as sys::cudaStream_t,
             )
         }
-        .with_context(shape)
+        .with_context(shape)?;
+        Ok(true)
     }
 
     /// The search preferences: our workspace, and the operands' actual alignment (cuBLASLt
