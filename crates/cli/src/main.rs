@@ -95,17 +95,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// Starts the worker pool with `threads` threads (default: one per core), this thread being
-/// one of them: the CPU kernels' parallel loops then start from a worker, so each one hands
-/// work to the others directly instead of waking the pool and sleeping until it is done (a few
-/// hundred times per training step).
+/// Starts the worker pool with `threads` threads (default: rayon's, `RAYON_NUM_THREADS` or one
+/// per core), this thread being one of them: the CPU kernels' parallel loops then start from a
+/// worker, so each one hands work to the others directly instead of waking the pool and
+/// sleeping until it is done (a few hundred times per training step).
 pub fn start_threads(threads: Option<usize>) -> anyhow::Result<()> {
-    let n = threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(n)
-        .use_current_thread()
-        .build_global()
-        .map_err(|e| anyhow::anyhow!("cannot start {n} threads: {e}"))
+    let pool = rayon::ThreadPoolBuilder::new().use_current_thread();
+    let pool = match threads {
+        Some(n) => pool.num_threads(n),
+        None => pool,
+    };
+    pool.build_global()
+        .map_err(|e| anyhow::anyhow!("cannot start the worker threads: {e}"))
 }
 
 /// Resolves `--device` (default `auto`); a fallback to the CPU is explained on stderr, so that

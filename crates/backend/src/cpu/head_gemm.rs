@@ -140,7 +140,8 @@ mod avx512 {
         for kk in terms {
             let row = rhs.0.add(kk * rhs.1);
             let b0 = _mm512_maskz_loadu_ps(m0, row);
-            let b1 = _mm512_maskz_loadu_ps(m1, row.add(16));
+            // `wrapping_add`: with a mask of 0 the address may lie past the operand.
+            let b1 = _mm512_maskz_loadu_ps(m1, row.wrapping_add(16));
             for (r, acc) in acc.iter_mut().enumerate() {
                 let a = _mm512_set1_ps(*lhs.0.add(r * lhs.1 + kk * lhs.2));
                 acc[0] = _mm512_fmadd_ps(a, b0, acc[0]);
@@ -152,10 +153,10 @@ mod avx512 {
             let (mut o0, mut o1) = (acc[0], acc[1]);
             if accumulate {
                 o0 = _mm512_add_ps(o0, _mm512_maskz_loadu_ps(m0, out));
-                o1 = _mm512_add_ps(o1, _mm512_maskz_loadu_ps(m1, out.add(16)));
+                o1 = _mm512_add_ps(o1, _mm512_maskz_loadu_ps(m1, out.wrapping_add(16)));
             }
             _mm512_mask_storeu_ps(out, m0, o0);
-            _mm512_mask_storeu_ps(out.add(16), m1, o1);
+            _mm512_mask_storeu_ps(out.wrapping_add(16), m1, o1);
         }
     }
 }

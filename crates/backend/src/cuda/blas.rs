@@ -153,7 +153,10 @@ impl Blas {
     /// `dst[m, n] = a[m, k] @ b[k, n] + bias[n]` (`bias`: the device address of `n` f32) in
     /// one product, through cuBLASLt's bias epilogue: the bias is added as the result is
     /// stored, instead of being written first and read back. `Ok(false)`, having done nothing,
-    /// when cuBLASLt offers no algorithm for this product with the epilogue.
+    /// when the epilogue cannot be used here: a bias less than 16-byte aligned (biases are
+    /// views packed back to back in the parameter buffer, and cuBLASLt's epilogue kernels fault
+    /// on misaligned ones; its alignment preferences cover only A to D), no algorithm from the
+    /// heuristic, or an algorithm that then refuses the product.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm_bias(
         &self,
@@ -165,6 +168,9 @@ impl Blas {
         bias: u64,
         [m, k, n]: [usize; 3],
     ) -> Result<bool> {
+        if !bias.is_multiple_of(16) {
+            return Ok(false);
+        }
         self.matmul(
             stream,
             precision,
@@ -271,7 +277,7 @@ impl Blas {
         // SAFETY: the descriptors are live and describe the operands, which the backend checked
         // to be f32 views of sufficient length; with beta 0, C is not read. The workspace
         // outlives the call (it is freed only after the stream is synchronised).
-        unsafe {
+        let done = unsafe {
             result::matmul(
                 self.handle,
                 desc.raw,
@@ -290,9 +296,20 @@ impl Blas {
                 WORKSPACE_BYTES,
                 stream as sys::cudaStream_t,
             )
+        };
+        match (done, bias) {
+            (Ok(()), _) => Ok(true),
+            // The epilogue refused at launch (cuBLASLt checks before queuing anything): use the
+            // plain product from now on for this shape.
+            (Err(_), Some(_)) => {
+                let mut algos = self.algos.lock().map_err(|_| {
+                    anyhow!("a thread panicked while choosing a cuBLASLt algorithm")
+                })?;
+                algos.insert(key, None);
+                Ok(false)
+            }
+            (Err(e), None) => Err(e).with_context(shape),
         }
-        .with_context(shape)?;
-        Ok(true)
     }
 
     /// The search preferences: our workspace, and the operands' actual alignment (cuBLASLt
