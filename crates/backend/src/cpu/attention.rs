@@ -77,6 +77,15 @@ fn causal(s: &AttentionShape, mode: Causal) -> Causal {
     }
 }
 
+/// How many keys query `i` sees before key padding: `0..visible_keys`.
+fn visible_keys(s: &AttentionShape, i: usize) -> usize {
+    if s.causal {
+        i + 1
+    } else {
+        s.seq
+    }
+}
+
 fn masked(s: &AttentionShape, key_padding: Option<&[f32]>, b: usize, i: usize, j: usize) -> bool {
     (s.causal && j > i) || key_padding.is_some_and(|kp| kp[b * s.seq + j] != 0.0)
 }
@@ -161,7 +170,7 @@ fn softmax(p: &mut [f32], s: &AttentionShape, key_padding: Option<&[f32]>, b: us
     let seq = s.seq;
     for i in 0..seq {
         let row = &mut p[i * seq..(i + 1) * seq];
-        let (row, hidden) = row.split_at_mut(if s.causal { i + 1 } else { seq });
+        let (row, hidden) = row.split_at_mut(visible_keys(s, i));
         hidden.fill(0.0);
         let mut max = f32::NEG_INFINITY;
         match key_padding {
@@ -199,7 +208,7 @@ simd_fn!(softmax_backward_simd => softmax_backward(ds: &mut [f32], p: &[f32], s:
 fn softmax_backward(ds: &mut [f32], p: &[f32], s: &AttentionShape, scale: f32) {
     let seq = s.seq;
     for i in 0..seq {
-        let n = if s.causal { i + 1 } else { seq };
+        let n = visible_keys(s, i);
         let (pr, dr) = (&p[i * seq..i * seq + n], &mut ds[i * seq..(i + 1) * seq]);
         let (dr, rest) = dr.split_at_mut(n);
         rest.fill(0.0);

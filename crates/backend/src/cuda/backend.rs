@@ -313,17 +313,14 @@ impl Cuda {
     ) -> Result<()> {
         bind(&self.stream)?;
         let precision = self.precision();
+        let operands = (a, b, dst);
+        let dims = [m, k, n, count];
         self.blas.gemm(
             self.stream.cu_stream(),
             precision,
-            dst,
+            operands,
             accumulate,
-            a,
-            b,
-            m,
-            k,
-            n,
-            count,
+            dims,
         )
     }
 

@@ -123,29 +123,15 @@ impl Blas {
     /// `dst[m, n] (+)= a[m, k] @ b[k, n]`, row-major, `count` times: product `i` reads and writes
     /// each matrix `i * stride` elements past its first; `+=` when `accumulate`. `dst` must not
     /// be transposed. All dimensions and `count` must be nonzero.
-    #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm(
         &self,
         stream: cudarc::driver::sys::CUstream,
         precision: Precision,
-        dst: Strided,
+        (a, b, dst): (Strided, Strided, Strided),
         accumulate: bool,
-        a: Strided,
-        b: Strided,
-        m: usize,
-        k: usize,
-        n: usize,
-        count: usize,
+        dims: [usize; 4],
     ) -> Result<()> {
-        let operands = (a, b, dst);
-        let done = self.matmul(
-            stream,
-            precision,
-            operands,
-            accumulate,
-            [m, k, n, count],
-            None,
-        )?;
+        let done = self.matmul(stream, precision, (a, b, dst), accumulate, dims, None)?;
         debug_assert!(done, "without an epilogue, a missing algorithm is an error");
         Ok(())
     }
