@@ -5,6 +5,9 @@
 
 use crate::Dropout;
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+
 const M0: u32 = 0xD251_1F53;
 const M1: u32 = 0xCD9E_8D57;
 const W0: u32 = 0x9E37_79B9;
@@ -51,30 +54,29 @@ pub fn dropout_multipliers(d: &Dropout, start: usize, out: &mut [f32]) {
         out.fill(0.0);
         return;
     }
+    // p < 1, so the threshold fits in a u32.
+    let threshold = (d.p as f64 * 4294967296.0) as u32;
+    let keep = 1.0 / (1.0 - d.p);
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { multipliers_avx512(d, start, out) };
+            return in_groups::<{ 4 * avx512::BLOCKS }>(start, out, |block, group| {
+                // SAFETY: the CPU supports the features the function is compiled for.
+                unsafe { avx512::multipliers(d.seed, d.offset, block, threshold, keep, group) }
+            });
         }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: as above.
-            return unsafe { multipliers_avx2(d, start, out) };
+            return unsafe { multipliers_avx2(d, start, threshold, keep, out) };
         }
     }
-    multipliers(d, start, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn multipliers_avx512(d: &Dropout, start: usize, out: &mut [f32]) {
-    multipliers(d, start, out)
+    multipliers(d, start, threshold, keep, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn multipliers_avx2(d: &Dropout, start: usize, out: &mut [f32]) {
-    multipliers(d, start, out)
+unsafe fn multipliers_avx2(d: &Dropout, start: usize, threshold: u32, keep: f32, out: &mut [f32]) {
+    multipliers(d, start, threshold, keep, out)
 }
 
 /// Philox blocks computed side by side: the rounds run on arrays, which the compiler turns
@@ -82,19 +84,36 @@ unsafe fn multipliers_avx2(d: &Dropout, start: usize, out: &mut [f32]) {
 const LANES: usize = 16;
 
 #[inline(always)]
-fn multipliers(d: &Dropout, start: usize, out: &mut [f32]) {
-    let threshold = (d.p as f64 * 4294967296.0) as u64;
-    let keep = 1.0 / (1.0 - d.p);
-    let pick = |w: u32| if (w as u64) < threshold { 0.0 } else { keep };
+fn multipliers(d: &Dropout, start: usize, threshold: u32, keep: f32, out: &mut [f32]) {
+    in_groups::<{ 4 * LANES }>(start, out, |block, group| {
+        let words = philox_lanes(d.seed, d.offset, block);
+        for (o, &w) in group.iter_mut().zip(&words) {
+            *o = if w < threshold { 0.0 } else { keep };
+        }
+    })
+}
+
+/// Fills `out` (elements `start..` of the stream) `N` values (`N / 4` blocks) at a time:
+/// `group(block, values)` writes the values of the blocks from `block`. Groups that lie
+/// wholly inside `out` are written in place; a short head or tail goes through a copy.
+#[inline(always)]
+fn in_groups<const N: usize>(
+    start: usize,
+    out: &mut [f32],
+    mut group: impl FnMut(u64, &mut [f32; N]),
+) {
     let (mut i, mut j) = (start, 0);
     while j < out.len() {
-        // The LANES-block group holding element i; short heads and tails use part of one.
-        let first = i - i % (4 * LANES);
-        let words = philox_lanes(d.seed, d.offset, (first / 4) as u64);
+        let first = i - i % N;
         let from = i - first;
-        let n = (4 * LANES - from).min(out.len() - j);
-        for (o, w) in out[j..j + n].iter_mut().zip(&words[from..from + n]) {
-            *o = pick(*w);
+        let n = (N - from).min(out.len() - j);
+        let block = (first / 4) as u64;
+        if n == N {
+            group(block, (&mut out[j..j + N]).try_into().expect("N values"));
+        } else {
+            let mut values = [0.0; N];
+            group(block, &mut values);
+            out[j..j + n].copy_from_slice(&values[from..from + n]);
         }
         i += n;
         j += n;
@@ -181,18 +200,25 @@ mod tests {
         assert_eq!(&part[..], &all[1001..1038]);
     }
 
+    /// The SIMD paths against the scalar definition: ragged heads and tails, whole groups, and
+    /// counters whose low word wraps inside a group.
     #[test]
     fn simd_multipliers_follow_the_scalar_definition() {
         let d = Dropout {
-            p: 0.5,
-            seed: 11,
-            offset: 5,
+            p: 0.3,
+            seed: 0x1234_5678_9abc_def0,
+            offset: u64::MAX - 2,
         };
-        let mut out = vec![0.0; 300];
-        dropout_multipliers(&d, 3, &mut out);
-        for (j, m) in out.iter().enumerate() {
-            let dropped = (uniform_u32(11, 5, 3 + j as u64) as u64) < (1u64 << 31);
-            assert_eq!(*m, if dropped { 0.0 } else { 2.0 }, "element {j}");
+        let threshold = (0.3f64 * 4294967296.0) as u32;
+        let keep = 1.0 / (1.0 - 0.3f32);
+        for (start, len) in [(3, 300), (0, 600), (64, 1), (4 * (1 << 32) - 37, 300)] {
+            let mut out = vec![f32::NAN; len];
+            dropout_multipliers(&d, start, &mut out);
+            for (j, m) in out.iter().enumerate() {
+                let i = (start + j) as u64;
+                let dropped = uniform_u32(d.seed, d.offset, i) < threshold;
+                assert_eq!(*m, if dropped { 0.0 } else { keep }, "element {i}");
+            }
         }
     }
 
