@@ -1,5 +1,6 @@
 //! `torch.optim.AdamW` over a flat buffer, and the sum of squares for global-norm clipping.
 
+use super::math::lane_sum_f64;
 use super::transpose::{copy_column, transpose_block, TILE};
 use super::{deterministic_sum, simd_fn, SendPtr, CHUNK};
 use crate::AdamW;
@@ -86,7 +87,12 @@ fn update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &Consts) {
 }
 
 pub(crate) fn sum_squares(x: &[f32]) -> f64 {
-    deterministic_sum(x.len(), CHUNK, |r| {
-        x[r].iter().map(|&v| (v as f64) * (v as f64)).sum()
-    })
+    deterministic_sum(x.len(), CHUNK, |r| squares(&x[r]))
+}
+
+simd_fn!(squares => squares_plain(x: &[f32]) -> f64);
+
+#[inline(always)]
+fn squares_plain(x: &[f32]) -> f64 {
+    lane_sum_f64(x.len(), |j| (x[j] as f64) * (x[j] as f64))
 }

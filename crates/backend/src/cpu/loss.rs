@@ -1,7 +1,8 @@
 //! Losses fused with their gradient: one pass writes `dinp` and returns the mean loss.
 
 use super::math::exp_shifted;
-use super::{deterministic_sum, SendPtr, CHUNK};
+use super::math::lane_sum_f64;
+use super::{deterministic_sum, simd_fn, SendPtr, CHUNK};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
@@ -10,19 +11,26 @@ pub(crate) fn mse(dinp: &mut [f32], inp: &[f32], target: &[f32]) -> f32 {
     let n = inp.len();
     let scale = 2.0 / n as f32;
     dinp.par_chunks_mut(CHUNK).enumerate().for_each(|(t, d)| {
-        let base = t * CHUNK;
-        for (j, d) in d.iter_mut().enumerate() {
-            *d = scale * (inp[base + j] - target[base + j]);
-        }
+        let r = t * CHUNK..t * CHUNK + d.len();
+        scaled_difference(d, &inp[r.clone()], &target[r], scale);
     });
-    let sum = deterministic_sum(n, CHUNK, |r| {
-        inp[r.clone()]
-            .iter()
-            .zip(&target[r])
-            .map(|(&x, &y)| ((x - y) as f64).powi(2))
-            .sum()
-    });
+    let sum = deterministic_sum(n, CHUNK, |r| squared_error(&inp[r.clone()], &target[r]));
     (sum / n as f64) as f32
+}
+
+simd_fn!(scaled_difference => scaled_difference_plain(d: &mut [f32], x: &[f32], y: &[f32], scale: f32));
+simd_fn!(squared_error => squared_error_plain(x: &[f32], y: &[f32]) -> f64);
+
+#[inline(always)]
+fn scaled_difference_plain(d: &mut [f32], x: &[f32], y: &[f32], scale: f32) {
+    for ((d, &x), &y) in d.iter_mut().zip(x).zip(y) {
+        *d = scale * (x - y);
+    }
+}
+
+#[inline(always)]
+fn squared_error_plain(x: &[f32], y: &[f32]) -> f64 {
+    lane_sum_f64(x.len().min(y.len()), |j| ((x[j] - y[j]) as f64).powi(2))
 }
 
 /// PyTorch's `ignore_index` default: rows with this target add nothing to the loss.

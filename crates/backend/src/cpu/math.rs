@@ -59,6 +59,12 @@ pub(crate) fn lane_sum(n: usize, term: impl Fn(usize) -> f32) -> f32 {
     lane_fold(n, 0.0, term, |a, b| a + b)
 }
 
+/// [`lane_sum`] in f64, for sums of many terms (losses, gradient norms).
+#[inline(always)]
+pub(crate) fn lane_sum_f64(n: usize, term: impl Fn(usize) -> f64) -> f64 {
+    lane_fold(n, 0.0, term, |a, b| a + b)
+}
+
 /// The largest `term(j)` over `0..n` (`-inf` for none), vectorised like [`lane_sum`].
 #[inline(always)]
 pub(crate) fn lane_max(n: usize, term: impl Fn(usize) -> f32) -> f32 {
@@ -66,12 +72,12 @@ pub(crate) fn lane_max(n: usize, term: impl Fn(usize) -> f32) -> f32 {
 }
 
 #[inline(always)]
-fn lane_fold(
+fn lane_fold<T: Copy>(
     n: usize,
-    init: f32,
-    term: impl Fn(usize) -> f32,
-    op: impl Fn(f32, f32) -> f32 + Copy,
-) -> f32 {
+    init: T,
+    term: impl Fn(usize) -> T,
+    op: impl Fn(T, T) -> T + Copy,
+) -> T {
     let mut lanes = [init; 16];
     let full = n - n % 16;
     for base in (0..full).step_by(16) {

@@ -1,6 +1,7 @@
 //! `nn.Linear` forward and backward on the `gemm` crate. Transposes are expressed as strides, so
 //! no operand is ever copied.
 
+use super::simd_fn;
 use crate::WeightLayout;
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -150,17 +151,22 @@ pub(crate) fn backward(
             .par_chunks_mut(COLS)
             .enumerate()
             .for_each(|(blk, db)| {
-                let c0 = blk * COLS;
-                let mut acc = [0.0f32; COLS];
-                for r in 0..rows {
-                    let row = &dout[r * n + c0..r * n + c0 + db.len()];
-                    for (a, &g) in acc.iter_mut().zip(row) {
-                        *a += g;
-                    }
-                }
-                for (d, a) in db.iter_mut().zip(acc) {
-                    *d += a;
-                }
+                add_column_sums(db, &dout[blk * COLS..], rows, n);
             });
     }
+}
+
+simd_fn!(add_column_sums => add_column_sums_plain(dst: &mut [f32], src: &[f32], rows: usize, stride: usize));
+
+/// `dst[j] += sum over r < rows of src[r * stride + j]` for up to 64 columns, rows added in
+/// order.
+#[inline(always)]
+fn add_column_sums_plain(dst: &mut [f32], src: &[f32], rows: usize, stride: usize) {
+    let mut acc = [0.0f32; 64];
+    let acc = &mut acc[..dst.len()];
+    for r in 0..rows {
+        let row = &src[r * stride..][..acc.len()];
+        acc.iter_mut().zip(row).for_each(|(a, &g)| *a += g);
+    }
+    dst.iter_mut().zip(acc).for_each(|(d, a)| *d += *a);
 }

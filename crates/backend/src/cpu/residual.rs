@@ -1,6 +1,6 @@
 //! Residual connection with fused dropout on the branch.
 
-use super::{dropout, CHUNK};
+use super::{dropout, simd_fn, CHUNK};
 use crate::Dropout;
 use rayon::prelude::*;
 
@@ -10,18 +10,7 @@ pub(crate) fn forward(out: &mut [f32], resid: &[f32], inp: &[f32], d: Option<Dro
         let base = t * CHUNK;
         dropout::blocks(d, base, out.len(), |span, mul| {
             let src = base + span.start..base + span.end;
-            let (o, r, x) = (&mut out[span], &resid[src.clone()], &inp[src]);
-            match mul {
-                None => o
-                    .iter_mut()
-                    .zip(r.iter().zip(x))
-                    .for_each(|(o, (&r, &x))| *o = r + x),
-                Some(m) => o
-                    .iter_mut()
-                    .zip(r.iter().zip(x))
-                    .zip(m)
-                    .for_each(|((o, (&r, &x)), &m)| *o = r + x * m),
-            }
+            add(&mut out[span], &resid[src.clone()], &inp[src], mul);
         });
     });
 }
@@ -36,11 +25,31 @@ pub(crate) fn backward(dresid: &mut [f32], dinp: &mut [f32], dout: &[f32], d: Op
             let base = t * CHUNK;
             dropout::blocks(d, base, dr.len(), |span, mul| {
                 let g = &dout[base + span.start..base + span.end];
-                let (dr, di) = (&mut dr[span.clone()], &mut di[span]);
-                for j in 0..g.len() {
-                    dr[j] += g[j];
-                    di[j] = mul.map_or(g[j], |m| g[j] * m[j]);
-                }
+                add_and_mask(&mut dr[span.clone()], &mut di[span], g, mul);
             });
         });
+}
+
+simd_fn!(add => add_plain(out: &mut [f32], resid: &[f32], inp: &[f32], mul: Option<&[f32]>));
+simd_fn!(add_and_mask => add_and_mask_plain(dresid: &mut [f32], dinp: &mut [f32], dout: &[f32], mul: Option<&[f32]>));
+
+#[inline(always)]
+fn add_plain(out: &mut [f32], resid: &[f32], inp: &[f32], mul: Option<&[f32]>) {
+    let pairs = out.iter_mut().zip(resid.iter().zip(inp));
+    match mul {
+        None => pairs.for_each(|(o, (&r, &x))| *o = r + x),
+        Some(m) => pairs.zip(m).for_each(|((o, (&r, &x)), &m)| *o = r + x * m),
+    }
+}
+
+#[inline(always)]
+fn add_and_mask_plain(dresid: &mut [f32], dinp: &mut [f32], dout: &[f32], mul: Option<&[f32]>) {
+    dresid.iter_mut().zip(dout).for_each(|(d, &g)| *d += g);
+    match mul {
+        None => dinp.copy_from_slice(dout),
+        Some(m) => dinp
+            .iter_mut()
+            .zip(dout.iter().zip(m))
+            .for_each(|(d, (&g, &m))| *d = g * m),
+    }
 }
