@@ -101,6 +101,23 @@ pub struct Weight {
     pub layout: WeightLayout,
 }
 
+/// How a backward kernel stores the gradients of its parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradStore {
+    /// `grad = ...`: the first backward after `zero_grad`, which then needs neither a zeroing
+    /// pass over the gradient buffer nor a read of the old values.
+    Write,
+    /// `grad += ...`, as autograd accumulates into `.grad` (later micro-batches of a step, or
+    /// a second contribution to a shared parameter).
+    Accumulate,
+}
+
+impl GradStore {
+    pub fn accumulates(self) -> bool {
+        self == GradStore::Accumulate
+    }
+}
+
 /// A transposed copy of a `[rows, cols]` parameter matrix, kept in step with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Mirror {
@@ -148,8 +165,8 @@ pub trait Backend: Send + Sync {
     fn transpose(&self, out: Tensor, inp: Tensor, rows: usize, cols: usize) -> Result<()>;
 
     /// Backward of [`Backend::matmul_forward`] given `dout[rows, n]`: `dinp[rows, k]` (`+=` when
-    /// `accumulate`, else `=`) from `weight`, and `dweight +=` (in its own layout), `dbias[n] +=`.
-    /// `weight` may be a mirror of the forward's weight in the other layout.
+    /// `accumulate`, else `=`) from `weight`, and `dweight` (in its own layout) and `dbias[n]`
+    /// as `grads` says. `weight` may be a mirror of the forward's weight in the other layout.
     #[allow(clippy::too_many_arguments)]
     fn matmul_backward(
         &self,
@@ -157,6 +174,7 @@ pub trait Backend: Send + Sync {
         accumulate: bool,
         dweight: Weight,
         dbias: Option<Tensor>,
+        grads: GradStore,
         dout: Tensor,
         inp: Tensor,
         weight: Weight,
@@ -180,7 +198,8 @@ pub trait Backend: Send + Sync {
         eps: f32,
     ) -> Result<()>;
 
-    /// Backward of [`Backend::layernorm_forward`]: `dinp` (`+=` when `accumulate`), `dweight +=`, `dbias +=`.
+    /// Backward of [`Backend::layernorm_forward`]: `dinp` (`+=` when `accumulate`), and
+    /// `dweight`, `dbias` as `grads` says.
     #[allow(clippy::too_many_arguments)]
     fn layernorm_backward(
         &self,
@@ -188,6 +207,7 @@ pub trait Backend: Send + Sync {
         accumulate: bool,
         dweight: Tensor,
         dbias: Tensor,
+        grads: GradStore,
         dout: Tensor,
         inp: Tensor,
         weight: Tensor,

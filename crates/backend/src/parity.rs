@@ -6,10 +6,11 @@
 //! so a kernel that accumulates where it should overwrite (or the reverse) fails.
 
 use crate::{
-    Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Precision, Tensor,
-    Weight, WeightLayout,
+    Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, GradStore, Mirror,
+    Precision, Tensor, Weight, WeightLayout,
 };
 use anyhow::{Context, Result};
+use GradStore::{Accumulate, Write};
 use WeightLayout::{InOut, OutIn};
 
 /// One compared output of one call.
@@ -310,16 +311,16 @@ fn matmul<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
             h.check(&format!("matmul_forward {layout:?}{plus}"), &[("out", out)])?;
         }
     }
-    // The weight in either layout (a mirror), the gradient in either, both accumulate modes;
-    // then once without dinp and dbias.
-    for (wl, dl, accumulate, full) in [
-        (OutIn, OutIn, false, true),
-        (OutIn, OutIn, true, true),
-        (InOut, InOut, false, true),
-        (InOut, InOut, true, true),
-        (InOut, OutIn, false, true),
-        (OutIn, InOut, true, true),
-        (OutIn, InOut, false, false),
+    // The weight in either layout (a mirror), the gradient in either, both accumulate modes
+    // for dinp and both stores for the parameter gradients; then once without dinp and dbias.
+    for (wl, dl, accumulate, grads, full) in [
+        (OutIn, OutIn, false, Write, true),
+        (OutIn, OutIn, true, Accumulate, true),
+        (InOut, InOut, false, Accumulate, true),
+        (InOut, InOut, true, Write, true),
+        (InOut, OutIn, false, Write, true),
+        (OutIn, InOut, true, Accumulate, true),
+        (OutIn, InOut, false, Write, false),
     ] {
         let (dinp, dw, db) = (h.random(rows * k)?, h.random(k * n)?, h.random(n)?);
         let (dout, inp, w) = (h.random(rows * n)?, h.random(rows * k)?, h.random(k * n)?);
@@ -333,6 +334,7 @@ fn matmul<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
             accumulate,
             weight(t(dw), dl),
             db_opt.map(t),
+            grads,
             t(dout),
             t(inp),
             weight(t(w), wl),
@@ -341,8 +343,8 @@ fn matmul<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
             n
         )))?;
         let call = format!(
-            "matmul_backward weight {wl:?} dweight {dl:?}{}{}",
-            if accumulate { " +=" } else { " =" },
+            "matmul_backward weight {wl:?} dweight {dl:?} dinp {} grads {grads:?}{}",
+            if accumulate { "+=" } else { "=" },
             if full { "" } else { " (no dinp, dbias)" }
         );
         h.check(&call, &[("dinp", dinp), ("dweight", dw), ("dbias", db)])?;
@@ -350,7 +352,7 @@ fn matmul<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
     // The bias gradient over more rows and columns: the CUDA backend sums columns in chunks of
     // 32 rows and tiles of 32 columns, here several of each, the last of both ragged.
     let (rows, k) = (300, 8);
-    for n in [200, 1000] {
+    for (n, grads) in [(200, Write), (1000, Accumulate)] {
         let (dinp, dw, db) = (h.random(rows * k)?, h.random(k * n)?, h.random(n)?);
         let (dout, inp, w) = (h.random(rows * n)?, h.random(rows * k)?, h.random(k * n)?);
         both_ok(both!(h, |bk, t| bk.matmul_backward(
@@ -358,6 +360,7 @@ fn matmul<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
             true,
             weight(t(dw), OutIn),
             Some(t(db)),
+            grads,
             t(dout),
             t(inp),
             weight(t(w), OutIn),
@@ -365,7 +368,7 @@ fn matmul<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
             k,
             n
         )))?;
-        let call = format!("matmul_backward [{rows}, {k}] @ [{k}, {n}] +=");
+        let call = format!("matmul_backward [{rows}, {k}] @ [{k}, {n}] grads {grads:?}");
         h.check(&call, &[("dinp", dinp), ("dweight", dw), ("dbias", db)])?;
     }
     Ok(())
@@ -397,20 +400,20 @@ fn layernorm<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
         "layernorm_forward",
         &[("out", out), ("mean", mean), ("rstd", rstd)],
     )?;
-    for accumulate in [false, true] {
+    for (accumulate, grads) in [(false, Write), (true, Accumulate), (true, Write)] {
         let call = format!(
-            "layernorm_backward{}",
-            if accumulate { " +=" } else { " =" }
+            "layernorm_backward dinp {} grads {grads:?}",
+            if accumulate { "+=" } else { "=" }
         );
-        layernorm_backward(h, &call, inp, w, rows, c, accumulate)?;
+        layernorm_backward(h, &call, inp, w, rows, c, (accumulate, grads))?;
     }
     // The parameter gradients over more rows and columns: several of the CUDA backend's chunks
     // of 32 rows and tiles of 32 columns, the last of both ragged.
     let rows = 300;
-    for c in [200, 1000] {
+    for (c, grads) in [(200, Write), (1000, Accumulate)] {
         let (inp, w) = (h.uniform(rows * c, 3.0)?, h.random(c)?);
-        let call = format!("layernorm_backward [{rows}, {c}] +=");
-        layernorm_backward(h, &call, inp, w, rows, c, true)?;
+        let call = format!("layernorm_backward [{rows}, {c}] grads {grads:?}");
+        layernorm_backward(h, &call, inp, w, rows, c, (true, grads))?;
     }
     Ok(())
 }
@@ -422,7 +425,7 @@ fn layernorm_backward<A: Backend, B: Backend>(
     w: Pair,
     rows: usize,
     c: usize,
-    accumulate: bool,
+    (accumulate, grads): (bool, GradStore),
 ) -> Result<()> {
     let (dinp, dw, db, dout) = (
         h.random(rows * c)?,
@@ -436,6 +439,7 @@ fn layernorm_backward<A: Backend, B: Backend>(
         accumulate,
         t(dw),
         t(db),
+        grads,
         t(dout),
         t(inp),
         t(w),

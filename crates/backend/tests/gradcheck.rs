@@ -9,8 +9,8 @@ mod reference;
 use anyhow::Result;
 use flint_backend::cpu::{Cpu, CpuBuffer};
 use flint_backend::{
-    philox, Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Tensor,
-    Weight, WeightLayout,
+    philox, Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, GradStore, Mirror,
+    Tensor, Weight, WeightLayout,
 };
 use reference::{Act, Attn};
 use WeightLayout::{InOut, OutIn};
@@ -246,9 +246,10 @@ fn matmul_backward_matches_finite_differences() -> Result<()> {
                 InOut => (0..k * n).map(|i| w[(i % n) * k + i / n]).collect(),
             };
             let (xb, wb, rb) = (buf(&x)?, buf(&stored)?, buf(&r)?);
-            // dinp is overwritten (accumulate = false): start it on garbage.
+            // dinp (accumulate = false) and the parameter gradients (GradStore::Write) are
+            // overwritten: start them on garbage.
             let dx = filled(rows * k, 7.0)?;
-            let (dw, db) = (filled(n * k, 0.0)?, filled(n, 0.0)?);
+            let (dw, db) = (filled(n * k, 7.0)?, filled(n, 7.0)?);
             let dbias = with_bias.then(|| db.tensor());
             let weight = |t| Weight { tensor: t, layout };
             Cpu.matmul_backward(
@@ -256,6 +257,7 @@ fn matmul_backward_matches_finite_differences() -> Result<()> {
                 false,
                 weight(dw.tensor()),
                 dbias,
+                GradStore::Write,
                 rb.tensor(),
                 xb.tensor(),
                 weight(wb.tensor()),
@@ -277,7 +279,7 @@ fn matmul_backward_matches_finite_differences() -> Result<()> {
                 grads.push(&gb[..]);
             } else {
                 assert!(
-                    gb.iter().all(|&v| v == 0.0),
+                    gb.iter().all(|&v| v == 7.0),
                     "{op}: dbias written without a bias"
                 );
             }
@@ -294,12 +296,13 @@ fn matmul_backward_accumulates_parameter_grads_and_follows_accumulate_flag() -> 
     let (rows, k, n) = (7, 5, 9);
     let (x, w, r) = (randn(1, rows * k), randn(2, n * k), randn(4, rows * n));
     let (xb, wb, rb) = (buf(&x)?, buf(&w)?, buf(&r)?);
-    let backward = |dx: Option<&CpuBuffer>, acc: bool, dw: &CpuBuffer, db: &CpuBuffer| {
+    let backward_as = |dx: Option<&CpuBuffer>, acc: bool, dw: &CpuBuffer, db: &CpuBuffer, grads| {
         Cpu.matmul_backward(
             dx.map(|d| d.tensor()),
             acc,
             lin(dw.tensor()),
             Some(db.tensor()),
+            grads,
             rb.tensor(),
             xb.tensor(),
             lin(wb.tensor()),
@@ -308,6 +311,7 @@ fn matmul_backward_accumulates_parameter_grads_and_follows_accumulate_flag() -> 
             n,
         )
     };
+    let backward = |dx, acc, dw, db| backward_as(dx, acc, dw, db, GradStore::Accumulate);
     // One call on zeroed buffers gives the plain gradients.
     let (dx0, dw0, db0) = (filled(rows * k, 0.0)?, filled(n * k, 0.0)?, filled(n, 0.0)?);
     backward(Some(&dx0), false, &dw0, &db0)?;
@@ -369,6 +373,11 @@ fn matmul_backward_accumulates_parameter_grads_and_follows_accumulate_flag() -> 
         &thrice(&pb, &gb),
         1e-6,
     );
+
+    // GradStore::Write replaces what the parameter gradients held.
+    backward_as(None, false, &dw, &db, GradStore::Write)?;
+    assert_close("dweight, Write", &read(dw.tensor())?, &f64s(&gw), 1e-6);
+    assert_close("dbias, Write", &read(db.tensor())?, &f64s(&gb), 1e-6);
     Ok(())
 }
 
@@ -457,11 +466,23 @@ impl LnRun {
     }
 
     fn backward(&self, dx: &CpuBuffer, acc: bool, dw: &CpuBuffer, db: &CpuBuffer) -> Result<()> {
+        self.backward_as(dx, acc, dw, db, GradStore::Accumulate)
+    }
+
+    fn backward_as(
+        &self,
+        dx: &CpuBuffer,
+        acc: bool,
+        dw: &CpuBuffer,
+        db: &CpuBuffer,
+        grads: GradStore,
+    ) -> Result<()> {
         Cpu.layernorm_backward(
             dx.tensor(),
             acc,
             dw.tensor(),
             db.tensor(),
+            grads,
             self.dout.tensor(),
             self.x.tensor(),
             self.w.tensor(),
@@ -479,8 +500,9 @@ fn layernorm_backward_matches_finite_differences() -> Result<()> {
         let (x, w, b) = ln_inputs(rows, c);
         let r = randn(4, rows * c);
         let run = LnRun::new(&x, &w, &b, &r, rows, c)?;
-        let (dx, dw, db) = (filled(rows * c, 7.0)?, filled(c, 0.0)?, filled(c, 0.0)?);
-        run.backward(&dx, false, &dw, &db)?;
+        // Everything is overwritten: start on garbage.
+        let (dx, dw, db) = (filled(rows * c, 7.0)?, filled(c, 7.0)?, filled(c, 7.0)?);
+        run.backward_as(&dx, false, &dw, &db, GradStore::Write)?;
         let (gx, gw, gb) = (read(dx.tensor())?, read(dw.tensor())?, read(db.tensor())?);
         assert_grads_match_fd(
             &format!("layernorm {rows}x{c}"),
@@ -539,6 +561,10 @@ fn layernorm_backward_accumulates_parameter_grads_and_follows_accumulate_flag() 
         &expect(Some(&pb), &gb, 2.0),
         1e-6,
     );
+    // GradStore::Write replaces what the parameter gradients held.
+    run.backward_as(&dx, true, &dw, &db, GradStore::Write)?;
+    assert_close("dweight, Write", &read(dw.tensor())?, &f64s(&gw), 1e-6);
+    assert_close("dbias, Write", &read(db.tensor())?, &f64s(&gb), 1e-6);
     Ok(())
 }
 
@@ -1045,6 +1071,7 @@ fn big_kernel_outputs() -> Result<Vec<Vec<f32>>> {
         false,
         lin(dw.tensor()),
         Some(db.tensor()),
+        GradStore::Write,
         r.tensor(),
         x.tensor(),
         lin(w.tensor()),

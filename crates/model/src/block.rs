@@ -5,7 +5,9 @@
 use crate::activations::{Acts, LayerActs};
 use crate::params::LayerParams;
 use anyhow::Result;
-use flint_backend::{Activation, AttentionShape, Backend, Dropout, Tensor, Weight, WeightLayout};
+use flint_backend::{
+    Activation, AttentionShape, Backend, Dropout, GradStore, Tensor, Weight, WeightLayout,
+};
 
 /// The shape and options shared by every block of a model.
 pub struct Block {
@@ -170,9 +172,9 @@ impl Block {
         Ok(self.output(la))
     }
 
-    /// Given `dy` = d loss / d output, adds the parameter gradients into `g` and writes
-    /// d loss / d x into `dx` (`dx` is skipped where only it needs a matmul, when `need_dx` is
-    /// false).
+    /// Given `dy` = d loss / d output, stores the parameter gradients into `g` as `grads` says
+    /// and writes d loss / d x into `dx` (`dx` is skipped where only it needs a matmul, when
+    /// `need_dx` is false).
     #[allow(clippy::too_many_arguments)]
     pub fn backward<B: Backend>(
         &self,
@@ -187,10 +189,13 @@ impl Block {
         dx: Tensor,
         need_dx: bool,
         d: Dropouts,
+        grads: GradStore,
     ) -> Result<()> {
         let (rows, e, f) = (self.rows, self.d_model, self.d_ff);
         let norm_back = |dinp, acc, dw, db, dout, inp, weight, mean, rstd| {
-            b.layernorm_backward(dinp, acc, dw, db, dout, inp, weight, mean, rstd, rows, e)
+            b.layernorm_backward(
+                dinp, acc, dw, db, grads, dout, inp, weight, mean, rstd, rows, e,
+            )
         };
 
         // Feed-forward half: d res2 arrives in `dy` (pre-norm) or through LN2 (post-norm).
@@ -221,6 +226,7 @@ impl Block {
             false,
             proj.0,
             Some(g.linear2_bias),
+            grads,
             a.dffo,
             la.ff,
             proj.1,
@@ -240,6 +246,7 @@ impl Block {
             !self.norm_first,
             fc.0,
             Some(g.linear1_bias),
+            grads,
             a.dfch,
             ff_in,
             fc.1,
@@ -285,6 +292,7 @@ impl Block {
             false,
             out.0,
             Some(g.out_proj_bias),
+            grads,
             a.dsa,
             la.atty,
             out.1,
@@ -303,6 +311,7 @@ impl Block {
                 false,
                 qkv.0,
                 Some(g.in_proj_bias),
+                grads,
                 a.dqkv,
                 la.norm1,
                 qkv.1,
@@ -329,6 +338,7 @@ impl Block {
                 true,
                 qkv.0,
                 Some(g.in_proj_bias),
+                grads,
                 a.dqkv,
                 x,
                 qkv.1,

@@ -203,13 +203,15 @@ impl<B: Backend> Encoder<B> {
         self.output()
     }
 
-    /// `grads += d loss / d params` from the gradient in [`Encoder::output_grad`], through the
-    /// activations of the last forward (which must have been a training or eval forward of the
-    /// same batch). With `input_grad`, also leaves d loss / d input in the returned tensor.
+    /// `grads += d loss / d params` (`=` after [`Encoder::zero_grad`]) from the gradient in
+    /// [`Encoder::output_grad`], through the activations of the last forward (which must have
+    /// been a training or eval forward of the same batch). With `input_grad`, also leaves
+    /// d loss / d input in the returned tensor.
     pub fn backward(&mut self, input_grad: bool) -> Result<Option<Tensor>> {
         let Some((masks, mode)) = self.last else {
             bail!("backward() needs a forward() first");
         };
+        let grads = self.weights.begin_backward();
         let p = self.planned()?;
         let (b, c, a) = (&self.backend, &self.config, &p.acts);
         let block = self.block(p.shape, masks, a);
@@ -225,6 +227,7 @@ impl<B: Backend> Encoder<B> {
                 false,
                 dw,
                 db,
+                grads,
                 a.dout,
                 x,
                 w,
@@ -260,13 +263,15 @@ impl<B: Backend> Encoder<B> {
                 dx,
                 need_dx,
                 self.dropouts(mode, l),
+                grads,
             )?;
             dy = dx;
         }
         Ok(input_grad.then_some(dy))
     }
 
-    pub fn zero_grad(&self) -> Result<()> {
-        self.backend.fill(self.grads(), 0.0)
+    /// See [`Weights::zero_grad`]: the next backward overwrites the gradients.
+    pub fn zero_grad(&mut self) {
+        self.weights.zero_grad()
     }
 }

@@ -10,7 +10,7 @@ use crate::params::LAYER_PARAMS;
 use crate::weights::Weights;
 use anyhow::{bail, Result};
 use flint_backend::{
-    Activation, AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Tensor, Weight,
+    Activation, AttentionShape, Backend, Buffer, DType, Dropout, GradStore, Mirror, Tensor, Weight,
     WeightLayout,
 };
 use serde::{Deserialize, Serialize};
@@ -229,8 +229,9 @@ impl<B: Backend> Gpt<B> {
     pub fn mirrors(&self) -> Vec<Option<Mirror>> {
         self.weights.mirrors()
     }
-    pub fn zero_grad(&self) -> Result<()> {
-        self.backend.fill(self.grads(), 0.0)
+    /// See [`Weights::zero_grad`]: the next backward overwrites the gradients.
+    pub fn zero_grad(&mut self) {
+        self.weights.zero_grad()
     }
 
     /// Plans and allocates the activations for `[batch, seq]` token batches.
@@ -457,11 +458,12 @@ impl<B: Backend> Gpt<B> {
         Ok(loss)
     }
 
-    /// `grads += d loss / d params` through the last forward.
+    /// `grads += d loss / d params` (`=` after [`Gpt::zero_grad`]) through the last forward.
     pub fn backward(&mut self) -> Result<()> {
         let Some(rng) = self.last else {
             bail!("backward() needs a forward() first");
         };
+        let grads = self.weights.begin_backward();
         let (p, h) = self.planned()?;
         let (b, c, a, w) = (&self.backend, &self.config, &p.acts, &self.weights);
         let block = self.block(p.shape);
@@ -477,6 +479,7 @@ impl<B: Backend> Gpt<B> {
             false,
             lin(dwte),
             None,
+            grads,
             h.dlogits.tensor(),
             a.final_out,
             lin(wte),
@@ -491,6 +494,7 @@ impl<B: Backend> Gpt<B> {
             false,
             dlnw,
             dlnb,
+            grads,
             a.dstream[0],
             last,
             lnw,
@@ -524,8 +528,14 @@ impl<B: Backend> Gpt<B> {
                 dx,
                 true,
                 self.dropouts(rng, l),
+                grads,
             )?;
             dy = dx;
+        }
+        // The output head wrote (or added) all of d wte above, and the embedding adds to it;
+        // d wpe gets only the positions in use, so a write starts from zeros.
+        if grads == GradStore::Write {
+            b.fill(dwpe, 0.0)?;
         }
         let emb_drop = self.dropout(rng, c.n_layer, 1);
         b.embedding_backward(

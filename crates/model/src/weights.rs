@@ -5,7 +5,7 @@ use crate::activations::mib;
 use crate::layout::{Entry, Layout};
 use crate::params::LayerParams;
 use anyhow::{bail, Result};
-use flint_backend::{Backend, Buffer, DType, Mirror, Tensor};
+use flint_backend::{Backend, Buffer, DType, GradStore, Mirror, Tensor};
 
 pub struct Weights<B: Backend> {
     pub layout: Layout,
@@ -16,11 +16,14 @@ pub struct Weights<B: Backend> {
     mirrors: B::Buffer,
     grads: B::Buffer,
     mirrored: Vec<bool>,
+    /// Set by [`Weights::zero_grad`] (and at the start): the next backward writes the
+    /// gradients instead of adding to them.
+    grads_zeroed: bool,
 }
 
 impl<B: Backend> Weights<B> {
-    /// Uploads `init` (laid out by `layout`), zeroes the gradients and fills the mirrors of the
-    /// entries `mirrored` selects.
+    /// Uploads `init` (laid out by `layout`) and fills the mirrors of the entries `mirrored`
+    /// selects; the gradients start zeroed, as after [`Weights::zero_grad`].
     pub fn new(
         b: &B,
         layout: Layout,
@@ -44,6 +47,7 @@ impl<B: Backend> Weights<B> {
             mirrors,
             grads,
             mirrored,
+            grads_zeroed: true,
         };
         for (index, mirror) in w.mirrors().into_iter().enumerate() {
             if let Some(m) = mirror {
@@ -58,6 +62,23 @@ impl<B: Backend> Weights<B> {
     }
     pub fn grads(&self) -> Tensor {
         self.grads.tensor()
+    }
+
+    /// Zeroes the gradients the way PyTorch's `zero_grad()` (`set_to_none=True`) does: nothing
+    /// is written now; the next backward writes the gradients instead of adding to them, which
+    /// saves a pass over the buffer and a read of it in every weight-gradient product. Until
+    /// that backward, [`Weights::grads`] holds stale values.
+    pub fn zero_grad(&mut self) {
+        self.grads_zeroed = true;
+    }
+
+    /// How the backward starting now stores its gradients: [`GradStore::Write`] for the first
+    /// one after [`Weights::zero_grad`], [`GradStore::Accumulate`] after that.
+    pub fn begin_backward(&mut self) -> GradStore {
+        match std::mem::replace(&mut self.grads_zeroed, false) {
+            true => GradStore::Write,
+            false => GradStore::Accumulate,
+        }
     }
 
     /// For each parameter tensor (in layout order), its transposed copy, if any: whoever

@@ -153,7 +153,7 @@ pub fn seed<B: Backend>(
             .upload(flint_backend::Buffer::tensor(&target), &rand(n, 2))?;
         let timing = time_steps(warmup, steps, || {
             step += 1;
-            model.zero_grad()?;
+            model.zero_grad();
             let out = model.forward(Masks::default(), Mode::Train { seed: 0, step })?;
             let b = model.backend();
             b.mse_loss(
@@ -272,7 +272,7 @@ pub fn gpt<B: Backend>(
     let mut i = 0u64;
     let timing = time_steps(warmup, steps, || {
         i += 1;
-        model.zero_grad()?;
+        model.zero_grad();
         model.forward(Some((0, i)))?;
         model.loss(1.0)?;
         model.backward()?;

@@ -30,7 +30,7 @@ fn train_two_steps(config: &EncoderConfig) -> Vec<f32> {
     )
     .unwrap();
     for step in 1..=2 {
-        enc.zero_grad().unwrap();
+        enc.zero_grad();
         let masks = Masks {
             causal: true,
             key_padding: true,

@@ -89,7 +89,7 @@ impl Case {
         target: &flint_backend::cpu::CpuBuffer,
         step: u64,
     ) -> f32 {
-        enc.zero_grad().unwrap();
+        enc.zero_grad();
         let out = enc
             .forward(self.masks, Mode::Train { seed: 0, step })
             .unwrap();

@@ -1,6 +1,6 @@
 //! `nn.LayerNorm` over the last dimension (biased variance, as PyTorch).
 
-use super::math::lane_sum;
+use super::math::{lane_sum, store};
 use super::simd_fn;
 use rayon::prelude::*;
 
@@ -63,6 +63,7 @@ pub(crate) fn backward(
     accumulate: bool,
     dweight: &mut [f32],
     dbias: &mut [f32],
+    accumulate_grads: bool,
     dout: &[f32],
     inp: &[f32],
     weight: &[f32],
@@ -91,7 +92,8 @@ pub(crate) fn backward(
         .zip(dbias[..c].par_chunks_mut(COLS))
         .enumerate()
         .for_each(|(blk, (dw, db))| {
-            param_grads_simd(dw, db, blk * COLS, dout, inp, (mean, rstd), c);
+            let columns = (blk * COLS, c);
+            param_grads_simd(dw, db, accumulate_grads, columns, dout, inp, (mean, rstd));
         });
 }
 
@@ -125,18 +127,19 @@ fn backward_row(
 /// Columns per task of the parameter gradients.
 const COLS: usize = 64;
 
-simd_fn!(param_grads_simd => param_grads(dw: &mut [f32], db: &mut [f32], c0: usize, dout: &[f32], inp: &[f32], stats: (&[f32], &[f32]), c: usize));
+simd_fn!(param_grads_simd => param_grads(dw: &mut [f32], db: &mut [f32], accumulate: bool, columns: (usize, usize), dout: &[f32], inp: &[f32], stats: (&[f32], &[f32])));
 
-/// `dw`, `db` (columns `c0..` of the weight and bias gradients) += their sums over all rows.
+/// `dw`, `db` (columns `c0..` of the `c` weight and bias gradients) (+)= their sums over all
+/// rows.
 #[inline(always)]
 fn param_grads(
     dw: &mut [f32],
     db: &mut [f32],
-    c0: usize,
+    accumulate: bool,
+    (c0, c): (usize, usize),
     dout: &[f32],
     inp: &[f32],
     (mean, rstd): (&[f32], &[f32]),
-    c: usize,
 ) {
     let w = dw.len();
     let mut aw = [0.0f32; COLS];
@@ -149,8 +152,6 @@ fn param_grads(
             *ab += g;
         }
     }
-    for (((dw, db), aw), ab) in dw.iter_mut().zip(db.iter_mut()).zip(aw).zip(ab) {
-        *dw += aw;
-        *db += ab;
-    }
+    store(dw, accumulate, &aw[..w]);
+    store(db, accumulate, &ab[..w]);
 }

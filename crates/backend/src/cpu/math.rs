@@ -89,6 +89,16 @@ fn lane_fold<T: Copy>(
     op(lanes.into_iter().fold(init, op), tail)
 }
 
+/// `dst (+)= values`.
+#[inline(always)]
+pub(crate) fn store(dst: &mut [f32], accumulate: bool, values: &[f32]) {
+    if accumulate {
+        dst.iter_mut().zip(values).for_each(|(d, v)| *d += v);
+    } else {
+        dst.copy_from_slice(values);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

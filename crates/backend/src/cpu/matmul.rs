@@ -1,6 +1,7 @@
 //! `nn.Linear` forward and backward on the `gemm` crate. Transposes are expressed as strides, so
 //! no operand is ever copied.
 
+use super::math::store;
 use super::simd_fn;
 use crate::WeightLayout;
 use gemm::Parallelism;
@@ -27,6 +28,13 @@ pub(crate) fn gemm_strided(
     n: usize,
 ) {
     assert!(dst.len() >= m * n);
+    if k == 0 {
+        // An empty sum (a weight gradient over zero rows) is zero.
+        if !accumulate {
+            dst[..m * n].fill(0.0);
+        }
+        return;
+    }
     assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
     assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
     let split_rows = m >= n;
@@ -123,6 +131,7 @@ pub(crate) fn backward(
     accumulate: bool,
     (dweight, dlayout): (&mut [f32], WeightLayout),
     dbias: Option<&mut [f32]>,
+    accumulate_grads: bool,
     dout: &[f32],
     inp: &[f32],
     (weight, layout): (&[f32], WeightLayout),
@@ -140,9 +149,29 @@ pub(crate) fn backward(
     }
     match dlayout {
         // dW[n, k] = dout^T @ inp
-        WeightLayout::OutIn => gemm_strided(dweight, true, dout, (1, n), inp, (k, 1), n, rows, k),
+        WeightLayout::OutIn => gemm_strided(
+            dweight,
+            accumulate_grads,
+            dout,
+            (1, n),
+            inp,
+            (k, 1),
+            n,
+            rows,
+            k,
+        ),
         // dW[k, n] = inp^T @ dout
-        WeightLayout::InOut => gemm_strided(dweight, true, inp, (1, k), dout, (n, 1), k, rows, n),
+        WeightLayout::InOut => gemm_strided(
+            dweight,
+            accumulate_grads,
+            inp,
+            (1, k),
+            dout,
+            (n, 1),
+            k,
+            rows,
+            n,
+        ),
     }
     if let Some(dbias) = dbias {
         // Each task owns a block of columns and sums all rows in order: deterministic.
@@ -151,22 +180,22 @@ pub(crate) fn backward(
             .par_chunks_mut(COLS)
             .enumerate()
             .for_each(|(blk, db)| {
-                add_column_sums(db, &dout[blk * COLS..], rows, n);
+                column_sums(db, accumulate_grads, &dout[blk * COLS..], rows, n);
             });
     }
 }
 
-simd_fn!(add_column_sums => add_column_sums_plain(dst: &mut [f32], src: &[f32], rows: usize, stride: usize));
+simd_fn!(column_sums => column_sums_plain(dst: &mut [f32], accumulate: bool, src: &[f32], rows: usize, stride: usize));
 
-/// `dst[j] += sum over r < rows of src[r * stride + j]` for up to 64 columns, rows added in
+/// `dst[j] (+)= sum over r < rows of src[r * stride + j]` for up to 64 columns, rows added in
 /// order.
 #[inline(always)]
-fn add_column_sums_plain(dst: &mut [f32], src: &[f32], rows: usize, stride: usize) {
+fn column_sums_plain(dst: &mut [f32], accumulate: bool, src: &[f32], rows: usize, stride: usize) {
     let mut acc = [0.0f32; 64];
     let acc = &mut acc[..dst.len()];
     for r in 0..rows {
         let row = &src[r * stride..][..acc.len()];
         acc.iter_mut().zip(row).for_each(|(a, &g)| *a += g);
     }
-    dst.iter_mut().zip(acc).for_each(|(d, a)| *d += *a);
+    store(dst, accumulate, acc);
 }

@@ -19,8 +19,8 @@ mod transpose;
 pub use info::{cpu_info, CpuInfo};
 
 use crate::{
-    Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Precision, Tensor,
-    Weight,
+    Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, GradStore, Mirror,
+    Precision, Tensor, Weight,
 };
 use anyhow::{bail, Result};
 
@@ -163,6 +163,7 @@ impl Backend for Cpu {
         accumulate: bool,
         dweight: Weight,
         dbias: Option<Tensor>,
+        grads: GradStore,
         dout: Tensor,
         inp: Tensor,
         weight: Weight,
@@ -175,6 +176,7 @@ impl Backend for Cpu {
             accumulate,
             (f32s_mut(dweight.tensor), dweight.layout),
             dbias.map(f32s_mut),
+            grads.accumulates(),
             f32s(dout),
             f32s(inp),
             (f32s(weight.tensor), weight.layout),
@@ -217,6 +219,7 @@ impl Backend for Cpu {
         accumulate: bool,
         dweight: Tensor,
         dbias: Tensor,
+        grads: GradStore,
         dout: Tensor,
         inp: Tensor,
         weight: Tensor,
@@ -230,6 +233,7 @@ impl Backend for Cpu {
             accumulate,
             f32s_mut(dweight),
             f32s_mut(dbias),
+            grads.accumulates(),
             f32s(dout),
             f32s(inp),
             f32s(weight),

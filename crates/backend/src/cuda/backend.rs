@@ -14,8 +14,8 @@ use super::compile;
 use super::launch::{self, elementwise, grid, size, Arg, Kernels, THREADS};
 use super::libs::{self, Lib};
 use crate::{
-    Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, Mirror, Precision, Tensor,
-    Weight, WeightLayout,
+    Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, GradStore, Mirror,
+    Precision, Tensor, Weight, WeightLayout,
 };
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{result, CudaContext, CudaStream, LaunchConfig};
@@ -650,6 +650,7 @@ impl Backend for Cuda {
         accumulate: bool,
         dweight: Weight,
         dbias: Option<Tensor>,
+        grads: GradStore,
         dout: Tensor,
         inp: Tensor,
         weight: Weight,
@@ -670,16 +671,17 @@ impl Backend for Cuda {
             self.gemm(dinp, accumulate, plain(dout), wt, rows, n, k)?;
         }
         let dw = f32s(dweight.tensor, k * n, "matmul_backward dweight")?;
+        let acc = grads.accumulates();
         match dweight.layout {
-            // dW[n, k] += dout^T @ inp
-            WeightLayout::OutIn => self.gemm(dw, true, transposed(dout), plain(inp), n, rows, k)?,
-            // dW[k, n] += inp^T @ dout
-            WeightLayout::InOut => self.gemm(dw, true, transposed(inp), plain(dout), k, rows, n)?,
+            // dW[n, k] (+)= dout^T @ inp
+            WeightLayout::OutIn => self.gemm(dw, acc, transposed(dout), plain(inp), n, rows, k)?,
+            // dW[k, n] (+)= inp^T @ dout
+            WeightLayout::InOut => self.gemm(dw, acc, transposed(inp), plain(dout), k, rows, n)?,
         }
         if let Some(dbias) = dbias {
             let dbias = f32s(dbias, n, "matmul_backward dbias")?;
             let kernel = &self.kernels.column_sum_partials;
-            self.column_reduce(kernel, &[dbias], &[ptr(dout)], rows, n)?;
+            self.column_reduce(kernel, &[dbias], grads, &[ptr(dout)], rows, n)?;
         }
         Ok(())
     }
@@ -716,6 +718,7 @@ impl Backend for Cuda {
         accumulate: bool,
         dweight: Tensor,
         dbias: Tensor,
+        grads: GradStore,
         dout: Tensor,
         inp: Tensor,
         weight: Tensor,
@@ -746,7 +749,7 @@ impl Backend for Cuda {
         ];
         let inputs = [ptr(dout), ptr(inp), ptr(mean), ptr(rstd)];
         let kernel = &self.kernels.layernorm_backward_params_partials;
-        self.column_reduce(kernel, &outs, &inputs, rows, c)
+        self.column_reduce(kernel, &outs, grads, &inputs, rows, c)
     }
 
     fn attention_forward(
@@ -1160,7 +1163,7 @@ impl Backend for Cuda {
 }
 
 impl Cuda {
-    /// `outs[o][n] += ` column sums over `rows` rows of `[rows, n]` matrices, in two levels (see
+    /// `outs[o][n] (+)=` (as `grads` says) column sums over `rows` rows of `[rows, n]` matrices, in two levels (see
     /// COLUMN_PARAMS in kernels/common.cuh): `kernel`, called with the partials buffer, then
     /// `inputs`, then COLUMN_PARAMS, leaves output `o`'s sum over row chunk `ch` in
     /// `partials[(o * chunks + ch) * cols..][..cols]`; add_column_partials then adds each
@@ -1170,6 +1173,7 @@ impl Cuda {
         &self,
         kernel: &launch::Kernel,
         outs: &[u64],
+        grads: GradStore,
         inputs: &[Arg],
         rows: usize,
         n: usize,
@@ -1203,6 +1207,7 @@ impl Cuda {
                     ptr(partials + 4 * (o * chunks * cols) as u64),
                     size(chunks),
                     size(cols),
+                    Arg::I32(grads.accumulates() as i32),
                 ];
                 self.launch(&self.kernels.add_column_partials, elementwise(cols), args)?;
             }

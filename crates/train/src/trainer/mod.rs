@@ -347,7 +347,7 @@ fn train_on<B: Backend>(
             cfg.warmup_steps,
         );
         opt.config.lr = lr as f32;
-        model.zero_grad()?;
+        model.zero_grad();
         let loss_scale = scaler.map_or(1.0, |s| s.scale);
         let mut loss = 0.0f32;
         for micro in 0..accum {

@@ -36,14 +36,14 @@ extern "C" __global__ void column_sum_partials(float* partials, const float* dou
     });
 }
 
-// out[cols] += sum over chunks, in chunk order, of partials[chunks, cols]: the second level of a
-// column reduction.
+// out[cols] (+)= sum over chunks, in chunk order, of partials[chunks, cols]: the second level of
+// a column reduction.
 extern "C" __global__ void add_column_partials(float* out, const float* partials, u64 chunks,
-                                               u64 cols) {
+                                               u64 cols, int accumulate) {
     FOR_EACH(j, cols) {
         float s = 0.0f;
         for (u64 c = 0; c < chunks; ++c) s += partials[c * cols + j];
-        out[j] += s;
+        out[j] = accumulate ? out[j] + s : s;
     }
 }
 
