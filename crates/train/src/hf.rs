@@ -23,6 +23,16 @@ struct HfConfig {
     #[serde(default = "default_activation")]
     activation_function: String,
     n_inner: Option<usize>,
+    #[serde(default = "yes")]
+    scale_attn_weights: bool,
+    #[serde(default)]
+    scale_attn_by_inverse_layer_idx: bool,
+    #[serde(default = "yes")]
+    tie_word_embeddings: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_eps() -> f32 {
@@ -56,6 +66,23 @@ pub fn load_gpt2(dir: &Path) -> Result<(GptConfig, Vec<f32>)> {
             "{}: n_inner must be 4 * n_embd (or null)",
             config_path.display()
         );
+    }
+    // Variants of the architecture flint does not compute: refused, not silently changed.
+    for (unsupported, field, gpt2) in [
+        (!hf.scale_attn_weights, "scale_attn_weights", "true"),
+        (
+            hf.scale_attn_by_inverse_layer_idx,
+            "scale_attn_by_inverse_layer_idx",
+            "false",
+        ),
+        (!hf.tie_word_embeddings, "tie_word_embeddings", "true"),
+    ] {
+        if unsupported {
+            bail!(
+                "{}: `{field}` other than {gpt2} (GPT-2's) is not supported",
+                config_path.display()
+            );
+        }
     }
     let config = GptConfig {
         vocab_size: hf.vocab_size,

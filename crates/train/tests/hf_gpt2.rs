@@ -186,3 +186,32 @@ fn checkpoints_with_attention_buffers_and_a_tied_head_load_the_same() {
         .all(|(a, b)| a.to_bits() == b.to_bits()));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn architecture_variants_flint_does_not_compute_are_refused_by_name() {
+    let dir = std::env::temp_dir().join(format!("flint-hf-variants-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        fixture("model/model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("model/config.json")).unwrap())
+            .unwrap();
+    for (field, value) in [
+        ("scale_attn_weights", false),
+        ("scale_attn_by_inverse_layer_idx", true),
+        ("tie_word_embeddings", false),
+    ] {
+        let mut config = base.clone();
+        config[field] = value.into();
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        let err = format!("{:#}", load_gpt2(&dir).unwrap_err());
+        assert!(
+            err.contains("config.json") && err.contains(field),
+            "{field}: {err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
