@@ -1,6 +1,6 @@
 //! Token and position embeddings (GPT-2's `wte` and `wpe`).
 
-use super::dropout;
+use super::{dropout, simd_fn};
 use crate::Dropout;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
@@ -69,14 +69,27 @@ pub(crate) fn backward(
                 crate::philox::dropout_multipliers(&d, r * c + c0, &mut mul[..c1 - c0]);
             }
             let (t, p) = (ids[r] as usize, r % seq);
-            for j in c0..c1 {
-                let g = dout[r * c + j] * mul[j - c0];
-                // SAFETY: this task alone writes channels c0..c1 of every row of both tables.
-                unsafe {
-                    *te.at(t * c + j) += g;
-                    *pe.at(p * c + j) += g;
-                }
-            }
+            // SAFETY: this task alone writes channels c0..c1 of every row of both tables, and
+            // the tables are distinct buffers.
+            let (te, pe) = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(te.at(t * c + c0), c1 - c0),
+                    std::slice::from_raw_parts_mut(pe.at(p * c + c0), c1 - c0),
+                )
+            };
+            add_to_both(te, pe, &dout[r * c + c0..r * c + c1], &mul[..c1 - c0]);
         }
     });
+}
+
+simd_fn!(add_to_both => add_to_both_plain(a: &mut [f32], b: &mut [f32], g: &[f32], mul: &[f32]));
+
+/// `a += g * mul;  b += g * mul`
+#[inline(always)]
+fn add_to_both_plain(a: &mut [f32], b: &mut [f32], g: &[f32], mul: &[f32]) {
+    for (((a, b), &g), &m) in a.iter_mut().zip(b.iter_mut()).zip(g).zip(mul) {
+        let v = g * m;
+        *a += v;
+        *b += v;
+    }
 }
