@@ -14,11 +14,34 @@ use rayon::prelude::*;
 const MAX_PIECES: usize = 4;
 const MIN_PIECE: usize = 64;
 
-/// `dst[m, n] (+)= lhs[m, k] @ rhs[k, n]` with explicit (row, column) strides for each operand.
+/// What a product is added to.
+#[derive(Clone, Copy)]
+pub(crate) enum Start<'a> {
+    /// Nothing: `dst = lhs @ rhs`.
+    Zero,
+    /// `dst` itself: `dst += lhs @ rhs`.
+    Dst,
+    /// A bias per column: `dst = bias + lhs @ rhs`. Each piece writes its part of the bias just
+    /// before its product, which then reads it back from cache rather than from a separate pass.
+    Bias(&'a [f32]),
+}
+
+impl Start<'_> {
+    pub(crate) fn accumulate(accumulate: bool) -> Self {
+        if accumulate {
+            Start::Dst
+        } else {
+            Start::Zero
+        }
+    }
+}
+
+/// `dst[m, n] = start + lhs[m, k] @ rhs[k, n]` with explicit (row, column) strides for each
+/// operand.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemm_strided(
     dst: &mut [f32],
-    accumulate: bool,
+    start: Start,
     lhs: &[f32],
     (lhs_rs, lhs_cs): (usize, usize),
     rhs: &[f32],
@@ -28,12 +51,8 @@ pub(crate) fn gemm_strided(
     n: usize,
 ) {
     assert!(dst.len() >= m * n);
-    if k == 0 {
-        // An empty sum (a weight gradient over zero rows) is zero.
-        if !accumulate {
-            dst[..m * n].fill(0.0);
-        }
-        return;
+    if let Start::Bias(bias) = start {
+        assert!(bias.len() >= n);
     }
     assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
     assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
@@ -49,19 +68,37 @@ pub(crate) fn gemm_strided(
         super::SendPtr(rhs.as_ptr() as *mut f32),
     );
     (0..pieces).into_par_iter().for_each(|piece| {
-        let (start, end) = (piece * step, ((piece + 1) * step).min(side));
-        let (dst, lhs, rhs, pm, pn) = if split_rows {
-            let (dst, lhs) = (dst.at(start * n), lhs.at(start * lhs_rs));
-            (dst, lhs, rhs.at(0), end - start, n)
+        let (first, end) = (piece * step, ((piece + 1) * step).min(side));
+        let (dst, lhs, rhs, pm, pn, c0) = if split_rows {
+            let (dst, lhs) = (dst.at(first * n), lhs.at(first * lhs_rs));
+            (dst, lhs, rhs.at(0), end - first, n, 0)
         } else {
-            (
-                dst.at(start),
-                lhs.at(0),
-                rhs.at(start * rhs_cs),
-                m,
-                end - start,
-            )
+            let (dst, rhs) = (dst.at(first), rhs.at(first * rhs_cs));
+            (dst, lhs.at(0), rhs, m, end - first, first)
         };
+        let accumulate = match start {
+            Start::Zero => false,
+            Start::Dst => true,
+            Start::Bias(bias) => {
+                for r in 0..pm {
+                    // SAFETY: row r of this piece: pn columns inside dst (asserted above),
+                    // written by this piece alone.
+                    let row = unsafe { std::slice::from_raw_parts_mut(dst.add(r * n), pn) };
+                    row.copy_from_slice(&bias[c0..c0 + pn]);
+                }
+                true
+            }
+        };
+        if k == 0 {
+            // An empty sum (a weight gradient over zero rows) is zero.
+            if !accumulate {
+                for r in 0..pm {
+                    // SAFETY: as above.
+                    unsafe { std::slice::from_raw_parts_mut(dst.add(r * n), pn) }.fill(0.0);
+                }
+            }
+            return;
+        }
         // SAFETY: the asserts above keep every access inside the three slices, and the
         // pieces write disjoint rows (or columns) of `dst`.
         unsafe {
@@ -100,12 +137,6 @@ pub(crate) fn forward(
     k: usize,
     n: usize,
 ) {
-    // The bias is written first and the product accumulated onto it: one pass, no temporary.
-    if let Some(bias) = bias {
-        out[..rows * n]
-            .par_chunks_mut(n * (super::CHUNK / n).max(1))
-            .for_each(|c| c.chunks_mut(n).for_each(|row| row.copy_from_slice(bias)));
-    }
     // W[k, n] as strides into the stored matrix; InOut is gemm's fast (row-major) case.
     let strides = match layout {
         WeightLayout::OutIn => (1, k),
@@ -113,7 +144,7 @@ pub(crate) fn forward(
     };
     gemm_strided(
         out,
-        bias.is_some(),
+        bias.map_or(Start::Zero, Start::Bias),
         inp,
         (k, 1),
         weight,
@@ -145,33 +176,15 @@ pub(crate) fn backward(
             WeightLayout::OutIn => (k, 1),
             WeightLayout::InOut => (1, n),
         };
-        gemm_strided(dinp, accumulate, dout, (n, 1), weight, strides, rows, n, k);
+        let start = Start::accumulate(accumulate);
+        gemm_strided(dinp, start, dout, (n, 1), weight, strides, rows, n, k);
     }
+    let start = Start::accumulate(accumulate_grads);
     match dlayout {
-        // dW[n, k] = dout^T @ inp
-        WeightLayout::OutIn => gemm_strided(
-            dweight,
-            accumulate_grads,
-            dout,
-            (1, n),
-            inp,
-            (k, 1),
-            n,
-            rows,
-            k,
-        ),
-        // dW[k, n] = inp^T @ dout
-        WeightLayout::InOut => gemm_strided(
-            dweight,
-            accumulate_grads,
-            inp,
-            (1, k),
-            dout,
-            (n, 1),
-            k,
-            rows,
-            n,
-        ),
+        // dW[n, k] (+)= dout^T @ inp
+        WeightLayout::OutIn => gemm_strided(dweight, start, dout, (1, n), inp, (k, 1), n, rows, k),
+        // dW[k, n] (+)= inp^T @ dout
+        WeightLayout::InOut => gemm_strided(dweight, start, inp, (1, k), dout, (n, 1), k, rows, n),
     }
     if let Some(dbias) = dbias {
         // Each task owns a block of columns and sums all rows in order: deterministic.
