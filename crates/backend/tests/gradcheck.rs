@@ -1242,3 +1242,32 @@ fn embedding_matches_reference_and_finite_differences() -> Result<()> {
         .is_err());
     Ok(())
 }
+
+/// A batch of zero rows: the parameter gradients are empty sums, written as zeros or left as
+/// they were, and nothing reads past the empty operands.
+#[test]
+fn matmul_backward_over_zero_rows_stores_empty_sums() -> Result<()> {
+    let (k, n) = (3, 100);
+    let (x, r, w) = (filled(0, 0.0)?, filled(0, 0.0)?, buf(&randn(2, n * k))?);
+    for (grads, want) in [(GradStore::Accumulate, 7.0), (GradStore::Write, 0.0)] {
+        let (dw, db) = (filled(n * k, 7.0)?, filled(n, 7.0)?);
+        Cpu.matmul_backward(
+            None,
+            false,
+            lin(dw.tensor()),
+            Some(db.tensor()),
+            grads,
+            r.tensor(),
+            x.tensor(),
+            lin(w.tensor()),
+            0,
+            k,
+            n,
+        )?;
+        for (name, t) in [("dweight", &dw), ("dbias", &db)] {
+            let got = read(t.tensor())?;
+            assert!(got.iter().all(|&v| v == want), "{grads:?} {name}: {got:?}");
+        }
+    }
+    Ok(())
+}

@@ -211,7 +211,7 @@ impl<B: Backend> Encoder<B> {
         let Some((masks, mode)) = self.last else {
             bail!("backward() needs a forward() first");
         };
-        let grads = self.weights.begin_backward();
+        let grads = self.weights.grad_store();
         let p = self.planned()?;
         let (b, c, a) = (&self.backend, &self.config, &p.acts);
         let block = self.block(p.shape, masks, a);
@@ -267,6 +267,7 @@ impl<B: Backend> Encoder<B> {
             )?;
             dy = dx;
         }
+        self.weights.backward_done();
         Ok(input_grad.then_some(dy))
     }
 

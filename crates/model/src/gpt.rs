@@ -463,7 +463,7 @@ impl<B: Backend> Gpt<B> {
         let Some(rng) = self.last else {
             bail!("backward() needs a forward() first");
         };
-        let grads = self.weights.begin_backward();
+        let grads = self.weights.grad_store();
         let (p, h) = self.planned()?;
         let (b, c, a, w) = (&self.backend, &self.config, &p.acts, &self.weights);
         let block = self.block(p.shape);
@@ -547,6 +547,8 @@ impl<B: Backend> Gpt<B> {
             p.shape.seq,
             e,
             emb_drop,
-        )
+        )?;
+        self.weights.backward_done();
+        Ok(())
     }
 }

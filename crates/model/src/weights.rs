@@ -72,13 +72,19 @@ impl<B: Backend> Weights<B> {
         self.grads_zeroed = true;
     }
 
-    /// How the backward starting now stores its gradients: [`GradStore::Write`] for the first
-    /// one after [`Weights::zero_grad`], [`GradStore::Accumulate`] after that.
-    pub fn begin_backward(&mut self) -> GradStore {
-        match std::mem::replace(&mut self.grads_zeroed, false) {
+    /// How a backward stores its gradients: [`GradStore::Write`] until one has completed since
+    /// [`Weights::zero_grad`] (so a backward that failed halfway is written over, not added
+    /// to), [`GradStore::Accumulate`] after that.
+    pub fn grad_store(&self) -> GradStore {
+        match self.grads_zeroed {
             true => GradStore::Write,
             false => GradStore::Accumulate,
         }
+    }
+
+    /// Records a completed backward: the next one adds to its gradients.
+    pub fn backward_done(&mut self) {
+        self.grads_zeroed = false;
     }
 
     /// For each parameter tensor (in layout order), its transposed copy, if any: whoever

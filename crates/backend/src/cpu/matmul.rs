@@ -193,21 +193,26 @@ pub(crate) fn backward(
             .par_chunks_mut(COLS)
             .enumerate()
             .for_each(|(blk, db)| {
-                column_sums(db, accumulate_grads, &dout[blk * COLS..], rows, n);
+                column_sums(db, accumulate_grads, dout, (blk * COLS, rows, n));
             });
     }
 }
 
-simd_fn!(column_sums => column_sums_plain(dst: &mut [f32], accumulate: bool, src: &[f32], rows: usize, stride: usize));
+simd_fn!(column_sums => column_sums_plain(dst: &mut [f32], accumulate: bool, src: &[f32], shape: (usize, usize, usize)));
 
-/// `dst[j] (+)= sum over r < rows of src[r * stride + j]` for up to 64 columns, rows added in
-/// order.
+/// `dst[j] (+)= sum over r < rows of src[r * stride + c0 + j]` for up to 64 columns, rows added
+/// in order.
 #[inline(always)]
-fn column_sums_plain(dst: &mut [f32], accumulate: bool, src: &[f32], rows: usize, stride: usize) {
+fn column_sums_plain(
+    dst: &mut [f32],
+    accumulate: bool,
+    src: &[f32],
+    (c0, rows, stride): (usize, usize, usize),
+) {
     let mut acc = [0.0f32; 64];
     let acc = &mut acc[..dst.len()];
     for r in 0..rows {
-        let row = &src[r * stride..][..acc.len()];
+        let row = &src[r * stride + c0..][..acc.len()];
         acc.iter_mut().zip(row).for_each(|(a, &g)| *a += g);
     }
     store(dst, accumulate, acc);

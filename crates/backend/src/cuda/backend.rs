@@ -1163,11 +1163,11 @@ impl Backend for Cuda {
 }
 
 impl Cuda {
-    /// `outs[o][n] (+)=` (as `grads` says) column sums over `rows` rows of `[rows, n]` matrices, in two levels (see
-    /// COLUMN_PARAMS in kernels/common.cuh): `kernel`, called with the partials buffer, then
-    /// `inputs`, then COLUMN_PARAMS, leaves output `o`'s sum over row chunk `ch` in
-    /// `partials[(o * chunks + ch) * cols..][..cols]`; add_column_partials then adds each
-    /// output's chunks in order. The chunks depend on `rows` alone, so a result depends on
+    /// `outs[o][n] (+)=` (as `grads` says) column sums over `rows` rows of `[rows, n]` matrices,
+    /// in two levels (see COLUMN_PARAMS in kernels/common.cuh): `kernel`, called with the
+    /// partials buffer, then `inputs`, then COLUMN_PARAMS, leaves output `o`'s sum over row
+    /// chunk `ch` in `partials[(o * chunks + ch) * cols..][..cols]`; add_column_partials then
+    /// adds each output's chunks in order. The chunks depend on `rows` alone, so a result depends on
     /// neither timing, the GPU nor the number of columns.
     fn column_reduce(
         &self,

@@ -45,16 +45,14 @@ pub(super) fn multipliers(
     out: &mut [f32; 4 * BLOCKS],
 ) {
     let iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    // `block` is a multiple of BLOCKS (groups are aligned in the stream), so a register's 16
+    // counters share their high word: the low word cannot wrap inside one.
+    debug_assert_eq!(block % BLOCKS as u64, 0);
     let mut c: [[__m512i; 4]; REGISTERS] = std::array::from_fn(|g| {
         let first = block + 16 * g as u64;
-        let base = _mm512_set1_epi32(first as u32 as i32);
-        let low = _mm512_add_epi32(base, iota);
-        // The high word carries where the low one wrapped.
-        let wrapped = _mm512_cmplt_epu32_mask(low, base);
-        let high = _mm512_set1_epi32((first >> 32) as u32 as i32);
         [
-            low,
-            _mm512_mask_add_epi32(high, wrapped, high, _mm512_set1_epi32(1)),
+            _mm512_add_epi32(_mm512_set1_epi32(first as u32 as i32), iota),
+            _mm512_set1_epi32((first >> 32) as u32 as i32),
             _mm512_set1_epi32(offset as u32 as i32),
             _mm512_set1_epi32((offset >> 32) as u32 as i32),
         ]

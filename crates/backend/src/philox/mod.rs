@@ -59,7 +59,8 @@ pub fn dropout_multipliers(d: &Dropout, start: usize, out: &mut [f32]) {
     let keep = 1.0 / (1.0 - d.p);
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx512f") {
+        // The AVX-512 path computes a whole group per call: short spans take the narrower one.
+        if std::arch::is_x86_feature_detected!("avx512f") && out.len() >= 4 * avx512::BLOCKS {
             return in_groups::<{ 4 * avx512::BLOCKS }>(start, out, |block, group| {
                 // SAFETY: the CPU supports the features the function is compiled for.
                 unsafe { avx512::multipliers(d.seed, d.offset, block, threshold, keep, group) }
@@ -200,8 +201,9 @@ mod tests {
         assert_eq!(&part[..], &all[1001..1038]);
     }
 
-    /// The SIMD paths against the scalar definition: ragged heads and tails, whole groups, and
-    /// counters whose low word wraps inside a group.
+    /// Both vector paths (the one this CPU dispatches to, and the portable one) against the
+    /// scalar definition: ragged heads and tails, whole groups, spans shorter than a group, and
+    /// counters whose low word wraps (at a group boundary: groups are aligned).
     #[test]
     fn simd_multipliers_follow_the_scalar_definition() {
         let d = Dropout {
@@ -211,13 +213,31 @@ mod tests {
         };
         let threshold = (0.3f64 * 4294967296.0) as u32;
         let keep = 1.0 / (1.0 - 0.3f32);
-        for (start, len) in [(3, 300), (0, 600), (64, 1), (4 * (1 << 32) - 37, 300)] {
-            let mut out = vec![f32::NAN; len];
-            dropout_multipliers(&d, start, &mut out);
-            for (j, m) in out.iter().enumerate() {
-                let i = (start + j) as u64;
-                let dropped = uniform_u32(d.seed, d.offset, i) < threshold;
-                assert_eq!(*m, if dropped { 0.0 } else { keep }, "element {i}");
+        type Path<'a> = &'a dyn Fn(usize, &mut [f32]);
+        let paths: [(&str, Path); 2] = [
+            ("dispatched", &|start, out| {
+                dropout_multipliers(&d, start, out)
+            }),
+            ("portable", &|start, out| {
+                multipliers(&d, start, threshold, keep, out)
+            }),
+        ];
+        let spans = [
+            (3, 300),
+            (0, 600),
+            (64, 1),
+            (5, 40),
+            (4 * (1 << 32) - 37, 300),
+        ];
+        for (name, path) in paths {
+            for (start, len) in spans {
+                let mut out = vec![f32::NAN; len];
+                path(start, &mut out);
+                for (j, m) in out.iter().enumerate() {
+                    let i = (start + j) as u64;
+                    let dropped = uniform_u32(d.seed, d.offset, i) < threshold;
+                    assert_eq!(*m, if dropped { 0.0 } else { keep }, "{name}: element {i}");
+                }
             }
         }
     }
