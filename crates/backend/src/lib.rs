@@ -315,7 +315,7 @@ pub trait Backend: Send + Sync {
         dropout: Option<Dropout>,
     ) -> Result<()>;
 
-    /// Backward of [`Backend::residual_forward`]: `dresid += dout`, `dinp = dropout(dout)`.
+    /// Backward of [`Backend::residual_forward`]: `dresid = dout`, `dinp = dropout(dout)`.
     fn residual_backward(
         &self,
         dresid: Tensor,

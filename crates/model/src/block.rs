@@ -215,7 +215,6 @@ impl Block {
             )?;
             (a.dres, la.norm1, a.dnorm)
         };
-        b.fill(dff_resid, 0.0)?;
         b.residual_backward(dff_resid, a.dffo, dres2, d[3])?;
         let proj = (
             self.grad(g.linear2_weight),
@@ -281,7 +280,6 @@ impl Block {
         }
 
         // Attention half: d res1 is in `dres`.
-        b.fill(dx, 0.0)?;
         b.residual_backward(dx, a.dsa, a.dres, d[1])?;
         let out = (
             self.grad(g.out_proj_weight),

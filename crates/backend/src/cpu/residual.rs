@@ -15,7 +15,7 @@ pub(crate) fn forward(out: &mut [f32], resid: &[f32], inp: &[f32], d: Option<Dro
     });
 }
 
-/// dresid += dout;  dinp = dropout(dout)
+/// dresid = dout;  dinp = dropout(dout)
 pub(crate) fn backward(dresid: &mut [f32], dinp: &mut [f32], dout: &[f32], d: Option<Dropout>) {
     dresid
         .par_chunks_mut(CHUNK)
@@ -25,13 +25,13 @@ pub(crate) fn backward(dresid: &mut [f32], dinp: &mut [f32], dout: &[f32], d: Op
             let base = t * CHUNK;
             dropout::blocks(d, base, dr.len(), |span, mul| {
                 let g = &dout[base + span.start..base + span.end];
-                add_and_mask(&mut dr[span.clone()], &mut di[span], g, mul);
+                copy_and_mask(&mut dr[span.clone()], &mut di[span], g, mul);
             });
         });
 }
 
 simd_fn!(add => add_plain(out: &mut [f32], resid: &[f32], inp: &[f32], mul: Option<&[f32]>));
-simd_fn!(add_and_mask => add_and_mask_plain(dresid: &mut [f32], dinp: &mut [f32], dout: &[f32], mul: Option<&[f32]>));
+simd_fn!(copy_and_mask => copy_and_mask_plain(dresid: &mut [f32], dinp: &mut [f32], dout: &[f32], mul: Option<&[f32]>));
 
 #[inline(always)]
 fn add_plain(out: &mut [f32], resid: &[f32], inp: &[f32], mul: Option<&[f32]>) {
@@ -43,8 +43,8 @@ fn add_plain(out: &mut [f32], resid: &[f32], inp: &[f32], mul: Option<&[f32]>) {
 }
 
 #[inline(always)]
-fn add_and_mask_plain(dresid: &mut [f32], dinp: &mut [f32], dout: &[f32], mul: Option<&[f32]>) {
-    dresid.iter_mut().zip(dout).for_each(|(d, &g)| *d += g);
+fn copy_and_mask_plain(dresid: &mut [f32], dinp: &mut [f32], dout: &[f32], mul: Option<&[f32]>) {
+    dresid.copy_from_slice(dout);
     match mul {
         None => dinp.copy_from_slice(dout),
         Some(m) => dinp

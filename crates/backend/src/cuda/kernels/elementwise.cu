@@ -108,13 +108,13 @@ extern "C" __global__ void residual_forward(float* out, const float* resid, cons
     FOR_EACH(i, n) out[i] = resid[i] + inp[i] * dropout_mul(d, i);
 }
 
-// dresid[n] += dout;  dinp[n] = dropout(dout)
+// dresid[n] = dout;  dinp[n] = dropout(dout)
 extern "C" __global__ void residual_backward(float* dresid, float* dinp, const float* dout, u64 n,
                                              DROPOUT_PARAMS) {
     const Dropout d = DROPOUT_ARGS;
     FOR_EACH(i, n) {
         const float g = dout[i];
-        dresid[i] += g;
+        dresid[i] = g;
         dinp[i] = g * dropout_mul(d, i);
     }
 }
