@@ -52,7 +52,19 @@ pub(crate) fn gemm_strided(
 ) {
     assert!(dst.len() >= m * n);
     if let Start::Bias(bias) = start {
-        assert!(bias.len() >= n);
+        assert_eq!(bias.len(), n);
+    }
+    if k == 0 {
+        // An empty sum (a weight gradient over zero rows): dst is what it starts from.
+        let dst = &mut dst[..m * n];
+        match start {
+            Start::Zero => dst.fill(0.0),
+            Start::Dst => {}
+            Start::Bias(bias) => dst
+                .chunks_mut(n.max(1))
+                .for_each(|row| row.copy_from_slice(bias)),
+        }
+        return;
     }
     assert!(m == 0 || k == 0 || lhs.len() > (m - 1) * lhs_rs + (k - 1) * lhs_cs);
     assert!(n == 0 || k == 0 || rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs);
@@ -89,16 +101,6 @@ pub(crate) fn gemm_strided(
                 true
             }
         };
-        if k == 0 {
-            // An empty sum (a weight gradient over zero rows) is zero.
-            if !accumulate {
-                for r in 0..pm {
-                    // SAFETY: as above.
-                    unsafe { std::slice::from_raw_parts_mut(dst.add(r * n), pn) }.fill(0.0);
-                }
-            }
-            return;
-        }
         // SAFETY: the asserts above keep every access inside the three slices, and the
         // pieces write disjoint rows (or columns) of `dst`.
         unsafe {
