@@ -48,6 +48,8 @@ nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 run doctor 120 "$FLINT" doctor --device cuda
 "$FLINT" doctor --json >"$OUT/doctor.json" 2>/dev/null
 run parity 120 "$FLINT" doctor --parity --device cuda
+# Again with attention's batch split into one chunk per element, as long sequences are.
+run parity-chunked 120 env FLINT_ATTENTION_CHUNK_FLOATS=1 "$FLINT" doctor --parity --device cuda
 for p in fp32 bf16; do
     rm -rf "$OUT/smoke-$p"
     run "smoke-$p" 120 "$FLINT" train --device cuda --precision $p --steps 200 --eval-every 50 \
@@ -84,12 +86,13 @@ def losses(run):
         return []
 
 print("\n== parity (CUDA vs CPU twin, max relative error) ==")
-log = (out / "parity.log").read_text() if (out / "parity.log").exists() else ""
-summary = [l for l in log.splitlines() if l.startswith("parity (seed")]
-print(summary[-1] if summary else "parity did not run (see parity.log)")
-for l in log.splitlines():
-    if l.rstrip().endswith("FAILED"):
-        print("  " + l)
+for name in ("parity", "parity-chunked"):
+    log = (out / f"{name}.log").read_text() if (out / f"{name}.log").exists() else ""
+    summary = [l for l in log.splitlines() if l.startswith("parity (seed")]
+    print(f"{name}: " + (summary[-1] if summary else f"did not run (see {name}.log)"))
+    for l in log.splitlines():
+        if l.rstrip().endswith("FAILED"):
+            print("  " + l)
 print("\n== training smoke (GPT tiny, 200 steps) ==")
 f32, b16 = losses("smoke-fp32"), losses("smoke-bf16")
 for name, l in (("fp32", f32), ("bf16", b16)):

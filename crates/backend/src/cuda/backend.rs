@@ -7,7 +7,7 @@
 //! given before a kernel touches it, so a wrong plan is an error, not a stray write. The step
 //! allocates no device memory after its first: scratch for sums read back to the host and for
 //! the partial sums of column reductions is allocated in `new`, attention's (see
-//! [`AttentionScratch`]) on the first call that needs it.
+//! [`Workspace`]) and the padded products' on the first call that needs them.
 
 use super::blas::{self, Blas, Operand, Strided};
 use super::compile;
@@ -139,17 +139,25 @@ impl Scratch {
     }
 }
 
-/// One batch element's `[heads, seq, seq]` matrices between attention's products: dropout(att)
-/// when dropout is on, and in the backward dP, turned into dS in place. The products of batch
-/// element `b + 1` are queued after those of `b` on the one stream, so a single element's worth
-/// is enough, whatever the batch size. Allocated on first use and grown when a call needs more,
-/// so a training step allocates nothing after its first.
-struct AttentionScratch {
+/// Attention's working memory: the per-head copies of q, k, v and their gradients (see
+/// [`HeadMajor`]), and a chunk's `[heads, seq, seq]` matrices between the products: dropout(att)
+/// when dropout is on, and in the backward dP, turned into dS in place. The products of one
+/// chunk are queued after those of the previous one on the one stream, so one chunk's worth is
+/// enough, whatever the batch size. Allocated on first use and grown when a call needs more, so
+/// a training step allocates nothing after its first.
+struct Workspace {
     mem: DeviceMemory,
     floats: usize,
 }
 
-impl AttentionScratch {
+impl Workspace {
+    fn empty(stream: &Arc<CudaStream>) -> Result<Workspace> {
+        Ok(Workspace {
+            mem: DeviceMemory::zeroed(stream, 0)?,
+            floats: 0,
+        })
+    }
+
     /// The address of at least `floats` floats.
     fn reserve(&mut self, stream: &Arc<CudaStream>, floats: usize) -> Result<u64> {
         if self.floats < floats {
@@ -167,7 +175,9 @@ pub struct Cuda {
     /// Locked for the whole of a call that reads results back through it.
     scratch: Mutex<Scratch>,
     /// Locked for the whole of an attention call.
-    attention_scratch: Mutex<AttentionScratch>,
+    attention_scratch: Mutex<Workspace>,
+    /// Locked for the whole of a padded product (see [`Cuda::gemm_padded`]).
+    pad_workspace: Mutex<Workspace>,
     /// [`COLUMN_PARTIALS`] floats, locked for the whole of a column reduction: the two levels
     /// of another call must not interleave with its own on the stream.
     column_partials: Mutex<DeviceMemory>,
@@ -223,10 +233,8 @@ impl Cuda {
             kernels,
             blas,
             scratch: Mutex::new(scratch),
-            attention_scratch: Mutex::new(AttentionScratch {
-                mem: DeviceMemory::zeroed(&stream, 0)?,
-                floats: 0,
-            }),
+            attention_scratch: Mutex::new(Workspace::empty(&stream)?),
+            pad_workspace: Mutex::new(Workspace::empty(&stream)?),
             column_partials: Mutex::new(DeviceMemory::zeroed(&stream, COLUMN_PARTIALS * 4)?),
             stream,
             ordinal,
@@ -286,16 +294,102 @@ impl Cuda {
                 [Arg::U64(dst), size(m * n), Arg::F32(0.0)],
             );
         }
-        self.gemm_batched(
-            packed(plain(dst), m, n),
-            accumulate,
-            packed(a, m, k),
-            packed(b, k, n),
-            m,
-            k,
-            n,
-            1,
-        )
+        let (dst, a, b) = (packed(plain(dst), m, n), packed(a, m, k), packed(b, k, n));
+        // Each copy must pay: a padded operand is read by the product once per element of the
+        // dimension it does not have (k for dst, n for a, m for b).
+        let pays = [(dst, k), (a, n), (b, m)]
+            .iter()
+            .all(|(o, reuse)| o.ld.is_multiple_of(ALIGNED_FLOATS) || *reuse >= PAD_MIN_REUSE);
+        let misaligned = [dst, a, b]
+            .iter()
+            .any(|o| !o.ld.is_multiple_of(ALIGNED_FLOATS));
+        if misaligned && pays && m * k * n >= PAD_MIN_MACS {
+            return self.gemm_padded(dst, accumulate, a, b, [m, k, n]);
+        }
+        self.gemm_batched(dst, accumulate, a, b, m, k, n, 1)
+    }
+
+    /// A large product whose rows are not 16-byte aligned (a vocabulary of 50257 columns, say)
+    /// gets only cuBLASLt's slowest, element-by-element kernels. It is faster to copy each such
+    /// operand to rows padded to [`PAD_FLOATS`], multiply those, and copy the result back: a
+    /// copy moves each element twice, the product reads it many times.
+    fn gemm_padded(
+        &self,
+        dst: Strided,
+        accumulate: bool,
+        a: Strided,
+        b: Strided,
+        [m, k, n]: [usize; 3],
+    ) -> Result<()> {
+        // Stored [rows, cols] of each operand, and its place in the padded workspace.
+        let stored = |o: &Strided, rows: usize, cols: usize| {
+            if o.op.transposed {
+                (cols, rows)
+            } else {
+                (rows, cols)
+            }
+        };
+        let shapes = [stored(&dst, m, n), stored(&a, m, k), stored(&b, k, n)];
+        let ops = [dst, a, b];
+        let padded_ld = |o: &Strided| {
+            if o.ld.is_multiple_of(ALIGNED_FLOATS) {
+                None
+            } else {
+                Some(o.ld.next_multiple_of(PAD_FLOATS))
+            }
+        };
+        let floats: usize = ops
+            .iter()
+            .zip(shapes)
+            .filter_map(|(o, (rows, _))| padded_ld(o).map(|ld| rows * ld))
+            .sum();
+        let mut workspace = self
+            .pad_workspace
+            .lock()
+            .map_err(|_| anyhow!("a thread panicked while using the padding workspace"))?;
+        let mut next = workspace.reserve(&self.stream, floats)?;
+        let mut padded = ops;
+        for (i, (o, (rows, cols))) in ops.iter().zip(shapes).enumerate() {
+            let Some(ld) = padded_ld(o) else { continue };
+            padded[i] = Strided {
+                op: Operand { addr: next, ..o.op },
+                ld,
+                stride: 0,
+            };
+            // The destination is only read when accumulating.
+            if i > 0 || accumulate {
+                self.copy_rows(next, ld, o.op.addr, o.ld, rows, cols)?;
+            }
+            next += 4 * (rows * ld) as u64;
+        }
+        let [pdst, pa, pb] = padded;
+        self.gemm_batched(pdst, accumulate, pa, pb, m, k, n, 1)?;
+        if pdst.op.addr != dst.op.addr {
+            let (rows, cols) = shapes[0];
+            self.copy_rows(dst.op.addr, dst.ld, pdst.op.addr, pdst.ld, rows, cols)?;
+        }
+        Ok(())
+    }
+
+    /// `dst[r * dst_ld + c] = src[r * src_ld + c]` for every `r < rows`, `c < cols`.
+    fn copy_rows(
+        &self,
+        dst: u64,
+        dst_ld: usize,
+        src: u64,
+        src_ld: usize,
+        rows: usize,
+        cols: usize,
+    ) -> Result<()> {
+        let args = [
+            ptr(dst),
+            ptr(src),
+            size(rows),
+            size(cols),
+            size(dst_ld),
+            size(src_ld),
+        ];
+        self.launch(&self.kernels.copy_rows, grid(rows, 0), args)
     }
 
     /// `count` strided products (see [`Blas::gemm`]), every dimension nonzero.
@@ -324,7 +418,7 @@ impl Cuda {
         )
     }
 
-    fn attention_scratch(&self) -> Result<std::sync::MutexGuard<'_, AttentionScratch>> {
+    fn attention_scratch(&self) -> Result<std::sync::MutexGuard<'_, Workspace>> {
         self.attention_scratch
             .lock()
             .map_err(|_| anyhow!("a thread panicked while using the attention scratch buffer"))
@@ -343,6 +437,26 @@ impl Cuda {
         let args = [ptr(dst), ptr(att), size(n), size(start)];
         let args = args.into_iter().chain(dropout_args(dropout));
         self.launch(&self.kernels.attention_dropout, elementwise(n), args)
+    }
+
+    /// `kernel` (heads_split or heads_merge) from `src` to `dst`, over `parts` column blocks of
+    /// a `[rows, parts * E]` buffer and the per-head layout of [`HeadMajor`].
+    fn heads(
+        &self,
+        kernel: &launch::Kernel,
+        dst: u64,
+        src: u64,
+        parts: usize,
+        s: &AttentionShape,
+    ) -> Result<()> {
+        let n = parts * s.rows() * s.width();
+        let args = [ptr(dst), ptr(src), size(parts), size(s.batch), size(s.seq)];
+        let args = args.into_iter().chain([
+            size(s.heads),
+            size(s.head_dim),
+            Arg::I32(s.batch_first as i32),
+        ]);
+        self.launch(kernel, elementwise(n), args)
     }
 
     /// Dynamic shared memory for a row of `n` floats, checked against the per-block limit.
@@ -415,57 +529,68 @@ fn attention_args(s: &AttentionShape) -> [Arg; 4] {
     ]
 }
 
-/// Where attention's per-head matrices of batch element `b` lie, for products batched over the
-/// heads. Batching over heads rather than over batch elements: a head's columns are `head_dim`
-/// further in both token layouts (and its att matrix `seq * seq` further), so one stride serves
-/// both, and the host loops over the batch.
-struct Heads<'a> {
-    s: &'a AttentionShape,
-    b: usize,
+/// Row strides (in floats) that keep every row 16-byte aligned, as cuBLASLt's fast kernels need.
+const ALIGNED_FLOATS: usize = 4;
+/// The row stride a misaligned operand is padded to: whole 128-byte lines.
+const PAD_FLOATS: usize = 32;
+/// Products smaller than this many multiply-adds run misaligned, as do those that would read a
+/// padded copy fewer than [`PAD_MIN_REUSE`] times per element: the copies would cost more.
+const PAD_MIN_MACS: usize = 1 << 20;
+const PAD_MIN_REUSE: usize = 64;
+
+/// Floats of `[heads, seq, seq]` scratch (dropout(att), dP) attention may use at once: batch
+/// elements are processed in chunks that fit (at least one element), so the scratch stays
+/// bounded whatever the batch: 256 MiB. `FLINT_ATTENTION_CHUNK_FLOATS` lowers it, so that a
+/// parity run on small shapes goes through several chunks too (scripts/gpu-check.sh).
+fn chunk(batch: usize, square: usize) -> usize {
+    static LIMIT: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let limit = *LIMIT.get_or_init(|| {
+        std::env::var("FLINT_ATTENTION_CHUNK_FLOATS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64 << 20)
+    });
+    (limit / square.max(1)).clamp(1, batch.max(1))
 }
 
-impl Heads<'_> {
-    /// Rows between consecutive tokens of a sequence.
-    fn step(&self) -> usize {
-        if self.s.batch_first {
-            1
-        } else {
-            self.s.batch
-        }
-    }
+/// `(first, count)` of each chunk of `per` batch elements.
+fn chunks(batch: usize, per: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..batch)
+        .step_by(per)
+        .map(move |b0| (b0, per.min(batch - b0)))
+}
 
-    /// Head 0 of part `part` (0 = q, 1 = k, 2 = v) of the `[rows, 3 * E]` buffer at `base`, as a
-    /// `[seq, head_dim]` matrix (or its transpose).
-    fn qkv(&self, base: u64, part: usize, transposed: bool) -> Strided {
-        let e = self.s.width();
-        let at = self.s.row(self.b, 0) * 3 * e + part * e;
+/// Attention's per-head copies at `base` (heads_split's layout): part `p` is `[batch, heads,
+/// seq, head_dim]`, so the `[seq, head_dim]` matrices of every (batch, head) pair are one
+/// stride apart and a single batched product covers them.
+struct HeadMajor<'a> {
+    s: &'a AttentionShape,
+    base: u64,
+}
+
+impl HeadMajor<'_> {
+    /// Part `p`'s matrix for batch element `b0`, head 0 (or its transpose), then one per head
+    /// and batch element.
+    fn part(&self, p: usize, b0: usize, transposed: bool) -> Strided {
+        let (s, hd) = (self.s, self.s.head_dim);
+        let at = (p * s.batch + b0) * s.heads * s.seq * hd;
         Strided {
             op: Operand {
-                addr: base + 4 * at as u64,
+                addr: self.base + 4 * at as u64,
                 transposed,
             },
-            ld: 3 * e * self.step(),
-            stride: self.s.head_dim,
+            ld: hd,
+            stride: s.seq * hd,
         }
     }
+}
 
-    /// Head 0 of the `[rows, E]` buffer at `base` (out, dout), as a `[seq, head_dim]` matrix.
-    fn tokens(&self, base: u64) -> Strided {
-        let e = self.s.width();
-        Strided {
-            op: plain(base + 4 * (self.s.row(self.b, 0) * e) as u64),
-            ld: e * self.step(),
-            stride: self.s.head_dim,
-        }
-    }
-
-    /// Head 0's `[seq, seq]` matrix (or its transpose) of `[heads, seq, seq]` ones at `addr`.
-    fn square(&self, addr: u64, transposed: bool) -> Strided {
-        Strided {
-            op: Operand { addr, transposed },
-            ld: self.s.seq,
-            stride: self.s.seq * self.s.seq,
-        }
+/// The first `[seq, seq]` matrix (or its transpose) of `[.., seq, seq]` ones at `addr`.
+fn square_of(s: &AttentionShape, addr: u64, transposed: bool) -> Strided {
+    Strided {
+        op: Operand { addr, transposed },
+        ld: s.seq,
+        stride: s.seq * s.seq,
     }
 }
 
@@ -778,35 +903,59 @@ impl Backend for Cuda {
             bail!("attention_forward: head_dim is 0");
         }
         let square = heads * seq * seq;
-        let att_of = |b: usize| att + 4 * (b * square) as u64;
-        // Scores q @ k^T of every head, then the masked softmax over all of them in place.
-        for b in 0..s.batch {
-            let at = Heads { s, b };
-            let (q, k) = (at.qkv(qkv, 0, false), at.qkv(qkv, 1, true));
-            let scores = at.square(att_of(b), false);
-            self.gemm_batched(scores, false, q, k, seq, hd, seq, heads)?;
-        }
+        let per = chunk(s.batch, square);
+        let mut scratch = self.attention_scratch()?;
+        // q, k, v and out per head, then dropout(att) of a chunk when dropout is on.
+        let base = scratch.reserve(
+            &self.stream,
+            4 * rows * e + dropout.map_or(0, |_| per * square),
+        )?;
+        let h = HeadMajor { s, base };
+        self.heads(&self.kernels.heads_split, base, qkv, 3, s)?;
+        // Scores q @ k^T of every (batch, head) pair, then the masked softmax over all of them in
+        // place.
+        let bh = s.batch * heads;
+        self.gemm_batched(
+            square_of(s, att, false),
+            false,
+            h.part(0, 0, false),
+            h.part(1, 0, true),
+            seq,
+            hd,
+            seq,
+            bh,
+        )?;
         let args = [ptr(att), ptr(key_padding), size(s.batch)];
         let args = args.into_iter().chain(attention_args(s));
-        self.launch(&self.kernels.attention_softmax, grid(att_rows, 0), args)?;
-        let mut scratch = self.attention_scratch()?;
-        let dropped = match dropout {
-            Some(_) => Some(scratch.reserve(&self.stream, square)?),
-            None => None,
-        };
-        for b in 0..s.batch {
-            let at = Heads { s, b };
-            let probs = match dropped {
-                Some(buf) => {
-                    self.attention_dropout(buf, att, b * square, square, dropout)?;
-                    buf
+        let cfg = grid(att_rows, Self::shared_row(seq, "attention_forward")?);
+        self.launch(&self.kernels.attention_softmax, cfg, args)?;
+        for (b0, nb) in chunks(s.batch, per) {
+            let probs = match dropout {
+                Some(_) => {
+                    let buf = base + 4 * (4 * rows * e) as u64;
+                    self.attention_dropout(buf, att, b0 * square, nb * square, dropout)?;
+                    square_of(s, buf, false)
                 }
-                None => att_of(b),
+                None => square_of(s, att + 4 * (b0 * square) as u64, false),
             };
-            let (probs, v) = (at.square(probs, false), at.qkv(qkv, 2, false));
-            self.gemm_batched(at.tokens(out), false, probs, v, seq, seq, hd, heads)?;
+            self.gemm_batched(
+                h.part(3, b0, false),
+                false,
+                probs,
+                h.part(2, b0, false),
+                seq,
+                seq,
+                hd,
+                nb * heads,
+            )?;
         }
-        Ok(())
+        self.heads(
+            &self.kernels.heads_merge,
+            out,
+            base + 4 * (3 * rows * e) as u64,
+            1,
+            s,
+        )
     }
 
     fn attention_backward(
@@ -832,35 +981,86 @@ impl Backend for Cuda {
             return Ok(());
         }
         let square = heads * seq * seq;
+        let per = chunk(s.batch, square);
         let mut scratch = self.attention_scratch()?;
-        let buf = scratch.reserve(&self.stream, square)?;
-        for b in 0..s.batch {
-            let at = Heads { s, b };
-            let go = at.tokens(dout);
+        // Per head: q, k, v, dout, then dq, dk, dv (merged back in one pass); then a chunk's
+        // dropout(att), and its dP turned into dS.
+        let base = scratch.reserve(&self.stream, 7 * rows * e + per * square)?;
+        let h = HeadMajor { s, base };
+        let buf = base + 4 * (7 * rows * e) as u64;
+        self.heads(&self.kernels.heads_split, base, qkv, 3, s)?;
+        self.heads(
+            &self.kernels.heads_split,
+            base + 4 * (3 * rows * e) as u64,
+            dout,
+            1,
+            s,
+        )?;
+        for (b0, nb) in chunks(s.batch, per) {
+            let count = nb * heads;
+            let go = h.part(3, b0, false);
             // dv = dropout(att)^T @ dout, before dP takes the scratch over.
             let probs = match dropout {
                 Some(_) => {
-                    self.attention_dropout(buf, att, b * square, square, dropout)?;
+                    self.attention_dropout(buf, att, b0 * square, nb * square, dropout)?;
                     buf
                 }
-                None => att + 4 * (b * square) as u64,
+                None => att + 4 * (b0 * square) as u64,
             };
-            let dv = at.qkv(dqkv, 2, false);
-            self.gemm_batched(dv, false, at.square(probs, true), go, seq, seq, hd, heads)?;
+            self.gemm_batched(
+                h.part(6, b0, false),
+                false,
+                square_of(s, probs, true),
+                go,
+                seq,
+                seq,
+                hd,
+                count,
+            )?;
             // dP = dout @ v^T, then dS in place.
-            let v = at.qkv(qkv, 2, true);
-            self.gemm_batched(at.square(buf, false), false, go, v, seq, hd, seq, heads)?;
-            let args = [ptr(buf), ptr(att), size(b)].into_iter();
+            self.gemm_batched(
+                square_of(s, buf, false),
+                false,
+                go,
+                h.part(2, b0, true),
+                seq,
+                hd,
+                seq,
+                count,
+            )?;
+            let args = [ptr(buf), ptr(att), size(b0), size(nb)].into_iter();
             let args = args.chain(attention_args(s)).chain(dropout_args(dropout));
-            let cfg = grid(heads * seq, 0);
+            let cfg = grid(count * seq, Self::shared_row(seq, "attention_backward")?);
             self.launch(&self.kernels.attention_softmax_backward, cfg, args)?;
             // dq = dS @ k;  dk = dS^T @ q.
-            let (dq, k) = (at.qkv(dqkv, 0, false), at.qkv(qkv, 1, false));
-            self.gemm_batched(dq, false, at.square(buf, false), k, seq, seq, hd, heads)?;
-            let (dk, q) = (at.qkv(dqkv, 1, false), at.qkv(qkv, 0, false));
-            self.gemm_batched(dk, false, at.square(buf, true), q, seq, seq, hd, heads)?;
+            self.gemm_batched(
+                h.part(4, b0, false),
+                false,
+                square_of(s, buf, false),
+                h.part(1, b0, false),
+                seq,
+                seq,
+                hd,
+                count,
+            )?;
+            self.gemm_batched(
+                h.part(5, b0, false),
+                false,
+                square_of(s, buf, true),
+                h.part(0, b0, false),
+                seq,
+                seq,
+                hd,
+                count,
+            )?;
         }
-        Ok(())
+        self.heads(
+            &self.kernels.heads_merge,
+            dqkv,
+            base + 4 * (4 * rows * e) as u64,
+            3,
+            s,
+        )
     }
 
     fn embedding_forward(

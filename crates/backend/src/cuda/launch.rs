@@ -102,6 +102,7 @@ kernels!(
     scale,
     bias_rows,
     transpose,
+    copy_rows,
     column_sum_partials,
     add_column_partials,
     activation_forward,
@@ -115,6 +116,8 @@ kernels!(
     attention_dropout,
     attention_softmax_backward,
     attention_decode,
+    heads_split,
+    heads_merge,
     embedding_forward,
     embedding_backward,
     sum_partials,
@@ -231,7 +234,7 @@ mod tests {
         assert_eq!(
             sigs["attention_softmax_backward"],
             [
-                &[Kind::U64; 6][..],
+                &[Kind::U64; 7][..],
                 &[Kind::I32],
                 &[Kind::U64; 3],
                 &[Kind::F32]

@@ -1,7 +1,8 @@
 // Multi-head self-attention over a packed [rows, 3 * E] q|k|v buffer, twin of cpu/attention.rs.
-// The four O(S^2 * D) products (scores, values, and the backward's dP, dq, dk, dv) run on
-// cuBLASLt (backend.rs, `attention_forward` / `attention_backward`); the kernels here are the
-// softmax, its backward and dropout between them.
+// The O(S^2 * D) products (scores, values, and the backward's dP, dq, dk, dv) run on cuBLASLt
+// (backend.rs, `attention_forward` / `attention_backward`), batched over every (batch, head)
+// pair on per-head copies (heads_split / heads_merge); the kernels here are the softmax, its
+// backward and dropout between them.
 //
 // `att[batch, heads, seq, seq]` holds the softmax probabilities; an attention row is the pair
 // (bh, i) = (batch * heads + head, query), and att row `bh * seq + i` starts at
@@ -10,18 +11,21 @@
 // att[b, h, i, :] = softmax_j(att[b, h, i, j] / sqrt(D)) in place, where att holds the raw
 // scores q_i . k_j, with masked keys (causal j > i, or key_padding[b, j] != 0; key_padding may
 // be null) at -inf; a row whose keys are all masked is all zeros, as on the CPU. One block per
-// attention row.
+// attention row. The row is read once, into shared memory (`seq` floats), and written once: a
+// causal row reads only the keys it sees. Each thread only reads back the elements it wrote, so
+// no barrier is needed between the passes.
 extern "C" __global__ void attention_softmax(float* att, const float* key_padding, u64 batch, u64 seq,
                                              u64 heads, u64 hd, int causal) {
+    extern __shared__ float shared_row[];
     const float scale = 1.0f / sqrtf((float)hd);
     FOR_ROW(row, batch * heads * seq) {
-        const u64 i = row % seq, b = row / seq / heads;
+        const u64 i = row % seq, b = row / seq / heads, n = causal ? i + 1 : seq;
         float* p = att + row * seq;
         float mx = neg_inf();
-        FOR_THREAD(j, seq) {
-            const bool masked = (causal && j > i) || (key_padding && key_padding[b * seq + j] != 0.0f);
+        FOR_THREAD(j, n) {
+            const bool masked = key_padding && key_padding[b * seq + j] != 0.0f;
             const float x = masked ? neg_inf() : p[j] * scale;
-            p[j] = x;
+            shared_row[j] = x;
             mx = fmaxf(mx, x);
         }
         mx = block_reduce(mx, Max());
@@ -30,47 +34,73 @@ extern "C" __global__ void attention_softmax(float* att, const float* key_paddin
             continue;
         }
         float sum = 0.0f;
-        FOR_THREAD(j, seq) {
-            const float e = expf(p[j] - mx);
-            p[j] = e;
+        FOR_THREAD(j, n) {
+            const float e = expf(shared_row[j] - mx);
+            shared_row[j] = e;
             sum += e;
         }
         const float inv = 1.0f / block_reduce(sum, Sum());
-        FOR_THREAD(j, seq) p[j] *= inv;
+        FOR_THREAD(j, seq) p[j] = j < n ? shared_row[j] * inv : 0.0f;
     }
 }
 
 // dropped[i] = att[start + i] * (multiplier of element start + i of the dropout stream), i < n:
-// dropout(att) of one batch element's heads, for the products that read it.
+// dropout(att) of a chunk of batch elements, for the products that read it.
 extern "C" __global__ void attention_dropout(float* dropped, const float* att, u64 n, u64 start,
                                              DROPOUT_PARAMS) {
     const Dropout d = DROPOUT_ARGS;
     FOR_EACH(i, n) dropped[i] = att[start + i] * dropout_mul(d, start + i);
 }
 
-// The softmax backward of batch element b, in place on its heads' dP = dout @ v^T
-// ([heads, seq, seq], as cuBLASLt left it):  dP *= dropout multipliers;
+// The softmax backward of batch elements b0 .. b0 + nb, in place on their heads' dP = dout @ v^T
+// ([nb, heads, seq, seq], as cuBLASLt left it):  dP *= dropout multipliers;
 // dS = att * (dP - rowsum(att * dP)) / sqrt(D). Past the keys a causal row sees, dS is 0 (the CPU
-// never computes dP there). One block per attention row of b.
-extern "C" __global__ void attention_softmax_backward(float* ds, const float* att, u64 b, u64 seq,
-                                                      u64 heads, u64 hd, int causal,
+// never computes dP there). One block per attention row; the row of dP is read once, into
+// shared memory (`seq` floats), each thread reading back only what it wrote.
+extern "C" __global__ void attention_softmax_backward(float* ds, const float* att, u64 b0, u64 nb,
+                                                      u64 seq, u64 heads, u64 hd, int causal,
                                                       DROPOUT_PARAMS) {
+    extern __shared__ float shared_row[];
     const Dropout d = DROPOUT_ARGS;
     const float scale = 1.0f / sqrtf((float)hd);
-    FOR_ROW(r, heads * seq) {
-        const u64 i = r % seq, row = b * heads * seq + r;
+    FOR_ROW(r, nb * heads * seq) {
+        const u64 i = r % seq, row = b0 * heads * seq + r, n = causal ? i + 1 : seq;
         const float* p = att + row * seq;
         float* x = ds + r * seq;
         float part = 0.0f;
-        FOR_THREAD(j, seq) {
-            const float v = (causal && j > i) ? 0.0f : x[j] * dropout_mul(d, row * seq + j);
-            x[j] = v;
+        FOR_THREAD(j, n) {
+            const float v = x[j] * dropout_mul(d, row * seq + j);
+            shared_row[j] = v;
             part += p[j] * v;
         }
-        // Each thread reads back only the elements it wrote above.
         const float rowsum = block_reduce(part, Sum());
-        FOR_THREAD(j, seq) x[j] = p[j] * (x[j] - rowsum) * scale;
+        FOR_THREAD(j, seq) x[j] = j < n ? p[j] * (shared_row[j] - rowsum) * scale : 0.0f;
     }
+}
+
+// Per-head matrices, packed: dst[part, b, h, t, :] = src[row(b, t), part * E + h * D ..][..D] for
+// `parts` column blocks of width E = heads * D (3 for q|k|v, 1 for out), row(b, t) = b * seq + t
+// when batch_first, else t * batch + b. Each head's [seq, D] matrix is then one stride from the
+// next across batch elements too, so one batched product covers every (batch, head) pair.
+__device__ __forceinline__ u64 heads_index(u64 idx, u64 parts, u64 batch, u64 seq, u64 heads, u64 hd,
+                                           int batch_first) {
+    const u64 d = idx % hd, t = idx / hd % seq, h = idx / (hd * seq) % heads;
+    const u64 b = idx / (hd * seq * heads) % batch, part = idx / (hd * seq * heads * batch);
+    const u64 row = batch_first ? b * seq + t : t * batch + b, e = heads * hd;
+    return row * parts * e + part * e + h * hd + d;
+}
+
+extern "C" __global__ void heads_split(float* dst, const float* src, u64 parts, u64 batch, u64 seq,
+                                       u64 heads, u64 hd, int batch_first) {
+    FOR_EACH(i, parts * batch * seq * heads * hd)
+        dst[i] = src[heads_index(i, parts, batch, seq, heads, hd, batch_first)];
+}
+
+// The inverse of heads_split.
+extern "C" __global__ void heads_merge(float* dst, const float* src, u64 parts, u64 batch, u64 seq,
+                                       u64 heads, u64 hd, int batch_first) {
+    FOR_EACH(i, parts * batch * seq * heads * hd)
+        dst[heads_index(i, parts, batch, seq, heads, hd, batch_first)] = src[i];
 }
 
 __device__ __forceinline__ float dot(const float* a, const float* b, u64 n) {

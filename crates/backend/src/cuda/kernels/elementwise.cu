@@ -24,6 +24,13 @@ extern "C" __global__ void transpose(float* out, const float* inp, u64 rows, u64
     }
 }
 
+// dst[r * dst_ld + c] = src[r * src_ld + c] for r < rows, c < cols: a matrix copied between row
+// strides (backend.rs pads the rows of large products to 16-byte alignment). One block per row.
+extern "C" __global__ void copy_rows(float* dst, const float* src, u64 rows, u64 cols, u64 dst_ld,
+                                     u64 src_ld) {
+    FOR_ROW(r, rows) FOR_THREAD(c, cols) dst[r * dst_ld + c] = src[r * src_ld + c];
+}
+
 // partials[chunk, cols] = sum over the chunk's rows of dout[rows, n] (see COLUMN_PARAMS): the
 // first level of the bias gradient dbias[n] += sum over rows of dout.
 extern "C" __global__ void column_sum_partials(float* partials, const float* dout, COLUMN_PARAMS) {
