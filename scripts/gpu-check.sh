@@ -8,8 +8,9 @@
 # Steps: flint doctor; every CUDA kernel against its CPU twin on fresh random inputs (fp32,
 # tf32, bf16 thresholds); a GPT `tiny` training smoke run in fp32 and bf16 (the loss falls and
 # bf16 tracks fp32); `flint bench seed` and `flint bench gpt --preset gpt2 --seq-len 1024` on the
-# GPU next to their PyTorch counterparts (bf16 autocast, SDPA). Full logs go to OUTDIR; a short
-# table is printed last. Exit status: 0 when every check passed.
+# GPU next to their PyTorch counterparts (bf16 autocast, SDPA); where ncu is installed, one step
+# of each benchmark profiled kernel by kernel. Full logs go to OUTDIR; a short table is printed
+# last. Exit status: 0 when every check passed.
 set -uo pipefail
 OUT=${1:?usage: scripts/gpu-check.sh OUTDIR}
 cd "$(dirname "$0")/.."
@@ -67,6 +68,14 @@ run flint-gpt2 150 "$FLINT" bench gpt --device cuda --precision bf16 --preset gp
     --batch-size "$GPT_BATCH" --json
 run torch-gpt2 150 "$PY" bench/torch_gpt_bench.py --preset gpt2 --seq-len 1024 --batch-size "$GPT_BATCH" \
     --amp bf16 --json
+# Where one step's GPU time goes, kernel by kernel (ncu runs them one at a time, so the sum is
+# GPU time, and a sum far below the step's wall time means launch-bound). Optional.
+if command -v ncu >/dev/null; then
+    NCU=(ncu --clock-control none --metrics gpu__time_duration.sum --csv --page raw)
+    run profile-gpt2 90 "${NCU[@]}" "$FLINT" bench gpt --device cuda --precision bf16 --preset gpt2 \
+        --seq-len 1024 --batch-size "$GPT_BATCH" --warmup 0 --steps 1
+    run profile-seed 90 "${NCU[@]}" "$FLINT" bench seed --device cuda --precision fp32 --warmup 0 --steps 1
+fi
 
 "$PY" - "$OUT" <<'EOF' | tee "$OUT/summary.txt"
 import json, pathlib, sys
@@ -89,7 +98,7 @@ print("\n== parity (CUDA vs CPU twin, max relative error) ==")
 for name in ("parity", "parity-chunked"):
     log = (out / f"{name}.log").read_text() if (out / f"{name}.log").exists() else ""
     summary = [l for l in log.splitlines() if l.startswith("parity (seed")]
-    print(f"{name}: " + (summary[-1] if summary else f"did not run (see {name}.log)"))
+    print(f"{name:<16}" + (summary[-1] if summary else f"did not run (see {name}.log)"))
     for l in log.splitlines():
         if l.rstrip().endswith("FAILED"):
             print("  " + l)
@@ -115,6 +124,27 @@ for name, f, t in pairs:
     print(f"{name:<28}{f['tokens_per_s']:>12.0f}{tt:>12}{ratio:>8}{mfu:>8}")
 if not pairs:
     print("(no flint benchmark rows)")
+
+import collections, csv
+for name in ("profile-gpt2", "profile-seed"):
+    try:
+        table = list(csv.reader((out / f"{name}.log").read_text().splitlines()))
+    except OSError:
+        continue
+    head = next((r for r in table if "Kernel Name" in r), None)
+    if head is None:
+        print(f"\n{name}: no kernels (see {name}.log)")
+        continue
+    kernel, time = head.index("Kernel Name"), head.index("gpu__time_duration.sum")
+    spent = collections.defaultdict(lambda: [0, 0.0])
+    for r in table:
+        if len(r) == len(head) and r[0].isdigit():
+            spent[r[kernel][:70]][0] += 1
+            spent[r[kernel][:70]][1] += float(r[time].replace(",", "")) / 1e6
+    total = sum(t for _, t in spent.values())
+    print(f"\n== {name}: {sum(c for c, _ in spent.values())} kernels, {total:.2f} ms of GPU time ==")
+    for k, (c, t) in sorted(spent.items(), key=lambda kv: -kv[1][1])[:8]:
+        print(f"{t:8.2f} ms {c:5d}x  {k}")
 EOF
 echo "gpu-check: $([ $status -eq 0 ] && echo all steps passed || echo SOME STEPS FAILED); logs in $OUT"
 exit $status
