@@ -51,10 +51,13 @@ run doctor 120 "$FLINT" doctor --device cuda
 run parity 120 "$FLINT" doctor --parity --device cuda
 # Again with attention's batch split into one chunk per element, as long sequences are.
 run parity-chunked 120 env FLINT_ATTENTION_CHUNK_FLOATS=1 "$FLINT" doctor --parity --device cuda
-for p in fp32 bf16; do
+# And with the flash attention kernels (opt-in until they have been measured here).
+run parity-flash 120 env FLINT_FLASH_ATTENTION=1 "$FLINT" doctor --parity --device cuda
+for p in fp32 bf16 bf16-flash; do
     rm -rf "$OUT/smoke-$p"
-    run "smoke-$p" 120 "$FLINT" train --device cuda --precision $p --steps 200 --eval-every 50 \
-        --checkpoint-every 1000 --out "$OUT/smoke-$p"
+    flash=$([ "$p" = bf16-flash ] && echo 1 || echo 0)
+    run "smoke-$p" 120 env FLINT_FLASH_ATTENTION=$flash "$FLINT" train --device cuda --precision "${p%-flash}" \
+        --steps 200 --eval-every 50 --checkpoint-every 1000 --out "$OUT/smoke-$p"
 done
 # fp32 on both sides: the PyTorch script runs the seed model without autocast (and, by
 # PyTorch's default, without TF32).
@@ -66,6 +69,8 @@ else
 fi
 run flint-gpt2 150 "$FLINT" bench gpt --device cuda --precision bf16 --preset gpt2 --seq-len 1024 \
     --batch-size "$GPT_BATCH" --json
+run flint-gpt2-flash 150 env FLINT_FLASH_ATTENTION=1 "$FLINT" bench gpt --device cuda --precision bf16 \
+    --preset gpt2 --seq-len 1024 --batch-size "$GPT_BATCH" --json
 run torch-gpt2 150 "$PY" bench/torch_gpt_bench.py --preset gpt2 --seq-len 1024 --batch-size "$GPT_BATCH" \
     --amp bf16 --json
 # Where one step's GPU time goes, kernel by kernel (ncu runs them one at a time, so the sum is
@@ -95,7 +100,7 @@ def losses(run):
         return []
 
 print("\n== parity (CUDA vs CPU twin, max relative error) ==")
-for name in ("parity", "parity-chunked"):
+for name in ("parity", "parity-chunked", "parity-flash"):
     log = (out / f"{name}.log").read_text() if (out / f"{name}.log").exists() else ""
     summary = [l for l in log.splitlines() if l.startswith("parity (seed")]
     print(f"{name:<16}" + (summary[-1] if summary else f"did not run (see {name}.log)"))
@@ -103,20 +108,22 @@ for name in ("parity", "parity-chunked"):
         if l.rstrip().endswith("FAILED"):
             print("  " + l)
 print("\n== training smoke (GPT tiny, 200 steps) ==")
-f32, b16 = losses("smoke-fp32"), losses("smoke-bf16")
-for name, l in (("fp32", f32), ("bf16", b16)):
-    if l:
-        print(f"{name}: loss {l[0]:.3f} -> {l[-1]:.3f}  ({'falls' if l[-1] < 0.8 * l[0] else 'DOES NOT FALL'})")
-    else:
+f32 = losses("smoke-fp32")
+for name in ("fp32", "bf16", "bf16-flash"):
+    l = losses(f"smoke-{name}")
+    if not l:
         print(f"{name}: no metrics")
-if f32 and b16:
-    gap = abs(b16[-1] - f32[-1]) / f32[-1]
-    print(f"bf16 vs fp32 final loss: {gap:.1%} apart ({'tracks' if gap < 0.05 else 'DOES NOT TRACK'})")
+        continue
+    print(f"{name}: loss {l[0]:.3f} -> {l[-1]:.3f}  ({'falls' if l[-1] < 0.8 * l[0] else 'DOES NOT FALL'})")
+    if f32 and name != "fp32":
+        gap = abs(l[-1] - f32[-1]) / f32[-1]
+        print(f"  {name} vs fp32 final loss: {gap:.1%} apart ({'tracks' if gap < 0.05 else 'DOES NOT TRACK'})")
 print("\n== speed (tokens/s, same GPU) ==")
 print(f"{'benchmark':<28}{'flint':>12}{'pytorch':>12}{'ratio':>8}{'MFU':>8}")
 pairs = [(f"seed {r['config']} fp32", r, next((t for t in rows("torch-seed") if t.get("config") == r["config"]), None))
          for r in rows("flint-seed")]
 pairs += [(f"gpt2 seq1024 bf16", r, (rows("torch-gpt2") or [None])[0]) for r in rows("flint-gpt2")]
+pairs += [(f"gpt2 seq1024 bf16 flash", r, (rows("torch-gpt2") or [None])[0]) for r in rows("flint-gpt2-flash")]
 for name, f, t in pairs:
     ratio = f"{f['tokens_per_s'] / t['tokens_per_s']:.2f}x" if t else "n/a"
     mfu = f"{f['mfu']:.1%}" if f.get("mfu") is not None else ""

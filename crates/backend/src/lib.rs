@@ -219,7 +219,9 @@ pub trait Backend: Send + Sync {
 
     /// Scaled dot-product attention per (batch, head): `att[batch, heads, seq, seq]` saves the
     /// softmax probabilities (before dropout); `out[rows, heads * head_dim]` is
-    /// `dropout(att) @ v`. `key_padding[batch, seq]` is 1.0 where a key is padding.
+    /// `dropout(att) @ v`. `key_padding[batch, seq]` is 1.0 where a key is padding. `att` is
+    /// the backward's input: a backend may keep other state there (the CUDA flash path keeps
+    /// each row's log-sum-exp and the output), which only its own `attention_backward` reads.
     fn attention_forward(
         &self,
         out: Tensor,

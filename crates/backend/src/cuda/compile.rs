@@ -17,6 +17,7 @@ pub const SOURCES: &[(&str, &str)] = &[
     ("elementwise.cu", include_str!("kernels/elementwise.cu")),
     ("layernorm.cu", include_str!("kernels/layernorm.cu")),
     ("attention.cu", include_str!("kernels/attention.cu")),
+    ("flash.cu", include_str!("kernels/flash.cu")),
     ("embedding.cu", include_str!("kernels/embedding.cu")),
     ("loss.cu", include_str!("kernels/loss.cu")),
     ("optim.cu", include_str!("kernels/optim.cu")),
