@@ -485,44 +485,106 @@ fn attention<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
             causal,
         };
         let d = p.map(|p| dropout(p, 100 + i as u64));
-        let (rows, e) = (shape.rows(), shape.width());
-        let (out, qkv) = (h.random(rows * e)?, h.uniform(rows * 3 * e, 2.0)?);
-        let att = h.random(batch * heads * seq * seq)?;
-        let key_padding = if padded {
-            let kp: Vec<f32> = (0..batch * seq)
-                .map(|r| (r % seq >= lengths[r / seq]) as u8 as f32)
-                .collect();
-            Some(h.upload(&kp)?)
-        } else {
-            None
+        let case = AttentionCase::new(h, shape, padded.then_some(&lengths[..]))?;
+        case.forward(h, d)?;
+        let call = format!("{} dropout={p:?}", case.name());
+        h.check(
+            &format!("{call} forward"),
+            &[("out", case.out), ("att", case.att)],
+        )?;
+        // The backward starts from the reference's probabilities on both sides.
+        let (probs, _) = h.download(case.att)?;
+        h.tested.upload(case.att.tested, &probs)?;
+        case.backward(h, d)?;
+        h.check(&format!("{call} backward"), &[("dqkv", case.dqkv)])?;
+    }
+    Ok(())
+}
+
+/// The buffers of one attention shape on both backends, with its key padding (when given the
+/// unpadded length of each sequence).
+struct AttentionCase {
+    shape: AttentionShape,
+    padded: bool,
+    key_padding: Option<Pair>,
+    out: Pair,
+    att: Pair,
+    qkv: Pair,
+    dqkv: Pair,
+    dout: Pair,
+}
+
+impl AttentionCase {
+    fn new<A: Backend, B: Backend>(
+        h: &mut Harness<A, B>,
+        shape: AttentionShape,
+        lengths: Option<&[usize]>,
+    ) -> Result<Self> {
+        let (rows, e, seq) = (shape.rows(), shape.width(), shape.seq);
+        let key_padding = match lengths {
+            Some(lengths) => {
+                let kp: Vec<f32> = (0..shape.batch * seq)
+                    .map(|r| (r % seq >= lengths[r / seq]) as u8 as f32)
+                    .collect();
+                Some(h.upload(&kp)?)
+            }
+            None => None,
         };
+        Ok(AttentionCase {
+            shape,
+            padded: lengths.is_some(),
+            key_padding,
+            out: h.random(rows * e)?,
+            att: h.random(shape.batch * shape.heads * seq * seq)?,
+            qkv: h.uniform(rows * 3 * e, 2.0)?,
+            dqkv: h.random(rows * 3 * e)?,
+            dout: h.random(rows * e)?,
+        })
+    }
+
+    fn name(&self) -> String {
+        let s = &self.shape;
+        format!(
+            "attention [{}, {}, {}, {}] batch_first={} causal={} padding={}",
+            s.batch, s.seq, s.heads, s.head_dim, s.batch_first, s.causal, self.padded
+        )
+    }
+
+    fn forward<A: Backend, B: Backend>(
+        &self,
+        h: &mut Harness<A, B>,
+        d: Option<Dropout>,
+    ) -> Result<()> {
+        let (kp, shape) = (self.key_padding, &self.shape);
+        let (out, att, qkv) = (self.out, self.att, self.qkv);
         both_ok(both!(h, |bk, t| bk.attention_forward(
             t(out),
             t(att),
             t(qkv),
-            key_padding.map(t),
-            &shape,
+            kp.map(t),
+            shape,
             d
-        )))?;
-        let call = format!(
-            "attention [{batch}, {seq}, {heads}, {head_dim}] batch_first={batch_first} causal={causal} padding={padded} dropout={p:?}"
-        );
-        h.check(&format!("{call} forward"), &[("out", out), ("att", att)])?;
-        // The backward starts from the reference's probabilities on both sides.
-        let (probs, _) = h.download(att)?;
-        h.tested.upload(att.tested, &probs)?;
-        let (dqkv, dout) = (h.random(rows * 3 * e)?, h.random(rows * e)?);
+        )))
+        .map(drop)
+    }
+
+    fn backward<A: Backend, B: Backend>(
+        &self,
+        h: &mut Harness<A, B>,
+        d: Option<Dropout>,
+    ) -> Result<()> {
+        let shape = &self.shape;
+        let (dqkv, dout, qkv, att) = (self.dqkv, self.dout, self.qkv, self.att);
         both_ok(both!(h, |bk, t| bk.attention_backward(
             t(dqkv),
             t(dout),
             t(qkv),
             t(att),
-            &shape,
+            shape,
             d
-        )))?;
-        h.check(&format!("{call} backward"), &[("dqkv", dqkv)])?;
+        )))
+        .map(drop)
     }
-    Ok(())
 }
 
 /// Attention in bf16, where the CUDA backend may take its flash path (no dropout, head size 32 or
@@ -545,41 +607,13 @@ fn attention_products<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<(
             batch_first,
             causal,
         };
-        let (rows, e) = (shape.rows(), shape.width());
-        let (out, qkv) = (h.random(rows * e)?, h.uniform(rows * 3 * e, 2.0)?);
-        let att = h.random(batch * heads * seq * seq)?;
         // The second sequence is half padding, the last all padding (as in `attention`).
         let lengths = [seq, seq / 2, 0];
-        let key_padding = if padded {
-            let kp: Vec<f32> = (0..batch * seq)
-                .map(|r| (r % seq >= lengths[r / seq]) as u8 as f32)
-                .collect();
-            Some(h.upload(&kp)?)
-        } else {
-            None
-        };
-        both_ok(both!(h, |bk, t| bk.attention_forward(
-            t(out),
-            t(att),
-            t(qkv),
-            key_padding.map(t),
-            &shape,
-            None
-        )))?;
-        let call = format!(
-            "attention [{batch}, {seq}, {heads}, {head_dim}] batch_first={batch_first} causal={causal} padding={padded}"
-        );
-        h.check(&format!("{call} forward"), &[("out", out)])?;
-        let (dqkv, dout) = (h.random(rows * 3 * e)?, h.random(rows * e)?);
-        both_ok(both!(h, |bk, t| bk.attention_backward(
-            t(dqkv),
-            t(dout),
-            t(qkv),
-            t(att),
-            &shape,
-            None
-        )))?;
-        h.check(&format!("{call} backward"), &[("dqkv", dqkv)])?;
+        let case = AttentionCase::new(h, shape, padded.then_some(&lengths[..]))?;
+        case.forward(h, None)?;
+        h.check(&format!("{} forward", case.name()), &[("out", case.out)])?;
+        case.backward(h, None)?;
+        h.check(&format!("{} backward", case.name()), &[("dqkv", case.dqkv)])?;
     }
     Ok(())
 }

@@ -569,11 +569,6 @@ struct HeadMajor<'a> {
 }
 
 impl HeadMajor<'_> {
-    /// Where part `p` starts.
-    fn addr(&self, p: usize) -> u64 {
-        self.base + 4 * (p * self.s.rows() * self.s.width()) as u64
-    }
-
     /// Part `p`'s matrix for batch element `b0`, head 0 (or its transpose), then one per head
     /// and batch element.
     fn part(&self, p: usize, b0: usize, transposed: bool) -> Strided {
@@ -640,13 +635,6 @@ fn transposed(addr: u64) -> Operand {
     }
 }
 
-/// The flash kernels for one head size.
-struct Flash<'a> {
-    forward: &'a launch::Kernel,
-    backward_kv: &'a launch::Kernel,
-    backward_q: &'a launch::Kernel,
-}
-
 /// What the flash forward leaves in `att` for the backward, in place of the probabilities: each
 /// attention row's log-sum-exp, the per-head output (for the backward's rowsum(dout * out)), and
 /// the key padding mask (zeros without one). `att` has room for them when `seq > head_dim + 1`.
@@ -672,51 +660,35 @@ fn flash_grid(s: &AttentionShape) -> LaunchConfig {
     grid(s.seq.div_ceil(128) * s.batch * s.heads, 0)
 }
 
-/// The flash kernels' trailing `bh, heads, seq, causal, scale` parameters.
-fn flash_args(s: &AttentionShape) -> [Arg; 5] {
+/// The flash kernels' trailing `batch, heads, seq, causal, scale, hd, batch_first` parameters.
+fn flash_args(s: &AttentionShape) -> [Arg; 7] {
     [
-        size(s.batch * s.heads),
+        size(s.batch),
         size(s.heads),
         size(s.seq),
         Arg::I32(s.causal as i32),
         Arg::F32(1.0 / (s.head_dim as f32).sqrt()),
+        size(s.head_dim),
+        Arg::I32(s.batch_first as i32),
     ]
 }
 
 impl Cuda {
-    /// The flash kernels when attention takes the fast path: bf16 products on sm_80 or newer,
-    /// no attention dropout, a head size the kernels are built for, and room in `att` for what
+    /// Whether attention takes the flash path: bf16 products on sm_80 or newer, no attention
+    /// dropout, a head size the kernels are built for (32 or 64), and room in `att` for what
     /// the forward saves. Until it has been measured on a GPU it is opt-in, with
     /// `FLINT_FLASH_ATTENTION=1` (scripts/gpu-check.sh checks and times it). The forward and the
     /// backward decide alike, from the same arguments.
-    fn flash(&self, s: &AttentionShape, dropout: Option<Dropout>) -> Option<Flash<'_>> {
+    fn flash(&self, s: &AttentionShape, dropout: Option<Dropout>) -> bool {
         static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let enabled =
             *ENABLED.get_or_init(|| std::env::var("FLINT_FLASH_ATTENTION").is_ok_and(|v| v == "1"));
-        let k = &self.kernels;
-        let kernels = match s.head_dim {
-            32 => (
-                &k.flash_forward_32,
-                &k.flash_backward_kv_32,
-                &k.flash_backward_q_32,
-            ),
-            64 => (
-                &k.flash_forward_64,
-                &k.flash_backward_kv_64,
-                &k.flash_backward_q_64,
-            ),
-            _ => return None,
-        };
-        let usable = enabled
+        enabled
             && self.precision() == Precision::Bf16
             && self.arch.0 >= 8
             && dropout.is_none_or(|d| d.p == 0.0)
-            && s.seq > s.head_dim + 1;
-        usable.then_some(Flash {
-            forward: kernels.0,
-            backward_kv: kernels.1,
-            backward_q: kernels.2,
-        })
+            && matches!(s.head_dim, 32 | 64)
+            && s.seq > s.head_dim + 1
     }
 }
 
@@ -987,11 +959,7 @@ impl Backend for Cuda {
         if hd == 0 {
             bail!("attention_forward: head_dim is 0");
         }
-        if let Some(flash) = self.flash(s, dropout) {
-            let mut scratch = self.attention_scratch()?;
-            let base = scratch.reserve(&self.stream, 3 * rows * e)?;
-            let h = HeadMajor { s, base };
-            self.heads(&self.kernels.heads_split, base, qkv, 3, s)?;
+        if self.flash(s, dropout) {
             let saved = FlashSaved::new(att, s);
             match key_padding {
                 0 => self.launch(
@@ -1001,17 +969,9 @@ impl Backend for Cuda {
                 )?,
                 kp => self.copy_rows(saved.key_padding, seq, kp, seq, s.batch, seq)?,
             }
-            let args = [
-                saved.out,
-                saved.lse,
-                h.addr(0),
-                h.addr(1),
-                h.addr(2),
-                saved.key_padding,
-            ];
+            let args = [out, saved.out, saved.lse, qkv, saved.key_padding];
             let args = args.into_iter().map(ptr).chain(flash_args(s));
-            self.launch(flash.forward, flash_grid(s), args)?;
-            return self.heads(&self.kernels.heads_merge, out, saved.out, 1, s);
+            return self.launch(&self.kernels.flash_forward, flash_grid(s), args);
         }
         let square = heads * seq * seq;
         let per = chunk(s.batch, square);
@@ -1091,32 +1051,22 @@ impl Backend for Cuda {
         if att_rows == 0 {
             return Ok(());
         }
-        if let Some(flash) = self.flash(s, dropout) {
-            // Per head: q, k, v, dout, then dq, dk, dv (merged back in one pass), then delta.
-            let mut scratch = self.attention_scratch()?;
-            let base = scratch.reserve(&self.stream, 7 * rows * e + att_rows)?;
-            let h = HeadMajor { s, base };
-            self.heads(&self.kernels.heads_split, base, qkv, 3, s)?;
-            self.heads(&self.kernels.heads_split, h.addr(3), dout, 1, s)?;
+        if self.flash(s, dropout) {
             let saved = FlashSaved::new(att, s);
-            let delta = h.addr(7);
-            let args = [
-                ptr(delta),
-                ptr(h.addr(3)),
-                ptr(saved.out),
-                size(att_rows),
-                size(hd),
-            ];
+            let mut scratch = self.attention_scratch()?;
+            let delta = scratch.reserve(&self.stream, att_rows)?;
+            let args = [delta, dout, saved.out].into_iter().map(ptr);
+            let layout = [s.batch, heads, seq, hd].map(size);
+            let args = args.chain(layout).chain([Arg::I32(s.batch_first as i32)]);
             self.launch(&self.kernels.flash_delta, elementwise(att_rows), args)?;
-            let inputs = [h.addr(0), h.addr(1), h.addr(2), h.addr(3), saved.lse, delta];
-            let inputs = inputs.into_iter().chain([saved.key_padding]).map(ptr);
-            let args = [ptr(h.addr(5)), ptr(h.addr(6))]
-                .into_iter()
-                .chain(inputs.clone());
-            self.launch(flash.backward_kv, flash_grid(s), args.chain(flash_args(s)))?;
-            let args = [ptr(h.addr(4))].into_iter().chain(inputs);
-            self.launch(flash.backward_q, flash_grid(s), args.chain(flash_args(s)))?;
-            return self.heads(&self.kernels.heads_merge, dqkv, h.addr(4), 3, s);
+            let args = [dqkv, qkv, dout, saved.lse, delta, saved.key_padding].map(ptr);
+            for kernel in [
+                &self.kernels.flash_backward_kv,
+                &self.kernels.flash_backward_q,
+            ] {
+                self.launch(kernel, flash_grid(s), args.into_iter().chain(flash_args(s)))?;
+            }
+            return Ok(());
         }
         let square = heads * seq * seq;
         let per = chunk(s.batch, square);

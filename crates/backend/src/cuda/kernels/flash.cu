@@ -4,8 +4,10 @@
 // online softmax, so the [seq, seq] probabilities are never written: the forward saves each
 // row's log-sum-exp instead, and the backward recomputes the probabilities from it.
 //
-// Inputs are per-head copies (heads_split): q, k, v, o, dout, dq, dk, dv are [bh, seq, D] fp32,
-// rounded to bf16 as they are loaded; products accumulate in fp32 (mma.sync m16n8k16). A key is
+// q, k, v are read, and out, dq, dk, dv written, in place in the [rows, 3 * E] q|k|v and
+// [rows, E] token buffers (see Tokens), fp32 rounded to bf16 as they are loaded; products
+// accumulate in fp32 (mma.sync m16n8k16). The forward also keeps a per-head copy of its output
+// for the backward's delta (att has room for it; the backward is not given out). A key is
 // masked when it is past the sequence, after the query (causal), or padding
 // (key_padding[b, key] != 0, with b = head / heads), exactly as in attention_softmax.
 //
@@ -25,6 +27,10 @@ typedef unsigned short u16;
 #define FLASH_ROWS 128
 #define FLASH_COLS 64
 #define FLASH_PAD 8
+// bf16 elements of one shared tile at the largest head size: FLASH_COLS x (64 + FLASH_PAD), or
+// its transpose. Each entry point declares its tiles once at this size, whichever head size it
+// runs (two instantiations declaring their own would add up past the 48 KiB limit).
+#define FLASH_TILE (FLASH_COLS * (64 + FLASH_PAD))
 
 // x rounded to the nearest bf16 (ties to even), as its 16 bits; x is finite here.
 __device__ __forceinline__ u32 bf16_bits(float x) {
@@ -56,15 +62,34 @@ __device__ __forceinline__ void load_b(u32* b, const u16* bt, u32 ld, u32 n0, u3
     b[1] = *(const u32*)(row + 8);
 }
 
-// The A fragments (D / 16 of them) of rows r0, r0 + 8 of a [seq, D] fp32 matrix (zero past seq).
+// A [seq, D] fp32 matrix, `ld` floats between rows.
+struct View {
+    float* at;
+    u64 ld;
+};
+
+// A [rows, width] token buffer seen per head: token (b, t) is row b * seq + t when batch_first,
+// else t * batch + b; head h of column block `part` is the D columns from (part * heads + h) * D.
+struct Tokens {
+    const float* data;
+    u64 width, batch, heads, seq;
+    int batch_first;
+    __device__ __forceinline__ View head(u64 bh, u64 part, u64 d) const {
+        const u64 b = bh / heads, h = bh % heads;
+        const u64 first = (batch_first ? b * seq * width : b * width) + (part * heads + h) * d;
+        return View{(float*)data + first, batch_first ? width : batch * width};
+    }
+};
+
+// The A fragments (D / 16 of them) of rows r0, r0 + 8 of a [seq, D] matrix (zero past seq).
 template <int D>
-__device__ __forceinline__ void load_a_rows(u32 (*a)[4], const float* m, u64 seq, u64 r0) {
+__device__ __forceinline__ void load_a_rows(u32 (*a)[4], View m, u64 seq, u64 r0) {
     const u32 t = threadIdx.x % 32 % 4;
     const u64 r1 = r0 + 8;
     for (int kk = 0; kk < D / 16; ++kk) {
         const u32 c = kk * 16 + 2 * t;
-        const float* x0 = m + r0 * D + c;
-        const float* x1 = m + r1 * D + c;
+        const float* x0 = m.at + r0 * m.ld + c;
+        const float* x1 = m.at + r1 * m.ld + c;
         const bool in0 = r0 < seq, in1 = r1 < seq;
         a[kk][0] = in0 ? pack_bf16(x0[0], x0[1]) : 0u;
         a[kk][1] = in1 ? pack_bf16(x1[0], x1[1]) : 0u;
@@ -73,14 +98,14 @@ __device__ __forceinline__ void load_a_rows(u32 (*a)[4], const float* m, u64 seq
     }
 }
 
-// Rows r0.. (FLASH_COLS of them, zero past seq) of a [seq, D] fp32 matrix into shared memory as
+// Rows r0.. (FLASH_COLS of them, zero past seq) of a [seq, D] matrix into shared memory as
 // bf16, row-major (`rows`, ld D + FLASH_PAD) and/or transposed (`cols`, ld FLASH_COLS + FLASH_PAD);
 // either may be null. All threads of the block take part.
 template <int D>
-__device__ __forceinline__ void load_tile(u16* rows, u16* cols, const float* m, u64 seq, u64 r0) {
+__device__ __forceinline__ void load_tile(u16* rows, u16* cols, View m, u64 seq, u64 r0) {
     for (u32 i = threadIdx.x; i < FLASH_COLS * D; i += blockDim.x) {
         const u32 r = i / D, d = i % D;
-        const u16 x = r0 + r < seq ? (u16)bf16_bits(m[(r0 + r) * D + d]) : (u16)0;
+        const u16 x = r0 + r < seq ? (u16)bf16_bits(m.at[(r0 + r) * m.ld + d]) : (u16)0;
         if (rows) rows[r * (D + FLASH_PAD) + d] = x;
         if (cols) cols[d * (FLASH_COLS + FLASH_PAD) + r] = x;
     }
@@ -147,40 +172,39 @@ __device__ __forceinline__ float quad_max(float x) {
     return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
 
-// Writes the warp's 16 x D accumulator (times `mul[row half]`) to rows r0.. of [seq, D] `dst`.
+// Writes the warp's 16 x D accumulator (times `mul[row half]`) to rows r0.. of `dst`.
 template <int D>
-__device__ __forceinline__ void store_rows(float* dst, const float (*acc)[4], const float* mul, u64 seq,
-                                           u64 r0) {
+__device__ __forceinline__ void store_rows(View dst, const float (*acc)[4], const float* mul, u64 seq, u64 r0) {
     for (int nt = 0; nt < D / 8; ++nt)
         for (int e = 0; e < 4; ++e) {
             const u64 r = r0 + c_row(e);
-            if (r < seq) dst[r * D + c_col(nt, e)] = acc[nt][e] * mul[e / 2];
+            if (r < seq) dst.at[r * dst.ld + c_col(nt, e)] = acc[nt][e] * mul[e / 2];
         }
 }
 
-// o = softmax(q k^T * scale, causal) v per head, and lse[row] = log-sum-exp of the row's scaled
-// scores. One block per 128 queries of one head.
+// out = softmax(q k^T * scale, masked) v per head (also into the per-head copy `saved_o`, [bh,
+// seq, D]), and lse[row] = log-sum-exp of the row's scaled scores. One block per 128 queries of
+// one head.
 template <int D>
-__device__ void flash_forward(float* o, float* lse, const float* q, const float* k, const float* v, u64 bh,
-                              Mask mask, float scale) {
+__device__ void flash_forward_tile(u16* shared, Tokens out, float* saved_o, float* lse, Tokens qkv, u64 bh,
+                                   Mask mask, float scale) {
     const u64 seq = mask.seq;
     const int causal = mask.causal;
-    __shared__ u16 ks[FLASH_COLS * (D + FLASH_PAD)];
-    __shared__ u16 vt[D * (FLASH_COLS + FLASH_PAD)];
+    u16* ks = shared;
+    u16* vt = shared + FLASH_TILE;
     const u32 warp = threadIdx.x / 32;
     const u64 tiles = (seq + FLASH_ROWS - 1) / FLASH_ROWS;
     FOR_ROW(item, tiles * bh) {
         const u64 head = item / tiles, q0 = item % tiles * FLASH_ROWS, w0 = q0 + warp * 16;
-        const u64 base = head * seq * D;
         u32 qa[D / 16][4];
-        load_a_rows<D>(qa, q + base, seq, w0 + c_row(0));
+        load_a_rows<D>(qa, qkv.head(head, 0, D), seq, w0 + c_row(0));
         float acc[D / 8][4] = {};
         float m[2] = {neg_inf(), neg_inf()}, l[2] = {0.0f, 0.0f};
         const u64 end = causal && q0 + FLASH_ROWS < seq ? q0 + FLASH_ROWS : seq;
         for (u64 k0 = 0; k0 < end; k0 += FLASH_COLS) {
             __syncthreads();  // the previous tile's readers are done
-            load_tile<D>(ks, nullptr, k + base, seq, k0);
-            load_tile<D>(nullptr, vt, v + base, seq, k0);
+            load_tile<D>(ks, nullptr, qkv.head(head, 1, D), seq, k0);
+            load_tile<D>(nullptr, vt, qkv.head(head, 2, D), seq, k0);
             __syncthreads();
             if (causal && k0 > w0 + 15) continue;  // every key is after every row of this warp
             float s[FLASH_COLS / 8][4];
@@ -213,7 +237,8 @@ __device__ void flash_forward(float* o, float* lse, const float* q, const float*
         }
         float inv[2];
         for (int h = 0; h < 2; ++h) inv[h] = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
-        store_rows<D>(o + base, acc, inv, seq, w0);
+        store_rows<D>(out.head(head, 0, D), acc, inv, seq, w0);
+        store_rows<D>(View{saved_o + head * seq * D, D}, acc, inv, seq, w0);
         if (threadIdx.x % 4 == 0)
             for (int h = 0; h < 2; ++h) {
                 const u64 r = w0 + c_row(2 * h);
@@ -222,41 +247,41 @@ __device__ void flash_forward(float* o, float* lse, const float* q, const float*
     }
 }
 
-// delta[row] = dout[row] . o[row] over the D columns: the rowsum(P * dP) of the softmax backward.
-extern "C" __global__ void flash_delta(float* delta, const float* dout, const float* o, u64 rows, u64 hd) {
-    FOR_EACH(r, rows) {
+// delta[bh, t] = dout . out over the head's D columns of token t: the rowsum(P * dP) of the
+// softmax backward (`saved_o` is the forward's per-head copy of out).
+extern "C" __global__ void flash_delta(float* delta, const float* dout, const float* saved_o, u64 batch,
+                                       u64 heads, u64 seq, u64 hd, int batch_first) {
+    const Tokens g{dout, heads * hd, batch, heads, seq, batch_first};
+    FOR_EACH(r, batch * heads * seq) {
+        const View row = g.head(r / seq, 0, hd);
+        const float* x = row.at + r % seq * row.ld;
         float s = 0.0f;
-        for (u64 d = 0; d < hd; ++d) s += dout[r * hd + d] * o[r * hd + d];
+        for (u64 d = 0; d < hd; ++d) s += x[d] * saved_o[r * hd + d];
         delta[r] = s;
     }
 }
 
 // dk, dv of 128 keys of one head: dv = P^T dout, dk = dS^T q, looping over the queries.
 template <int D>
-__device__ void flash_backward_kv(float* dk, float* dv, const float* q, const float* k, const float* v,
-                                  const float* dout, const float* lse, const float* delta, u64 bh, Mask mask,
-                                  float scale) {
+__device__ void flash_backward_kv_tile(u16* shared, float* stats, Tokens dqkv, Tokens qkv, Tokens dout,
+                                       const float* lse, const float* delta, u64 bh, Mask mask, float scale) {
     const u64 seq = mask.seq;
     const int causal = mask.causal;
-    __shared__ u16 qs[FLASH_COLS * (D + FLASH_PAD)];
-    __shared__ u16 qt[D * (FLASH_COLS + FLASH_PAD)];
-    __shared__ u16 gs[FLASH_COLS * (D + FLASH_PAD)];
-    __shared__ u16 gt[D * (FLASH_COLS + FLASH_PAD)];
-    __shared__ float lse_s[FLASH_COLS], delta_s[FLASH_COLS];
+    u16 *qs = shared, *qt = shared + FLASH_TILE, *gs = shared + 2 * FLASH_TILE, *gt = shared + 3 * FLASH_TILE;
+    float *lse_s = stats, *delta_s = stats + FLASH_COLS;
     const u32 warp = threadIdx.x / 32;
     const u64 tiles = (seq + FLASH_ROWS - 1) / FLASH_ROWS;
     FOR_ROW(item, tiles * bh) {
         const u64 head = item / tiles, k0 = item % tiles * FLASH_ROWS, w0 = k0 + warp * 16;
-        const u64 base = head * seq * D;
         u32 ka[D / 16][4], va[D / 16][4];
-        load_a_rows<D>(ka, k + base, seq, w0 + c_row(0));
-        load_a_rows<D>(va, v + base, seq, w0 + c_row(0));
+        load_a_rows<D>(ka, qkv.head(head, 1, D), seq, w0 + c_row(0));
+        load_a_rows<D>(va, qkv.head(head, 2, D), seq, w0 + c_row(0));
         float dk_acc[D / 8][4] = {}, dv_acc[D / 8][4] = {};
         // Causal: queries before the block's first key see none of its keys.
         for (u64 q0 = causal ? k0 / FLASH_COLS * FLASH_COLS : 0; q0 < seq; q0 += FLASH_COLS) {
             __syncthreads();
-            load_tile<D>(qs, qt, q + base, seq, q0);
-            load_tile<D>(gs, gt, dout + base, seq, q0);
+            load_tile<D>(qs, qt, qkv.head(head, 0, D), seq, q0);
+            load_tile<D>(gs, gt, dout.head(head, 0, D), seq, q0);
             for (u32 i = threadIdx.x; i < FLASH_COLS; i += blockDim.x) {
                 const bool in = q0 + i < seq;
                 lse_s[i] = in ? lse[head * seq + q0 + i] : 0.0f;
@@ -282,28 +307,25 @@ __device__ void flash_backward_kv(float* dk, float* dv, const float* q, const fl
             mma_cols<D>(dk_acc, pa, qt);  // dk += dS^T q
         }
         const float one[2] = {1.0f, 1.0f};
-        store_rows<D>(dk + base, dk_acc, one, seq, w0);
-        store_rows<D>(dv + base, dv_acc, one, seq, w0);
+        store_rows<D>(dqkv.head(head, 1, D), dk_acc, one, seq, w0);
+        store_rows<D>(dqkv.head(head, 2, D), dv_acc, one, seq, w0);
     }
 }
 
 // dq of 128 queries of one head: dq = dS k, looping over the keys.
 template <int D>
-__device__ void flash_backward_q(float* dq, const float* q, const float* k, const float* v, const float* dout,
-                                 const float* lse, const float* delta, u64 bh, Mask mask, float scale) {
+__device__ void flash_backward_q_tile(u16* shared, Tokens dqkv, Tokens qkv, Tokens dout, const float* lse,
+                                      const float* delta, u64 bh, Mask mask, float scale) {
     const u64 seq = mask.seq;
     const int causal = mask.causal;
-    __shared__ u16 ks[FLASH_COLS * (D + FLASH_PAD)];
-    __shared__ u16 kt[D * (FLASH_COLS + FLASH_PAD)];
-    __shared__ u16 vs[FLASH_COLS * (D + FLASH_PAD)];
+    u16 *ks = shared, *kt = shared + FLASH_TILE, *vs = shared + 2 * FLASH_TILE;
     const u32 warp = threadIdx.x / 32;
     const u64 tiles = (seq + FLASH_ROWS - 1) / FLASH_ROWS;
     FOR_ROW(item, tiles * bh) {
         const u64 head = item / tiles, q0 = item % tiles * FLASH_ROWS, w0 = q0 + warp * 16;
-        const u64 base = head * seq * D;
         u32 qa[D / 16][4], ga[D / 16][4];
-        load_a_rows<D>(qa, q + base, seq, w0 + c_row(0));
-        load_a_rows<D>(ga, dout + base, seq, w0 + c_row(0));
+        load_a_rows<D>(qa, qkv.head(head, 0, D), seq, w0 + c_row(0));
+        load_a_rows<D>(ga, dout.head(head, 0, D), seq, w0 + c_row(0));
         float row_lse[2], row_delta[2];
         for (int h = 0; h < 2; ++h) {
             const u64 r = w0 + c_row(2 * h);
@@ -314,8 +336,8 @@ __device__ void flash_backward_q(float* dq, const float* q, const float* k, cons
         const u64 end = causal && q0 + FLASH_ROWS < seq ? q0 + FLASH_ROWS : seq;
         for (u64 k0 = 0; k0 < end; k0 += FLASH_COLS) {
             __syncthreads();
-            load_tile<D>(ks, kt, k + base, seq, k0);
-            load_tile<D>(vs, nullptr, v + base, seq, k0);
+            load_tile<D>(ks, kt, qkv.head(head, 1, D), seq, k0);
+            load_tile<D>(vs, nullptr, qkv.head(head, 2, D), seq, k0);
             __syncthreads();
             if (causal && k0 > w0 + 15) continue;
             float s[FLASH_COLS / 8][4], dp[FLASH_COLS / 8][4];
@@ -332,49 +354,40 @@ __device__ void flash_backward_q(float* dq, const float* q, const float* k, cons
             mma_cols<D>(acc, pa, kt);  // dq += dS k
         }
         const float one[2] = {1.0f, 1.0f};
-        store_rows<D>(dq + base, acc, one, seq, w0);
+        store_rows<D>(dqkv.head(head, 0, D), acc, one, seq, w0);
     }
 }
 
-// The entry points, one set per supported head size.
-extern "C" __global__ void flash_forward_32(float* o, float* lse, const float* q, const float* k,
-                                            const float* v, const float* key_padding, u64 bh, u64 heads,
-                                            u64 seq, int causal, float scale) {
-    flash_forward<32>(o, lse, q, k, v, bh, Mask{key_padding, heads, seq, causal}, scale);
+// The entry points: the head size (32 or 64, checked by the host) picks the instantiation.
+// `qkv` and `dqkv` are [rows, 3 * E] and `out` and `dout` [rows, E], E = heads * hd.
+#define FLASH_PARAMS const float* key_padding, u64 batch, u64 heads, u64 seq, int causal, float scale, u64 hd, int batch_first
+#define FLASH_TOKENS(data, parts) (Tokens{data, parts * heads * hd, batch, heads, seq, batch_first})
+
+extern "C" __global__ void flash_forward(float* out, float* saved_o, float* lse, const float* qkv, FLASH_PARAMS) {
+    __shared__ u16 shared[2 * FLASH_TILE];
+    const Mask mask{key_padding, heads, seq, causal};
+    const Tokens o = FLASH_TOKENS(out, 1), x = FLASH_TOKENS(qkv, 3);
+    if (hd == 32) flash_forward_tile<32>(shared, o, saved_o, lse, x, batch * heads, mask, scale);
+    else flash_forward_tile<64>(shared, o, saved_o, lse, x, batch * heads, mask, scale);
 }
 
-extern "C" __global__ void flash_backward_kv_32(float* dk, float* dv, const float* q, const float* k,
-                                                const float* v, const float* dout, const float* lse,
-                                                const float* delta, const float* key_padding, u64 bh,
-                                                u64 heads, u64 seq, int causal, float scale) {
-    flash_backward_kv<32>(dk, dv, q, k, v, dout, lse, delta, bh, Mask{key_padding, heads, seq, causal},
-                           scale);
+extern "C" __global__ void flash_backward_kv(float* dqkv, const float* qkv, const float* dout, const float* lse,
+                                             const float* delta, FLASH_PARAMS) {
+    __shared__ u16 shared[4 * FLASH_TILE];
+    __shared__ float stats[2 * FLASH_COLS];
+    const Mask mask{key_padding, heads, seq, causal};
+    const Tokens dx = FLASH_TOKENS(dqkv, 3), x = FLASH_TOKENS(qkv, 3), g = FLASH_TOKENS(dout, 1);
+    const u64 bh = batch * heads;
+    if (hd == 32) flash_backward_kv_tile<32>(shared, stats, dx, x, g, lse, delta, bh, mask, scale);
+    else flash_backward_kv_tile<64>(shared, stats, dx, x, g, lse, delta, bh, mask, scale);
 }
 
-extern "C" __global__ void flash_backward_q_32(float* dq, const float* q, const float* k, const float* v,
-                                               const float* dout, const float* lse, const float* delta,
-                                               const float* key_padding, u64 bh, u64 heads, u64 seq,
-                                               int causal, float scale) {
-    flash_backward_q<32>(dq, q, k, v, dout, lse, delta, bh, Mask{key_padding, heads, seq, causal}, scale);
-}
-
-extern "C" __global__ void flash_forward_64(float* o, float* lse, const float* q, const float* k,
-                                            const float* v, const float* key_padding, u64 bh, u64 heads,
-                                            u64 seq, int causal, float scale) {
-    flash_forward<64>(o, lse, q, k, v, bh, Mask{key_padding, heads, seq, causal}, scale);
-}
-
-extern "C" __global__ void flash_backward_kv_64(float* dk, float* dv, const float* q, const float* k,
-                                                const float* v, const float* dout, const float* lse,
-                                                const float* delta, const float* key_padding, u64 bh,
-                                                u64 heads, u64 seq, int causal, float scale) {
-    flash_backward_kv<64>(dk, dv, q, k, v, dout, lse, delta, bh, Mask{key_padding, heads, seq, causal},
-                           scale);
-}
-
-extern "C" __global__ void flash_backward_q_64(float* dq, const float* q, const float* k, const float* v,
-                                               const float* dout, const float* lse, const float* delta,
-                                               const float* key_padding, u64 bh, u64 heads, u64 seq,
-                                               int causal, float scale) {
-    flash_backward_q<64>(dq, q, k, v, dout, lse, delta, bh, Mask{key_padding, heads, seq, causal}, scale);
+extern "C" __global__ void flash_backward_q(float* dqkv, const float* qkv, const float* dout, const float* lse,
+                                            const float* delta, FLASH_PARAMS) {
+    __shared__ u16 shared[3 * FLASH_TILE];
+    const Mask mask{key_padding, heads, seq, causal};
+    const Tokens dx = FLASH_TOKENS(dqkv, 3), x = FLASH_TOKENS(qkv, 3), g = FLASH_TOKENS(dout, 1);
+    const u64 bh = batch * heads;
+    if (hd == 32) flash_backward_q_tile<32>(shared, dx, x, g, lse, delta, bh, mask, scale);
+    else flash_backward_q_tile<64>(shared, dx, x, g, lse, delta, bh, mask, scale);
 }
