@@ -178,6 +178,8 @@ pub struct Cuda {
     attention_scratch: Mutex<Workspace>,
     /// Locked for the whole of a padded product (see [`Cuda::gemm_padded`]).
     pad_workspace: Mutex<Workspace>,
+    /// bf16 copies of a product's operands (see [`Cuda::bf16_operands`]).
+    bf16_workspace: Mutex<Workspace>,
     /// [`COLUMN_PARTIALS`] floats, locked for the whole of a column reduction: the two levels
     /// of another call must not interleave with its own on the stream.
     column_partials: Mutex<DeviceMemory>,
@@ -235,6 +237,7 @@ impl Cuda {
             scratch: Mutex::new(scratch),
             attention_scratch: Mutex::new(Workspace::empty(&stream)?),
             pad_workspace: Mutex::new(Workspace::empty(&stream)?),
+            bf16_workspace: Mutex::new(Workspace::empty(&stream)?),
             column_partials: Mutex::new(DeviceMemory::zeroed(&stream, COLUMN_PARTIALS * 4)?),
             stream,
             ordinal,
@@ -296,15 +299,20 @@ impl Cuda {
         }
         let (dst, a, b) = (packed(plain(dst), m, n), packed(a, m, k), packed(b, k, n));
         // Each copy must pay: a padded operand is read by the product once per element of the
-        // dimension it does not have (k for dst, n for a, m for b).
-        let pays = [(dst, k), (a, n), (b, m)]
+        // dimension it does not have (k for dst, n for a, m for b). In bf16, a and b are
+        // copied to aligned rows anyway (`bf16_operands`).
+        let mut f32_operands = vec![(dst, k)];
+        if self.precision() != Precision::Bf16 {
+            f32_operands.extend([(a, n), (b, m)]);
+        }
+        let aligned = |o: &Strided| o.ld.is_multiple_of(ALIGNED_FLOATS);
+        let pays = f32_operands
             .iter()
-            .all(|(o, reuse)| o.ld.is_multiple_of(ALIGNED_FLOATS) || *reuse >= PAD_MIN_REUSE);
-        let misaligned = [dst, a, b]
-            .iter()
-            .any(|o| !o.ld.is_multiple_of(ALIGNED_FLOATS));
+            .all(|(o, reuse)| aligned(o) || *reuse >= PAD_MIN_REUSE);
+        let misaligned = f32_operands.iter().any(|(o, _)| !aligned(o));
         if misaligned && pays && m * k * n >= PAD_MIN_MACS {
-            return self.gemm_padded(dst, accumulate, a, b, [m, k, n]);
+            let pad = f32_operands.len() > 1;
+            return self.gemm_padded(dst, accumulate, a, b, [m, k, n], pad);
         }
         self.gemm_batched(dst, accumulate, a, b, m, k, n, 1)
     }
@@ -312,7 +320,8 @@ impl Cuda {
     /// A large product whose rows are not 16-byte aligned (a vocabulary of 50257 columns, say)
     /// gets only cuBLASLt's slowest, element-by-element kernels. It is faster to copy each such
     /// operand to rows padded to [`PAD_FLOATS`], multiply those, and copy the result back: a
-    /// copy moves each element twice, the product reads it many times.
+    /// copy moves each element twice, the product reads it many times. `inputs`: pad a and b
+    /// too, not only dst.
     fn gemm_padded(
         &self,
         dst: Strided,
@@ -320,6 +329,7 @@ impl Cuda {
         a: Strided,
         b: Strided,
         [m, k, n]: [usize; 3],
+        inputs: bool,
     ) -> Result<()> {
         // Stored [rows, cols] of each operand, and its place in the padded workspace.
         let stored = |o: &Strided, rows: usize, cols: usize| {
@@ -331,17 +341,16 @@ impl Cuda {
         };
         let shapes = [stored(&dst, m, n), stored(&a, m, k), stored(&b, k, n)];
         let ops = [dst, a, b];
-        let padded_ld = |o: &Strided| {
-            if o.ld.is_multiple_of(ALIGNED_FLOATS) {
+        let padded_ld = |i: usize| {
+            let o = &ops[i];
+            if o.ld.is_multiple_of(ALIGNED_FLOATS) || (i > 0 && !inputs) {
                 None
             } else {
                 Some(o.ld.next_multiple_of(PAD_FLOATS))
             }
         };
-        let floats: usize = ops
-            .iter()
-            .zip(shapes)
-            .filter_map(|(o, (rows, _))| padded_ld(o).map(|ld| rows * ld))
+        let floats: usize = (0..3)
+            .filter_map(|i| padded_ld(i).map(|ld| shapes[i].0 * ld))
             .sum();
         let mut workspace = self
             .pad_workspace
@@ -350,7 +359,7 @@ impl Cuda {
         let mut next = workspace.reserve(&self.stream, floats)?;
         let mut padded = ops;
         for (i, (o, (rows, cols))) in ops.iter().zip(shapes).enumerate() {
-            let Some(ld) = padded_ld(o) else { continue };
+            let Some(ld) = padded_ld(i) else { continue };
             padded[i] = Strided {
                 op: Operand { addr: next, ..o.op },
                 ld,
@@ -406,16 +415,101 @@ impl Cuda {
         count: usize,
     ) -> Result<()> {
         bind(&self.stream)?;
-        let precision = self.precision();
-        let operands = (a, b, dst);
+        let (stream, precision) = (self.stream.cu_stream(), self.precision());
         let dims = [m, k, n, count];
-        self.blas.gemm(
-            self.stream.cu_stream(),
-            precision,
-            operands,
-            accumulate,
-            dims,
-        )
+        if precision == Precision::Bf16 && count == 1 {
+            let mut workspace = self.bf16_workspace()?;
+            let (a, b) = self.bf16_operands(&mut workspace, a, b, [m, k, n])?;
+            if self
+                .blas
+                .gemm(stream, precision, (a, b, dst), accumulate, dims, true)?
+            {
+                return Ok(());
+            }
+        }
+        if !self
+            .blas
+            .gemm(stream, precision, (a, b, dst), accumulate, dims, false)?
+        {
+            bail!("cuBLASLt has no algorithm for a [{m}, {k}] @ [{k}, {n}] product");
+        }
+        Ok(())
+    }
+
+    /// `dst[m, n] = a[m, k] @ b[k, n] + bias[n]` through cuBLASLt's bias epilogue (see
+    /// [`Blas::gemm_bias`]), with bf16 operands in bf16 precision; `Ok(false)` when the
+    /// epilogue cannot be used. Every dimension nonzero.
+    fn gemm_bias(
+        &self,
+        dst: Strided,
+        a: Strided,
+        b: Strided,
+        bias: u64,
+        mkn: [usize; 3],
+    ) -> Result<bool> {
+        bind(&self.stream)?;
+        let (stream, precision) = (self.stream.cu_stream(), self.precision());
+        if precision == Precision::Bf16 {
+            let mut workspace = self.bf16_workspace()?;
+            let (ha, hb) = self.bf16_operands(&mut workspace, a, b, mkn)?;
+            if self
+                .blas
+                .gemm_bias(stream, precision, (ha, hb, dst), bias, mkn, true)?
+            {
+                return Ok(true);
+            }
+        }
+        self.blas
+            .gemm_bias(stream, precision, (a, b, dst), bias, mkn, false)
+    }
+
+    fn bf16_workspace(&self) -> Result<std::sync::MutexGuard<'_, Workspace>> {
+        self.bf16_workspace
+            .lock()
+            .map_err(|_| anyhow!("a thread panicked while using the bf16 workspace"))
+    }
+
+    /// bf16 copies of the operands of `a[m, k] @ b[k, n]` in `workspace` (rows padded to 16
+    /// bytes, as cuBLASLt's fast kernels need), rounded to nearest even: the matrix units then
+    /// read half the bytes, at the bf16 rate. The caller holds the workspace until the product
+    /// that reads them is queued.
+    fn bf16_operands(
+        &self,
+        workspace: &mut Workspace,
+        a: Strided,
+        b: Strided,
+        [m, k, n]: [usize; 3],
+    ) -> Result<(Strided, Strided)> {
+        // Stored [rows, cols] of each operand, and the row stride of its copy.
+        let stored = |o: &Strided, rows: usize, cols: usize| match o.op.transposed {
+            true => (cols, rows, rows.next_multiple_of(8)),
+            false => (rows, cols, cols.next_multiple_of(8)),
+        };
+        let shapes = [stored(&a, m, k), stored(&b, k, n)];
+        let elements: usize = shapes.iter().map(|(rows, _, ld)| rows * ld).sum();
+        let mut next = workspace.reserve(&self.stream, elements.div_ceil(2))?;
+        let mut copies = [a, b];
+        for (copy, (rows, cols, ld)) in copies.iter_mut().zip(shapes) {
+            let args = [
+                ptr(next),
+                ptr(copy.op.addr),
+                size(rows),
+                size(cols),
+                size(ld),
+                size(copy.ld),
+            ];
+            self.launch(&self.kernels.to_bf16, grid(rows, 0), args)?;
+            *copy = Strided {
+                op: Operand {
+                    addr: next,
+                    ..copy.op
+                },
+                ld,
+                stride: 0,
+            };
+            next += 2 * (rows * ld) as u64;
+        }
+        Ok((copies[0], copies[1]))
     }
 
     fn attention_scratch(&self) -> Result<std::sync::MutexGuard<'_, Workspace>> {
@@ -799,17 +893,12 @@ impl Backend for Cuda {
         };
         let bias = f32s(bias, n, "matmul_forward bias")?;
         if rows > 0 && k > 0 && n > 0 {
-            bind(&self.stream)?;
             let (dst, a, b) = (
                 packed(plain(out), rows, n),
                 packed(plain(inp), rows, k),
                 packed(w, k, n),
             );
-            let (stream, precision) = (self.stream.cu_stream(), self.precision());
-            if self
-                .blas
-                .gemm_bias(stream, precision, dst, a, b, bias, [rows, k, n])?
-            {
+            if self.gemm_bias(dst, a, b, bias, [rows, k, n])? {
                 return Ok(());
             }
         }

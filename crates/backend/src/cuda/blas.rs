@@ -1,6 +1,9 @@
-//! Matrix products on cuBLASLt: f32 operands with f32 accumulation; in `--precision fp32`
-//! (`CUBLAS_COMPUTE_32F`, not TF32) results agree with the CPU's to rounding, the other
-//! precisions round the operands on the tensor cores (see [`compute_type`]).
+//! Matrix products on cuBLASLt, f32 results with f32 accumulation. In `--precision fp32`
+//! (`CUBLAS_COMPUTE_32F`, not TF32) results agree with the CPU's to rounding. In bf16 the backend
+//! hands single products bf16 copies of their operands (cuBLASLt runs f32 operands with
+//! `_FAST_16BF` on TF32 kernels, at half the bf16 rate, as the first H200 profile showed); the
+//! other low precisions, and batched products, round f32 operands on the tensor cores (see
+//! [`compute_type`]).
 //!
 //! flint's matrices are row-major and cuBLASLt's column-major. A row-major `X[r, c]` is the
 //! column-major `X^T[c, r]`, so `C = A @ B` is computed as `C^T = B^T @ A^T`: cuBLASLt's first
@@ -58,6 +61,8 @@ pub(super) struct Blas {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct AlgoKey {
     precision: Precision,
+    /// The operands a and b are bf16 in memory (see [`Blas::gemm`]).
+    bf16: bool,
     /// `(transposed, ld, stride, alignment)` of a, b and dst.
     operands: [(bool, usize, usize, u32); 3],
     dims: [usize; 4],
@@ -67,15 +72,21 @@ struct AlgoKey {
 impl AlgoKey {
     fn new(
         p: Precision,
+        bf16: bool,
         (a, b, dst): (Strided, Strided, Strided),
         dims: [usize; 4],
         bias: bool,
     ) -> AlgoKey {
         let count = dims[3];
-        let op = |s: Strided| (s.op.transposed, s.ld, s.stride, batch_alignment(s, count));
+        let op = |s: Strided, bytes| {
+            let align = batch_alignment(s, count, bytes);
+            (s.op.transposed, s.ld, s.stride, align)
+        };
+        let input = element_bytes(bf16);
         AlgoKey {
             precision: p,
-            operands: [op(a), op(b), op(dst)],
+            bf16,
+            operands: [op(a, input), op(b, input), op(dst, 4)],
             dims,
             bias,
         }
@@ -93,6 +104,16 @@ impl Drop for Blas {
         // reported and only leaks the handle.
         let _ = unsafe { result::destroy_handle(self.handle) };
     }
+}
+
+/// What kind of product [`Blas::matmul`] makes.
+#[derive(Clone, Copy)]
+struct Product {
+    precision: Precision,
+    /// The operands a and b are bf16 in memory.
+    bf16: bool,
+    /// The bias epilogue's vector.
+    bias: Option<u64>,
 }
 
 /// A cuBLASLt descriptor, destroyed on drop.
@@ -122,7 +143,10 @@ impl Blas {
 
     /// `dst[m, n] (+)= a[m, k] @ b[k, n]`, row-major, `count` times: product `i` reads and writes
     /// each matrix `i * stride` elements past its first; `+=` when `accumulate`. `dst` must not
-    /// be transposed. All dimensions and `count` must be nonzero.
+    /// be transposed. All dimensions and `count` must be nonzero. `a` and `b` are f32, or bf16
+    /// when `bf16` (copies the backend rounded, multiplied as they are in fp32 accumulation);
+    /// `dst` is f32. `Ok(false)`, having done nothing, when cuBLASLt has no algorithm for bf16
+    /// operands of this product (the caller multiplies the f32 originals instead).
     pub(super) fn gemm(
         &self,
         stream: cudarc::driver::sys::CUstream,
@@ -130,10 +154,14 @@ impl Blas {
         (a, b, dst): (Strided, Strided, Strided),
         accumulate: bool,
         dims: [usize; 4],
-    ) -> Result<()> {
-        let done = self.matmul(stream, precision, (a, b, dst), accumulate, dims, None)?;
-        debug_assert!(done, "without an epilogue, a missing algorithm is an error");
-        Ok(())
+        bf16: bool,
+    ) -> Result<bool> {
+        let op = Product {
+            precision,
+            bf16,
+            bias: None,
+        };
+        self.matmul(stream, op, (a, b, dst), accumulate, dims)
     }
 
     /// `dst[m, n] = a[m, k] @ b[k, n] + bias[n]` (`bias`: the device address of `n` f32) in
@@ -148,33 +176,33 @@ impl Blas {
         &self,
         stream: cudarc::driver::sys::CUstream,
         precision: Precision,
-        dst: Strided,
-        a: Strided,
-        b: Strided,
+        (a, b, dst): (Strided, Strided, Strided),
         bias: u64,
         [m, k, n]: [usize; 3],
+        bf16: bool,
     ) -> Result<bool> {
         if !bias.is_multiple_of(16) {
             return Ok(false);
         }
-        self.matmul(
-            stream,
+        let op = Product {
             precision,
-            (a, b, dst),
-            false,
-            [m, k, n, 1],
-            Some(bias),
-        )
+            bf16,
+            bias: Some(bias),
+        };
+        self.matmul(stream, op, (a, b, dst), false, [m, k, n, 1])
     }
 
     fn matmul(
         &self,
         stream: cudarc::driver::sys::CUstream,
-        precision: Precision,
+        Product {
+            precision,
+            bf16,
+            bias,
+        }: Product,
         (a, b, dst): (Strided, Strided, Strided),
         accumulate: bool,
         [m, k, n, count]: [usize; 4],
-        bias: Option<u64>,
     ) -> Result<bool> {
         let shape = || {
             format!(
@@ -187,7 +215,12 @@ impl Blas {
         }
         let desc = Owned {
             raw: result::create_matmul_desc(
-                compute_type(precision),
+                // bf16 operands are multiplied as they are; f32 ones as the precision says.
+                if bf16 {
+                    sys::cublasComputeType_t::CUBLAS_COMPUTE_32F
+                } else {
+                    compute_type(precision)
+                },
                 sys::cudaDataType_t::CUDA_R_32F,
             )
             .with_context(shape)?,
@@ -219,18 +252,28 @@ impl Blas {
                 set_desc(desc.raw, BIAS_POINTER, &pointer).with_context(shape)?;
             }
         }
-        let layout_a = layout(b, k, n, count).with_context(shape)?;
-        let layout_b = layout(a, m, k, count).with_context(shape)?;
-        let layout_c = layout(dst, m, n, count).with_context(shape)?;
+        let layout_a = layout(b, k, n, count, bf16).with_context(shape)?;
+        let layout_b = layout(a, m, k, count, bf16).with_context(shape)?;
+        let layout_c = layout(dst, m, n, count, false).with_context(shape)?;
         let mut algos = self
             .algos
             .lock()
             .map_err(|_| anyhow!("a thread panicked while choosing a cuBLASLt algorithm"))?;
-        let key = AlgoKey::new(precision, (a, b, dst), [m, k, n, count], bias.is_some());
+        let key = AlgoKey::new(
+            precision,
+            bf16,
+            (a, b, dst),
+            [m, k, n, count],
+            bias.is_some(),
+        );
+        // A product that may do without cuBLASLt's choice: the epilogue, or bf16 operands.
+        let optional = bias.is_some() || bf16;
         let algo = match algos.get(&key) {
             Some(algo) => *algo,
             None => {
-                let pref = self.preference(a, b, dst, count).with_context(shape)?;
+                let pref = self
+                    .preference(a, b, dst, count, bf16)
+                    .with_context(shape)?;
                 // SAFETY: all descriptors are live.
                 let heuristic = unsafe {
                     result::get_matmul_algo_heuristic(
@@ -243,13 +286,11 @@ impl Blas {
                         pref.raw,
                     )
                 };
-                let algo = match (heuristic, bias) {
-                    (Ok(h), _) => Some(h.algo),
-                    // Not every product has an algorithm with the epilogue.
-                    (Err(_), Some(_)) => None,
-                    (Err(e), None) => {
-                        return Err(e).with_context(|| format!("{}: no algorithm", shape()))
-                    }
+                let algo = match heuristic {
+                    Ok(h) => Some(h.algo),
+                    // Not every product has an algorithm with the epilogue or bf16 operands.
+                    Err(_) if optional => None,
+                    Err(e) => return Err(e).with_context(|| format!("{}: no algorithm", shape())),
                 };
                 algos.insert(key, algo);
                 algo
@@ -283,18 +324,18 @@ impl Blas {
                 stream as sys::cudaStream_t,
             )
         };
-        match (done, bias) {
-            (Ok(()), _) => Ok(true),
-            // The epilogue refused at launch (cuBLASLt checks before queuing anything): use the
-            // plain product from now on for this shape.
-            (Err(_), Some(_)) => {
+        match done {
+            Ok(()) => Ok(true),
+            // The epilogue or the bf16 operands refused at launch (cuBLASLt checks before
+            // queuing anything): the caller's fallback from now on for this shape.
+            Err(_) if optional => {
                 let mut algos = self.algos.lock().map_err(|_| {
                     anyhow!("a thread panicked while choosing a cuBLASLt algorithm")
                 })?;
                 algos.insert(key, None);
                 Ok(false)
             }
-            (Err(e), None) => Err(e).with_context(shape),
+            Err(e) => Err(e).with_context(shape),
         }
     }
 
@@ -308,7 +349,9 @@ impl Blas {
         b: Strided,
         dst: Strided,
         count: usize,
+        bf16: bool,
     ) -> Result<Owned<sys::cublasLtMatmulPreference_t>> {
+        let input = element_bytes(bf16);
         use sys::cublasLtMatmulPreferenceAttributes_t as P;
         let pref = Owned {
             raw: result::create_matmul_pref()?,
@@ -318,19 +361,19 @@ impl Blas {
         let attrs = [
             (
                 P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
-                batch_alignment(b, count),
+                batch_alignment(b, count, input),
             ),
             (
                 P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-                batch_alignment(a, count),
+                batch_alignment(a, count, input),
             ),
             (
                 P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
-                batch_alignment(dst, count),
+                batch_alignment(dst, count, 4),
             ),
             (
                 P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
-                batch_alignment(dst, count),
+                batch_alignment(dst, count, 4),
             ),
         ];
         // SAFETY: the preference is live; the workspace size is a uint64 and each alignment a
@@ -378,6 +421,7 @@ fn layout(
     rows: usize,
     cols: usize,
     count: usize,
+    bf16: bool,
 ) -> Result<Owned<sys::cublasLtMatrixLayout_t>> {
     let (stored_rows, stored_cols) = if op.op.transposed {
         (cols, rows)
@@ -392,7 +436,11 @@ fn layout(
     }
     let layout = Owned {
         raw: result::create_matrix_layout(
-            sys::cudaDataType_t::CUDA_R_32F,
+            if bf16 {
+                sys::cudaDataType_t::CUDA_R_16BF
+            } else {
+                sys::cudaDataType_t::CUDA_R_32F
+            },
             stored_cols as u64,
             stored_rows as u64,
             op.ld as i64,
@@ -425,12 +473,21 @@ fn layout(
     Ok(layout)
 }
 
+/// Bytes per element of an operand.
+fn element_bytes(bf16: bool) -> u64 {
+    if bf16 {
+        2
+    } else {
+        4
+    }
+}
+
 /// The alignment every matrix of a batch of `count` has: that of the first, and of the stride
-/// between them (in bytes) when there are several.
-fn batch_alignment(op: Strided, count: usize) -> u32 {
+/// between them (`bytes` per element) when there are several.
+fn batch_alignment(op: Strided, count: usize, bytes: u64) -> u32 {
     let first = alignment(op.op.addr);
     if count > 1 {
-        first.min(alignment(op.stride as u64 * 4))
+        first.min(alignment(op.stride as u64 * bytes))
     } else {
         first
     }
@@ -477,9 +534,11 @@ mod tests {
             stride,
         };
         // Heads 8 floats apart: 32 bytes.
-        assert_eq!(batch_alignment(head(8), 3), 32);
-        assert_eq!(batch_alignment(head(64), 12), 256);
+        assert_eq!(batch_alignment(head(8), 3, 4), 32);
+        assert_eq!(batch_alignment(head(64), 12, 4), 256);
+        // bf16 heads 8 elements apart: 16 bytes.
+        assert_eq!(batch_alignment(head(8), 3, 2), 16);
         // A single product only needs its own address aligned.
-        assert_eq!(batch_alignment(head(8), 1), 256);
+        assert_eq!(batch_alignment(head(8), 1, 4), 256);
     }
 }

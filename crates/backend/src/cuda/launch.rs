@@ -103,6 +103,7 @@ kernels!(
     bias_rows,
     transpose,
     copy_rows,
+    to_bf16,
     column_sum_partials,
     add_column_partials,
     activation_forward,

@@ -10,6 +10,13 @@ typedef unsigned int u32;
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
+// x rounded to the nearest bf16 (ties to even), as its 16 bits. Infinities stay infinite; a NaN
+// stays a NaN unless its payload is only in the low 16 bits.
+__device__ __forceinline__ u32 bf16_bits(float x) {
+    const u32 b = __float_as_uint(x);
+    return (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+}
+
 // Grid-stride loop over 0..n: any grid size covers any n.
 #define FOR_EACH(i, n) \
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (u64)gridDim.x * blockDim.x)

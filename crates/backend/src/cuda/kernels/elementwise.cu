@@ -31,6 +31,13 @@ extern "C" __global__ void copy_rows(float* dst, const float* src, u64 rows, u64
     FOR_ROW(r, rows) FOR_THREAD(c, cols) dst[r * dst_ld + c] = src[r * src_ld + c];
 }
 
+// dst[r * dst_ld + c] = bf16(src[r * src_ld + c]) for r < rows, c < cols: a product's operand
+// rounded to bf16 (nearest, ties to even) for the matrix units. One block per row.
+extern "C" __global__ void to_bf16(unsigned short* dst, const float* src, u64 rows, u64 cols, u64 dst_ld,
+                                   u64 src_ld) {
+    FOR_ROW(r, rows) FOR_THREAD(c, cols) dst[r * dst_ld + c] = (unsigned short)bf16_bits(src[r * src_ld + c]);
+}
+
 // partials[chunk, cols] = sum over the chunk's rows of dout[rows, n] (see COLUMN_PARAMS): the
 // first level of the bias gradient dbias[n] += sum over rows of dout.
 extern "C" __global__ void column_sum_partials(float* partials, const float* dout, COLUMN_PARAMS) {

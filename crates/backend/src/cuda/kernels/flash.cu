@@ -32,12 +32,6 @@ typedef unsigned short u16;
 // runs (two instantiations declaring their own would add up past the 48 KiB limit).
 #define FLASH_TILE (FLASH_COLS * (64 + FLASH_PAD))
 
-// x rounded to the nearest bf16 (ties to even), as its 16 bits; x is finite here.
-__device__ __forceinline__ u32 bf16_bits(float x) {
-    const u32 b = __float_as_uint(x);
-    return (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
-}
-
 __device__ __forceinline__ u32 pack_bf16(float lo, float hi) { return bf16_bits(lo) | (bf16_bits(hi) << 16); }
 
 // d += a @ b over one 16 x 8 x 16 tile, as one warp.
