@@ -449,6 +449,10 @@ impl Cuda {
     ) -> Result<bool> {
         bind(&self.stream)?;
         let (stream, precision) = (self.stream.cu_stream(), self.precision());
+        // Checked here too, before any copy: cuBLASLt's epilogue faults on a misaligned bias.
+        if !bias.is_multiple_of(16) {
+            return Ok(false);
+        }
         if precision == Precision::Bf16 {
             let mut workspace = self.bf16_workspace()?;
             let (ha, hb) = self.bf16_operands(&mut workspace, a, b, mkn)?;
@@ -623,6 +627,16 @@ fn attention_args(s: &AttentionShape) -> [Arg; 4] {
     ]
 }
 
+/// Whether the softmax kernels hold an attention row in shared memory (`seq` floats, when they
+/// fit) or work on it in place in global memory, and the dynamic shared floats that takes.
+fn row_cache(seq: usize) -> (Arg, usize) {
+    let fits = seq * 4 <= launch::MAX_SHARED_BYTES;
+    (Arg::I32(fits as i32), if fits { seq } else { 0 })
+}
+
+// The flash kernels tile 128 rows per block as 8 warps of 16.
+const _: () = assert!(THREADS == 256);
+
 /// Row strides (in floats) that keep every row 16-byte aligned, as cuBLASLt's fast kernels need.
 const ALIGNED_FLOATS: usize = 4;
 /// The row stride a misaligned operand is padded to: whole 128-byte lines.
@@ -772,7 +786,8 @@ impl Cuda {
     /// dropout, a head size the kernels are built for (32 or 64), and room in `att` for what
     /// the forward saves. Until it has been measured on a GPU it is opt-in, with
     /// `FLINT_FLASH_ATTENTION=1` (scripts/gpu-check.sh checks and times it). The forward and the
-    /// backward decide alike, from the same arguments.
+    /// backward decide alike, from the same arguments and precision: the precision must not
+    /// change between a forward and its backward (the trainer sets it once per run).
     fn flash(&self, s: &AttentionShape, dropout: Option<Dropout>) -> bool {
         static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let enabled =
@@ -1085,10 +1100,14 @@ impl Backend for Cuda {
             seq,
             bh,
         )?;
+        let (cached, floats) = row_cache(seq);
         let args = [ptr(att), ptr(key_padding), size(s.batch)];
-        let args = args.into_iter().chain(attention_args(s));
-        let cfg = grid(att_rows, Self::shared_row(seq, "attention_forward")?);
-        self.launch(&self.kernels.attention_softmax, cfg, args)?;
+        let args = args.into_iter().chain(attention_args(s)).chain([cached]);
+        self.launch(
+            &self.kernels.attention_softmax,
+            grid(att_rows, floats),
+            args,
+        )?;
         for (b0, nb) in chunks(s.batch, per) {
             let probs = match dropout {
                 Some(_) => {
@@ -1205,10 +1224,15 @@ impl Backend for Cuda {
                 seq,
                 count,
             )?;
+            let (cached, floats) = row_cache(seq);
             let args = [ptr(buf), ptr(att), size(b0), size(nb)].into_iter();
             let args = args.chain(attention_args(s)).chain(dropout_args(dropout));
-            let cfg = grid(count * seq, Self::shared_row(seq, "attention_backward")?);
-            self.launch(&self.kernels.attention_softmax_backward, cfg, args)?;
+            let cfg = grid(count * seq, floats);
+            self.launch(
+                &self.kernels.attention_softmax_backward,
+                cfg,
+                args.chain([cached]),
+            )?;
             // dq = dS @ k;  dk = dS^T @ q.
             self.gemm_batched(
                 h.part(4, b0, false),

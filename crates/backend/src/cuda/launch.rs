@@ -242,7 +242,8 @@ mod tests {
                 &[Kind::U64; 7][..],
                 &[Kind::I32],
                 &[Kind::U64; 3],
-                &[Kind::F32]
+                &[Kind::F32],
+                &[Kind::I32]
             ]
             .concat()
         );

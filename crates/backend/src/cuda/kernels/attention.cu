@@ -11,21 +11,23 @@
 // att[b, h, i, :] = softmax_j(att[b, h, i, j] / sqrt(D)) in place, where att holds the raw
 // scores q_i . k_j, with masked keys (causal j > i, or key_padding[b, j] != 0; key_padding may
 // be null) at -inf; a row whose keys are all masked is all zeros, as on the CPU. One block per
-// attention row. The row is read once, into shared memory (`seq` floats), and written once: a
-// causal row reads only the keys it sees. Each thread only reads back the elements it wrote, so
-// no barrier is needed between the passes.
+// attention row. When `cached`, the row is read once, into shared memory (`seq` floats), and
+// written once; else (a row too long for shared memory) it is worked on in place. A causal row
+// reads only the keys it sees. Each thread only reads back the elements it wrote, so no barrier
+// is needed between the passes.
 extern "C" __global__ void attention_softmax(float* att, const float* key_padding, u64 batch, u64 seq,
-                                             u64 heads, u64 hd, int causal) {
+                                             u64 heads, u64 hd, int causal, int cached) {
     extern __shared__ float shared_row[];
     const float scale = 1.0f / sqrtf((float)hd);
     FOR_ROW(row, batch * heads * seq) {
         const u64 i = row % seq, b = row / seq / heads, n = causal ? i + 1 : seq;
         float* p = att + row * seq;
+        float* buf = cached ? shared_row : p;
         float mx = neg_inf();
         FOR_THREAD(j, n) {
             const bool masked = key_padding && key_padding[b * seq + j] != 0.0f;
             const float x = masked ? neg_inf() : p[j] * scale;
-            shared_row[j] = x;
+            buf[j] = x;
             mx = fmaxf(mx, x);
         }
         mx = block_reduce(mx, Max());
@@ -35,12 +37,12 @@ extern "C" __global__ void attention_softmax(float* att, const float* key_paddin
         }
         float sum = 0.0f;
         FOR_THREAD(j, n) {
-            const float e = expf(shared_row[j] - mx);
-            shared_row[j] = e;
+            const float e = expf(buf[j] - mx);
+            buf[j] = e;
             sum += e;
         }
         const float inv = 1.0f / block_reduce(sum, Sum());
-        FOR_THREAD(j, seq) p[j] = j < n ? shared_row[j] * inv : 0.0f;
+        FOR_THREAD(j, seq) p[j] = j < n ? buf[j] * inv : 0.0f;
     }
 }
 
@@ -56,10 +58,11 @@ extern "C" __global__ void attention_dropout(float* dropped, const float* att, u
 // ([nb, heads, seq, seq], as cuBLASLt left it):  dP *= dropout multipliers;
 // dS = att * (dP - rowsum(att * dP)) / sqrt(D). Past the keys a causal row sees, dS is 0 (the CPU
 // never computes dP there). One block per attention row; the row of dP is read once, into
-// shared memory (`seq` floats), each thread reading back only what it wrote.
+// shared memory (`seq` floats) when `cached`, else worked on in place, each thread reading back
+// only what it wrote.
 extern "C" __global__ void attention_softmax_backward(float* ds, const float* att, u64 b0, u64 nb,
                                                       u64 seq, u64 heads, u64 hd, int causal,
-                                                      DROPOUT_PARAMS) {
+                                                      DROPOUT_PARAMS, int cached) {
     extern __shared__ float shared_row[];
     const Dropout d = DROPOUT_ARGS;
     const float scale = 1.0f / sqrtf((float)hd);
@@ -67,14 +70,15 @@ extern "C" __global__ void attention_softmax_backward(float* ds, const float* at
         const u64 i = r % seq, row = b0 * heads * seq + r, n = causal ? i + 1 : seq;
         const float* p = att + row * seq;
         float* x = ds + r * seq;
+        float* buf = cached ? shared_row : x;
         float part = 0.0f;
         FOR_THREAD(j, n) {
             const float v = x[j] * dropout_mul(d, row * seq + j);
-            shared_row[j] = v;
+            buf[j] = v;
             part += p[j] * v;
         }
         const float rowsum = block_reduce(part, Sum());
-        FOR_THREAD(j, seq) x[j] = j < n ? p[j] * (shared_row[j] - rowsum) * scale : 0.0f;
+        FOR_THREAD(j, seq) x[j] = j < n ? p[j] * (buf[j] - rowsum) * scale : 0.0f;
     }
 }
 

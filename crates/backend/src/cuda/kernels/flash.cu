@@ -21,7 +21,8 @@
 
 typedef unsigned short u16;
 
-// Tiles: each warp owns 16 rows of the block's 128 (8 warps); the other operand streams
+// Tiles: each warp owns 16 rows of the block's 128 (8 warps: the host launches 256 threads and
+// asserts it); the other operand streams
 // through shared memory 64 rows at a time. Shared rows are padded by 8 bf16 so that the 8
 // row groups of a fragment read fall in different banks.
 #define FLASH_ROWS 128
@@ -358,7 +359,7 @@ __device__ void flash_backward_q_tile(u16* shared, Tokens dqkv, Tokens qkv, Toke
 #define FLASH_TOKENS(data, parts) (Tokens{data, parts * heads * hd, batch, heads, seq, batch_first})
 
 extern "C" __global__ void flash_forward(float* out, float* saved_o, float* lse, const float* qkv, FLASH_PARAMS) {
-    __shared__ u16 shared[2 * FLASH_TILE];
+    __shared__ __align__(16) u16 shared[2 * FLASH_TILE];
     const Mask mask{key_padding, heads, seq, causal};
     const Tokens o = FLASH_TOKENS(out, 1), x = FLASH_TOKENS(qkv, 3);
     if (hd == 32) flash_forward_tile<32>(shared, o, saved_o, lse, x, batch * heads, mask, scale);
@@ -367,7 +368,7 @@ extern "C" __global__ void flash_forward(float* out, float* saved_o, float* lse,
 
 extern "C" __global__ void flash_backward_kv(float* dqkv, const float* qkv, const float* dout, const float* lse,
                                              const float* delta, FLASH_PARAMS) {
-    __shared__ u16 shared[4 * FLASH_TILE];
+    __shared__ __align__(16) u16 shared[4 * FLASH_TILE];
     __shared__ float stats[2 * FLASH_COLS];
     const Mask mask{key_padding, heads, seq, causal};
     const Tokens dx = FLASH_TOKENS(dqkv, 3), x = FLASH_TOKENS(qkv, 3), g = FLASH_TOKENS(dout, 1);
@@ -378,7 +379,7 @@ extern "C" __global__ void flash_backward_kv(float* dqkv, const float* qkv, cons
 
 extern "C" __global__ void flash_backward_q(float* dqkv, const float* qkv, const float* dout, const float* lse,
                                             const float* delta, FLASH_PARAMS) {
-    __shared__ u16 shared[3 * FLASH_TILE];
+    __shared__ __align__(16) u16 shared[3 * FLASH_TILE];
     const Mask mask{key_padding, heads, seq, causal};
     const Tokens dx = FLASH_TOKENS(dqkv, 3), x = FLASH_TOKENS(qkv, 3), g = FLASH_TOKENS(dout, 1);
     const u64 bh = batch * heads;
