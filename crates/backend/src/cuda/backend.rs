@@ -20,7 +20,7 @@ use crate::{
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{result, CudaContext, CudaStream, LaunchConfig};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Per-block partial sums a reduction may leave (its grid is capped to this many blocks).
 const PARTIALS: usize = 1024;
@@ -257,10 +257,8 @@ impl Cuda {
         launch::launch(&self.stream, kernel, cfg, args)
     }
 
-    fn scratch(&self) -> Result<std::sync::MutexGuard<'_, Scratch>> {
-        self.scratch
-            .lock()
-            .map_err(|_| anyhow!("a thread panicked while using the GPU scratch buffer"))
+    fn scratch(&self) -> Result<MutexGuard<'_, Scratch>> {
+        lock(&self.scratch, "the GPU scratch buffer")
     }
 
     /// Copies `N` values of `T` from device address `addr` (waits for queued work).
@@ -352,10 +350,7 @@ impl Cuda {
         let floats: usize = (0..3)
             .filter_map(|i| padded_ld(i).map(|ld| shapes[i].0 * ld))
             .sum();
-        let mut workspace = self
-            .pad_workspace
-            .lock()
-            .map_err(|_| anyhow!("a thread panicked while using the padding workspace"))?;
+        let mut workspace = lock(&self.pad_workspace, "the padding workspace")?;
         let mut next = workspace.reserve(&self.stream, floats)?;
         let mut padded = ops;
         for (i, (o, (rows, cols))) in ops.iter().zip(shapes).enumerate() {
@@ -418,7 +413,7 @@ impl Cuda {
         let (stream, precision) = (self.stream.cu_stream(), self.precision());
         let dims = [m, k, n, count];
         if precision == Precision::Bf16 && count == 1 {
-            let mut workspace = self.bf16_workspace()?;
+            let mut workspace = lock(&self.bf16_workspace, "the bf16 workspace")?;
             let (a, b) = self.bf16_operands(&mut workspace, a, b, [m, k, n])?;
             if self
                 .blas
@@ -454,7 +449,7 @@ impl Cuda {
             return Ok(false);
         }
         if precision == Precision::Bf16 {
-            let mut workspace = self.bf16_workspace()?;
+            let mut workspace = lock(&self.bf16_workspace, "the bf16 workspace")?;
             let (ha, hb) = self.bf16_operands(&mut workspace, a, b, mkn)?;
             if self
                 .blas
@@ -465,12 +460,6 @@ impl Cuda {
         }
         self.blas
             .gemm_bias(stream, precision, (a, b, dst), bias, mkn, false)
-    }
-
-    fn bf16_workspace(&self) -> Result<std::sync::MutexGuard<'_, Workspace>> {
-        self.bf16_workspace
-            .lock()
-            .map_err(|_| anyhow!("a thread panicked while using the bf16 workspace"))
     }
 
     /// bf16 copies of the operands of `a[m, k] @ b[k, n]` in `workspace` (rows padded to 16
@@ -514,12 +503,6 @@ impl Cuda {
             next += 2 * (rows * ld) as u64;
         }
         Ok((copies[0], copies[1]))
-    }
-
-    fn attention_scratch(&self) -> Result<std::sync::MutexGuard<'_, Workspace>> {
-        self.attention_scratch
-            .lock()
-            .map_err(|_| anyhow!("a thread panicked while using the attention scratch buffer"))
     }
 
     /// `dst[..n] = dropout(att[start..start + n])`, element `i` with multiplier `start + i` of the
@@ -567,6 +550,13 @@ impl Cuda {
         }
         Ok(n)
     }
+}
+
+/// `mutex` locked; a poisoned one (a thread panicked holding it) is an error naming `what`.
+fn lock<'a, T>(mutex: &'a Mutex<T>, what: &str) -> Result<MutexGuard<'a, T>> {
+    mutex
+        .lock()
+        .map_err(|_| anyhow!("a thread panicked while using {what}"))
 }
 
 /// The device address of `t` after checking that it holds at least `len` elements of `dtype`.
@@ -1079,7 +1069,7 @@ impl Backend for Cuda {
         }
         let square = heads * seq * seq;
         let per = chunk(s.batch, square);
-        let mut scratch = self.attention_scratch()?;
+        let mut scratch = lock(&self.attention_scratch, "the attention scratch buffer")?;
         // q, k, v and out per head, then dropout(att) of a chunk when dropout is on.
         let base = scratch.reserve(
             &self.stream,
@@ -1161,7 +1151,7 @@ impl Backend for Cuda {
         }
         if self.flash(s, dropout) {
             let saved = FlashSaved::new(att, s);
-            let mut scratch = self.attention_scratch()?;
+            let mut scratch = lock(&self.attention_scratch, "the attention scratch buffer")?;
             let delta = scratch.reserve(&self.stream, att_rows)?;
             let args = [delta, dout, saved.out].into_iter().map(ptr);
             let layout = [s.batch, heads, seq, hd].map(size);
@@ -1178,7 +1168,7 @@ impl Backend for Cuda {
         }
         let square = heads * seq * seq;
         let per = chunk(s.batch, square);
-        let mut scratch = self.attention_scratch()?;
+        let mut scratch = lock(&self.attention_scratch, "the attention scratch buffer")?;
         // Per head: q, k, v, dout, then dq, dk, dv (merged back in one pass); then a chunk's
         // dropout(att), and its dP turned into dS.
         let base = scratch.reserve(&self.stream, 7 * rows * e + per * square)?;
@@ -1579,10 +1569,7 @@ impl Cuda {
         rows: usize,
         n: usize,
     ) -> Result<()> {
-        let guard = self
-            .column_partials
-            .lock()
-            .map_err(|_| anyhow!("a thread panicked while using the column partials"))?;
+        let guard = lock(&self.column_partials, "the column partials")?;
         let partials = guard.addr();
         let chunk_rows = rows.div_ceil(MAX_ROW_CHUNKS).max(MIN_CHUNK_ROWS);
         let chunks = rows.div_ceil(chunk_rows);
