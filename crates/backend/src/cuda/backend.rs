@@ -1223,27 +1223,12 @@ impl Backend for Cuda {
                 cfg,
                 args.chain([cached]),
             )?;
-            // dq = dS @ k;  dk = dS^T @ q.
-            self.gemm_batched(
-                h.part(4, b0, false),
-                false,
-                square_of(s, buf, false),
-                h.part(1, b0, false),
-                seq,
-                seq,
-                hd,
-                count,
-            )?;
-            self.gemm_batched(
-                h.part(5, b0, false),
-                false,
-                square_of(s, buf, true),
-                h.part(0, b0, false),
-                seq,
-                seq,
-                hd,
-                count,
-            )?;
+            // dq = dS @ k;  dk = dS^T @ q (parts: dq 4, dk 5, q 0, k 1).
+            for (grad, transposed, other) in [(4, false, 1), (5, true, 0)] {
+                let ds = square_of(s, buf, transposed);
+                let (dst, rhs) = (h.part(grad, b0, false), h.part(other, b0, false));
+                self.gemm_batched(dst, false, ds, rhs, seq, seq, hd, count)?;
+            }
         }
         self.heads(
             &self.kernels.heads_merge,
