@@ -308,6 +308,62 @@ pub trait Backend: Send + Sync {
         dropout: Option<Dropout>,
     ) -> Result<()>;
 
+    /// The feed-forward's first half: `pre = inp @ W + bias` ([`Backend::matmul_forward`]), then
+    /// `out = dropout(act(pre))` ([`Backend::activation_forward`]). A device may do both in one
+    /// pass (cuBLASLt's GELU epilogue), writing `pre` for the backward as it goes.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_activation_forward(
+        &self,
+        (pre, out): (Tensor, Tensor),
+        inp: Tensor,
+        weight: Weight,
+        bias: Option<Tensor>,
+        (act, dropout): (Activation, Option<Dropout>),
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        self.matmul_forward(pre, inp, weight, bias, rows, k, n)?;
+        self.activation_forward(out, pre, act, dropout)
+    }
+
+    /// [`Backend::matmul_backward`] of a product whose input came out of an activation
+    /// (`inp = dropout(act(pre))`, see [`Backend::linear_activation_forward`]), carried through
+    /// that activation's backward: `dpre = act'(pre) * dropout(dout @ W^T)`, with `dweight` and
+    /// `dbias` as [`Backend::matmul_backward`] stores them. `scratch` (`[rows, k]`) holds
+    /// `dout @ W^T` where the device does not fuse the two (cuBLASLt's GELU-gradient epilogue).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_activation_backward(
+        &self,
+        (dpre, scratch): (Tensor, Tensor),
+        (pre, act, dropout): (Tensor, Activation, Option<Dropout>),
+        dweight: Weight,
+        dbias: Option<Tensor>,
+        grads: GradStore,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Weight,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let (dw, db) = (dweight, dbias);
+        self.matmul_backward(
+            Some(scratch),
+            false,
+            dw,
+            db,
+            grads,
+            dout,
+            inp,
+            weight,
+            rows,
+            k,
+            n,
+        )?;
+        self.activation_backward(dpre, scratch, pre, act, dropout)
+    }
+
     /// `out = resid + dropout(inp)`, the residual connection of a Transformer block.
     fn residual_forward(
         &self,

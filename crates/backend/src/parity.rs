@@ -66,8 +66,9 @@ pub fn run<A: Backend, B: Backend>(reference: &A, tested: &B, seed: u64) -> Resu
         rows: Vec::new(),
         precision: Precision::Fp32,
     };
-    let cases: [(&str, Case<A, B>); 14] = [
+    let cases: [(&str, Case<A, B>); 15] = [
         ("matmul", matmul),
+        ("linear_activation", linear_activation),
         ("transpose", transpose),
         ("layernorm", layernorm),
         ("attention", attention),
@@ -90,6 +91,7 @@ pub fn run<A: Backend, B: Backend>(reference: &A, tested: &B, seed: u64) -> Resu
         if tested.set_precision(p).is_ok() {
             h.precision = p;
             h.run_case("matmul", matmul);
+            h.run_case("linear_activation", linear_activation);
             if p == Precision::Bf16 {
                 h.run_case("attention_products", attention_products);
             }
@@ -375,6 +377,70 @@ fn matmul<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
         )))?;
         let call = format!("matmul_backward [{rows}, {k}] @ [{k}, {n}] grads {grads:?}");
         h.check(&call, &[("dinp", dinp), ("dweight", dw), ("dbias", db)])?;
+    }
+    Ok(())
+}
+
+/// The feed-forward's product-then-activation pair, fused on the CUDA backend in bf16 and fp16
+/// (cuBLASLt's GELU epilogues), against the reference's separate calls. Also the cases it
+/// must leave unfused: dropout, and an activation the epilogue does not have.
+fn linear_activation<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
+    // The second product maps the activations (`n` wide) to `e`; its input gradient goes back
+    // through the activation.
+    let (rows, k, n, e) = (96, 64, 256, 48);
+    for (act, with_bias, p) in [
+        (Activation::GeluTanh, true, None),
+        (Activation::GeluTanh, false, None),
+        (Activation::GeluTanh, true, Some(0.2)),
+        (Activation::Gelu, true, None),
+    ] {
+        let d = p.map(|p| dropout(p, 13));
+        let (inp, w, pre, out) = (
+            h.random(rows * k)?,
+            h.random(k * n)?,
+            h.random(rows * n)?,
+            h.random(rows * n)?,
+        );
+        let bias = if with_bias { Some(h.random(n)?) } else { None };
+        both_ok(both!(h, |bk, t| bk.linear_activation_forward(
+            (t(pre), t(out)),
+            t(inp),
+            weight(t(w), OutIn),
+            bias.map(t),
+            (act, d),
+            rows,
+            k,
+            n
+        )))?;
+        let plus = if with_bias { " +bias" } else { "" };
+        let call = format!("linear_activation {act:?}{plus} dropout={p:?}");
+        h.check(&format!("{call} forward"), &[("pre", pre), ("out", out)])?;
+        // Fresh inputs for the backward, the same on both sides, so that its rows measure the
+        // backward alone rather than the forward's rounding carried through it; `pre` spans
+        // GELU's curved part and both tails, where its tanh saturates.
+        let (pre, out) = (h.uniform(rows * n, 6.0)?, h.random(rows * n)?);
+        let (dpre, scratch, dw, db) = (
+            h.random(rows * n)?,
+            h.random(rows * n)?,
+            h.random(n * e)?,
+            h.random(e)?,
+        );
+        let (dout, w2) = (h.random(rows * e)?, h.random(n * e)?);
+        both_ok(both!(h, |bk, t| bk.matmul_activation_backward(
+            (t(dpre), t(scratch)),
+            (t(pre), act, d),
+            weight(t(dw), InOut),
+            Some(t(db)),
+            Write,
+            t(dout),
+            t(out),
+            weight(t(w2), InOut),
+            rows,
+            n,
+            e
+        )))?;
+        let outputs = [("dpre", dpre), ("dweight", dw), ("dbias", db)];
+        h.check(&format!("{call} backward"), &outputs)?;
     }
     Ok(())
 }

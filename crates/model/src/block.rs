@@ -153,8 +153,16 @@ impl Block {
             la.norm1
         };
         let fc_w = self.fwd(w.linear1_weight, m.linear1_weight);
-        b.matmul_forward(la.fch, ff_in, fc_w, Some(w.linear1_bias), rows, e, f)?;
-        b.activation_forward(la.ff, la.fch, self.act, d[2])?;
+        b.linear_activation_forward(
+            (la.fch, la.ff),
+            ff_in,
+            fc_w,
+            Some(w.linear1_bias),
+            (self.act, d[2]),
+            rows,
+            e,
+            f,
+        )?;
         let proj_w = self.fwd(w.linear2_weight, m.linear2_weight);
         b.matmul_forward(a.ffo, la.ff, proj_w, Some(w.linear2_bias), rows, f, e)?;
         let ff_resid = if self.norm_first { la.res1 } else { la.norm1 };
@@ -220,9 +228,9 @@ impl Block {
             self.grad(g.linear2_weight),
             self.bwd(w.linear2_weight, m.linear2_weight),
         );
-        b.matmul_backward(
-            Some(a.dff),
-            false,
+        b.matmul_activation_backward(
+            (a.dfch, a.dff),
+            (la.fch, self.act, d[2]),
             proj.0,
             Some(g.linear2_bias),
             grads,
@@ -233,7 +241,6 @@ impl Block {
             f,
             e,
         )?;
-        b.activation_backward(a.dfch, a.dff, la.fch, self.act, d[2])?;
         // Post-norm adds into d norm1 (already holding the residual path); pre-norm writes
         // d norm2 fresh and routes it through LN2 into d res1.
         let fc = (

@@ -9,7 +9,7 @@
 //! the partial sums of column reductions is allocated in `new`, attention's (see
 //! [`Workspace`]) and the padded products' on the first call that needs them.
 
-use super::blas::{self, Blas, Operand, Strided};
+use super::blas::{self, Blas, Epilogue, Operand, Strided};
 use super::compile;
 use super::launch::{self, elementwise, grid, size, Arg, Kernels, THREADS};
 use super::libs::{self, Lib};
@@ -431,35 +431,46 @@ impl Cuda {
         Ok(())
     }
 
-    /// `dst[m, n] = a[m, k] @ b[k, n] + bias[n]` through cuBLASLt's bias epilogue (see
-    /// [`Blas::gemm_bias`]), with bf16 operands in bf16 precision; `Ok(false)` when the
-    /// epilogue cannot be used. Every dimension nonzero.
-    fn gemm_bias(
+    /// `dst[m, n] = epilogue(a[m, k] @ b[k, n])` on packed matrices through cuBLASLt (see
+    /// [`Blas::gemm_epilogue`]), with bf16 operands in bf16 precision; `Ok(false)`, having done
+    /// nothing, when the epilogue cannot be used. Every dimension nonzero.
+    fn gemm_epilogue(
         &self,
-        dst: Strided,
-        a: Strided,
-        b: Strided,
-        bias: u64,
-        mkn: [usize; 3],
+        dst: u64,
+        a: Operand,
+        b: Operand,
+        epilogue: Epilogue,
+        [m, k, n]: [usize; 3],
     ) -> Result<bool> {
         bind(&self.stream)?;
         let (stream, precision) = (self.stream.cu_stream(), self.precision());
+        let (dst, a, b) = (packed(plain(dst), m, n), packed(a, m, k), packed(b, k, n));
         // Checked here too, before any copy: cuBLASLt's epilogue faults on a misaligned bias.
-        if !bias.is_multiple_of(16) {
+        if !epilogue.fits(dst.ld) {
             return Ok(false);
         }
+        let mkn = [m, k, n];
         if precision == Precision::Bf16 {
             let mut workspace = lock(&self.bf16_workspace, "the bf16 workspace")?;
             let (ha, hb) = self.bf16_operands(&mut workspace, a, b, mkn)?;
             if self
                 .blas
-                .gemm_bias(stream, precision, (ha, hb, dst), bias, mkn, true)?
+                .gemm_epilogue(stream, precision, (ha, hb, dst), epilogue, mkn, true)?
             {
                 return Ok(true);
             }
         }
         self.blas
-            .gemm_bias(stream, precision, (a, b, dst), bias, mkn, false)
+            .gemm_epilogue(stream, precision, (a, b, dst), epilogue, mkn, false)
+    }
+
+    /// Whether products with `act` may end in cuBLASLt's GELU epilogues: GPT-2's tanh GELU,
+    /// without dropout (which the epilogue cannot apply), in bf16 only. cuBLASLt's GELU may
+    /// use the GPU's approximate tanh (relative error up to 2^-11), which its derivative
+    /// amplifies to a few 1e-3 of the gradient: within bf16's rounding and its parity
+    /// threshold (1e-2), not within the 1e-5 (fp32) or 1e-3 (tf32, fp16) promised elsewhere.
+    fn gelu_epilogue(&self, act: Activation, dropout: Option<Dropout>) -> bool {
+        act == Activation::GeluTanh && dropout.is_none() && self.precision() == Precision::Bf16
     }
 
     /// bf16 copies of the operands of `a[m, k] @ b[k, n]` in `workspace` (rows padded to 16
@@ -711,6 +722,15 @@ fn weight_operand(w: Weight, k: usize, n: usize, what: &str) -> Result<Operand> 
 
 /// A packed row-major operand used as `[rows, cols]`: rows of `cols` elements, or of `rows`
 /// when it is stored transposed.
+/// W^T as the right operand of `dinp[rows, k] = dout[rows, n] @ W^T` (nn.Linear stores W^T).
+fn weight_transposed(w: Weight, k: usize, n: usize, what: &str) -> Result<Operand> {
+    let w = weight_operand(w, k, n, what)?;
+    Ok(Operand {
+        transposed: !w.transposed,
+        ..w
+    })
+}
+
 fn packed(op: Operand, rows: usize, cols: usize) -> Strided {
     Strided {
         op,
@@ -897,15 +917,13 @@ impl Backend for Cuda {
             return self.gemm(out, false, plain(inp), w, rows, k, n);
         };
         let bias = f32s(bias, n, "matmul_forward bias")?;
-        if rows > 0 && k > 0 && n > 0 {
-            let (dst, a, b) = (
-                packed(plain(out), rows, n),
-                packed(plain(inp), rows, k),
-                packed(w, k, n),
-            );
-            if self.gemm_bias(dst, a, b, bias, [rows, k, n])? {
-                return Ok(());
-            }
+        let epilogue = Epilogue::Bias(bias);
+        if rows > 0
+            && k > 0
+            && n > 0
+            && self.gemm_epilogue(out, plain(inp), w, epilogue, [rows, k, n])?
+        {
+            return Ok(());
         }
         // Without the epilogue: the bias written first and the product accumulated onto it.
         let args = [ptr(out), ptr(bias), size(rows), size(n)];
@@ -935,31 +953,84 @@ impl Backend for Cuda {
         n: usize,
     ) -> Result<()> {
         let dout = f32s(dout, rows * n, "matmul_backward dout")?;
-        let inp = f32s(inp, rows * k, "matmul_backward inp")?;
         if let Some(dinp) = dinp {
-            // dinp[rows, k] (+)= dout @ W^T: W^T is stored as such by nn.Linear.
             let dinp = f32s(dinp, rows * k, "matmul_backward dinp")?;
-            let w = weight_operand(weight, k, n, "matmul_backward weight")?;
-            let wt = Operand {
-                transposed: !w.transposed,
-                ..w
-            };
+            let wt = weight_transposed(weight, k, n, "matmul_backward weight")?;
             self.gemm(dinp, accumulate, plain(dout), wt, rows, n, k)?;
         }
-        let dw = f32s(dweight.tensor, k * n, "matmul_backward dweight")?;
-        let acc = grads.accumulates();
-        match dweight.layout {
-            // dW[n, k] (+)= dout^T @ inp
-            WeightLayout::OutIn => self.gemm(dw, acc, transposed(dout), plain(inp), n, rows, k)?,
-            // dW[k, n] (+)= inp^T @ dout
-            WeightLayout::InOut => self.gemm(dw, acc, transposed(inp), plain(dout), k, rows, n)?,
+        self.param_grads(dweight, dbias, grads, dout, inp, [rows, k, n])
+    }
+
+    fn linear_activation_forward(
+        &self,
+        (pre, out): (Tensor, Tensor),
+        inp: Tensor,
+        weight: Weight,
+        bias: Option<Tensor>,
+        (act, dropout): (Activation, Option<Dropout>),
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        if self.gelu_epilogue(act, dropout) && rows > 0 && k > 0 && n > 0 {
+            let what = "linear_activation_forward";
+            let epilogue = Epilogue::Gelu {
+                bias: bias.map(|b| f32s(b, n, what)).transpose()?,
+                pre: f32s(pre, rows * n, what)?,
+            };
+            let (out, inp) = (f32s(out, rows * n, what)?, f32s(inp, rows * k, what)?);
+            let w = weight_operand(weight, k, n, what)?;
+            if self.gemm_epilogue(out, plain(inp), w, epilogue, [rows, k, n])? {
+                return Ok(());
+            }
         }
-        if let Some(dbias) = dbias {
-            let dbias = f32s(dbias, n, "matmul_backward dbias")?;
-            let kernel = &self.kernels.column_sum_partials;
-            self.column_reduce(kernel, &[dbias], grads, &[ptr(dout)], rows, n)?;
+        self.matmul_forward(pre, inp, weight, bias, rows, k, n)?;
+        self.activation_forward(out, pre, act, dropout)
+    }
+
+    fn matmul_activation_backward(
+        &self,
+        (dpre, scratch): (Tensor, Tensor),
+        (pre, act, dropout): (Tensor, Activation, Option<Dropout>),
+        dweight: Weight,
+        dbias: Option<Tensor>,
+        grads: GradStore,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Weight,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let what = "matmul_activation_backward";
+        let dout_addr = f32s(dout, rows * n, what)?;
+        let fused = if self.gelu_epilogue(act, dropout) && rows > 0 && k > 0 && n > 0 {
+            let pre = f32s(pre, rows * k, what)?;
+            let wt = weight_transposed(weight, k, n, what)?;
+            let dpre = f32s(dpre, rows * k, what)?;
+            let epilogue = Epilogue::GeluGrad { pre };
+            self.gemm_epilogue(dpre, plain(dout_addr), wt, epilogue, [rows, n, k])?
+        } else {
+            false
+        };
+        if !fused {
+            let (dw, db) = (dweight, dbias);
+            self.matmul_backward(
+                Some(scratch),
+                false,
+                dw,
+                db,
+                grads,
+                dout,
+                inp,
+                weight,
+                rows,
+                k,
+                n,
+            )?;
+            return self.activation_backward(dpre, scratch, pre, act, dropout);
         }
-        Ok(())
+        self.param_grads(dweight, dbias, grads, dout_addr, inp, [rows, k, n])
     }
 
     fn layernorm_forward(
@@ -1539,6 +1610,34 @@ impl Backend for Cuda {
 }
 
 impl Cuda {
+    /// The parameter gradients of `out[rows, n] = inp[rows, k] @ W + bias` given `dout` (a
+    /// device address): `dweight` in its own layout and `dbias`, stored as `grads` says.
+    fn param_grads(
+        &self,
+        dweight: Weight,
+        dbias: Option<Tensor>,
+        grads: GradStore,
+        dout: u64,
+        inp: Tensor,
+        [rows, k, n]: [usize; 3],
+    ) -> Result<()> {
+        let inp = f32s(inp, rows * k, "matmul_backward inp")?;
+        let dw = f32s(dweight.tensor, k * n, "matmul_backward dweight")?;
+        let acc = grads.accumulates();
+        match dweight.layout {
+            // dW[n, k] (+)= dout^T @ inp
+            WeightLayout::OutIn => self.gemm(dw, acc, transposed(dout), plain(inp), n, rows, k)?,
+            // dW[k, n] (+)= inp^T @ dout
+            WeightLayout::InOut => self.gemm(dw, acc, transposed(inp), plain(dout), k, rows, n)?,
+        }
+        if let Some(dbias) = dbias {
+            let dbias = f32s(dbias, n, "matmul_backward dbias")?;
+            let kernel = &self.kernels.column_sum_partials;
+            self.column_reduce(kernel, &[dbias], grads, &[ptr(dout)], rows, n)?;
+        }
+        Ok(())
+    }
+
     /// `outs[o][n] (+)=` (as `grads` says) column sums over `rows` rows of `[rows, n]` matrices,
     /// in two levels (see COLUMN_PARAMS in kernels/common.cuh): `kernel`, called with the
     /// partials buffer, then `inputs`, then COLUMN_PARAMS, leaves output `o`'s sum over row

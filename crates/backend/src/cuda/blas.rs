@@ -49,14 +49,14 @@ pub(super) struct Blas {
     /// threads for little gain). NVIDIA documents `cublasLtMatmulAlgo_t` as plain data that may
     /// be stored and reused with the same library. The map grows by one small entry per kind of
     /// product a run makes, so it stays tiny.
-    /// `None` where the heuristic has no algorithm (for a product with the bias epilogue, which
-    /// is then done without it).
+    /// `None` where the heuristic has no algorithm (for a product with an epilogue, which is
+    /// then done without it).
     algos: Mutex<HashMap<AlgoKey, Option<sys::cublasLtMatmulAlgo_t>>>,
 }
 
 /// Everything the heuristic query is given: the compute type, and each operand's layout (its
 /// transpose flag, leading dimension, batch stride) and promised alignment, with the product's
-/// dimensions and batch count, and whether the bias epilogue is on. The workspace is always the
+/// dimensions and batch count, and the epilogue with its auxiliary matrix's alignment. The workspace is always the
 /// same one, and beta (`accumulate`) is not an input of the query.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct AlgoKey {
@@ -66,7 +66,8 @@ struct AlgoKey {
     /// `(transposed, ld, stride, alignment)` of a, b and dst.
     operands: [(bool, usize, usize, u32); 3],
     dims: [usize; 4],
-    bias: bool,
+    /// The epilogue's code and its auxiliary matrix's alignment (the heuristic reads both).
+    epilogue: Option<(u32, u32)>,
 }
 
 impl AlgoKey {
@@ -75,7 +76,7 @@ impl AlgoKey {
         bf16: bool,
         (a, b, dst): (Strided, Strided, Strided),
         dims: [usize; 4],
-        bias: bool,
+        epilogue: Option<Epilogue>,
     ) -> AlgoKey {
         let count = dims[3];
         let op = |s: Strided, bytes| {
@@ -88,7 +89,7 @@ impl AlgoKey {
             bf16,
             operands: [op(a, input), op(b, input), op(dst, 4)],
             dims,
-            bias,
+            epilogue: epilogue.map(|e| (e.code() as u32, e.aux().map_or(0, alignment))),
         }
     }
 }
@@ -112,8 +113,59 @@ struct Product {
     precision: Precision,
     /// The operands a and b are bf16 in memory.
     bf16: bool,
-    /// The bias epilogue's vector.
-    bias: Option<u64>,
+    epilogue: Option<Epilogue>,
+}
+
+/// Work cuBLASLt does on a product's result as it stores it, instead of a kernel reading it back
+/// (addresses are device addresses of f32). Its GELU is the tanh approximation, GPT-2's.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Epilogue {
+    /// `dst = result + bias[n]`.
+    Bias(u64),
+    /// `pre = result (+ bias[n])` stored at `pre`, laid out as dst, and `dst = gelu(pre)`.
+    Gelu { bias: Option<u64>, pre: u64 },
+    /// `dst = gelu'(pre) * result`, `pre` laid out as dst.
+    GeluGrad { pre: u64 },
+}
+
+impl Epilogue {
+    fn code(self) -> sys::cublasLtEpilogue_t {
+        use sys::cublasLtEpilogue_t as E;
+        match self {
+            Epilogue::Bias(_) => E::CUBLASLT_EPILOGUE_BIAS,
+            Epilogue::Gelu { bias: None, .. } => E::CUBLASLT_EPILOGUE_GELU_AUX,
+            Epilogue::Gelu { bias: Some(_), .. } => E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS,
+            Epilogue::GeluGrad { .. } => E::CUBLASLT_EPILOGUE_DGELU,
+        }
+    }
+
+    fn bias(self) -> Option<u64> {
+        match self {
+            Epilogue::Bias(bias) => Some(bias),
+            Epilogue::Gelu { bias, .. } => bias,
+            Epilogue::GeluGrad { .. } => None,
+        }
+    }
+
+    /// The auxiliary matrix: GELU's input.
+    fn aux(self) -> Option<u64> {
+        match self {
+            Epilogue::Bias(_) => None,
+            Epilogue::Gelu { pre, .. } | Epilogue::GeluGrad { pre } => Some(pre),
+        }
+    }
+
+    /// Whether cuBLASLt can run it on a product whose row-major dst has rows `ld` elements
+    /// apart: a bias and an auxiliary matrix 16-byte aligned (biases are views packed back to
+    /// back in the parameter buffer, and cuBLASLt's epilogue kernels fault on misaligned ones;
+    /// its alignment preferences cover only A to D), and the auxiliary matrix's leading
+    /// dimension, dst's, a multiple of 8 as cuBLASLt requires.
+    pub(super) fn fits(self, ld: usize) -> bool {
+        let aligned = |addr: Option<u64>| addr.is_none_or(|a| a.is_multiple_of(16));
+        aligned(self.bias())
+            && aligned(self.aux())
+            && (self.aux().is_none() || ld.is_multiple_of(8))
+    }
 }
 
 /// A cuBLASLt descriptor, destroyed on drop.
@@ -159,35 +211,32 @@ impl Blas {
         let op = Product {
             precision,
             bf16,
-            bias: None,
+            epilogue: None,
         };
         self.matmul(stream, op, (a, b, dst), accumulate, dims)
     }
 
-    /// `dst[m, n] = a[m, k] @ b[k, n] + bias[n]` (`bias`: the device address of `n` f32) in
-    /// one product, through cuBLASLt's bias epilogue: the bias is added as the result is
-    /// stored, instead of being written first and read back. `Ok(false)`, having done nothing,
-    /// when the epilogue cannot be used here: a bias less than 16-byte aligned (biases are
-    /// views packed back to back in the parameter buffer, and cuBLASLt's epilogue kernels fault
-    /// on misaligned ones; its alignment preferences cover only A to D), no algorithm from the
-    /// heuristic, or an algorithm that then refuses the product.
+    /// `dst[m, n] = epilogue(a[m, k] @ b[k, n])` in one product (see [`Epilogue`]). `Ok(false)`,
+    /// having done nothing, when the epilogue cannot be used here: it does not
+    /// [fit](Epilogue::fits) dst, the heuristic has no algorithm for it, or the algorithm then
+    /// refuses the product.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm_bias(
+    pub(super) fn gemm_epilogue(
         &self,
         stream: cudarc::driver::sys::CUstream,
         precision: Precision,
         (a, b, dst): (Strided, Strided, Strided),
-        bias: u64,
+        epilogue: Epilogue,
         [m, k, n]: [usize; 3],
         bf16: bool,
     ) -> Result<bool> {
-        if !bias.is_multiple_of(16) {
+        if !epilogue.fits(dst.ld) {
             return Ok(false);
         }
         let op = Product {
             precision,
             bf16,
-            bias: Some(bias),
+            epilogue: Some(epilogue),
         };
         self.matmul(stream, op, (a, b, dst), false, [m, k, n, 1])
     }
@@ -198,7 +247,7 @@ impl Blas {
         Product {
             precision,
             bf16,
-            bias,
+            epilogue,
         }: Product,
         (a, b, dst): (Strided, Strided, Strided),
         accumulate: bool,
@@ -236,20 +285,33 @@ impl Blas {
             set_desc(desc.raw, TRANSA, &trans_a).with_context(shape)?;
             set_desc(desc.raw, TRANSB, &trans_b).with_context(shape)?;
         }
-        if let Some(bias) = bias {
+        if let Some(epilogue) = epilogue {
             use sys::cublasLtMatmulDescAttributes_t::{
                 CUBLASLT_MATMUL_DESC_BIAS_POINTER as BIAS_POINTER,
                 CUBLASLT_MATMUL_DESC_EPILOGUE as EPILOGUE,
+                CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD as AUX_LD,
+                CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER as AUX_POINTER,
             };
-            // Row-major dst[m, n] is cuBLASLt's column-major [n, m]: its n rows are our
-            // columns, which is what the epilogue broadcasts a bias vector over.
-            let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS as u32;
-            let pointer = bias as *const c_void;
-            // SAFETY: the descriptor is live; the epilogue is a uint32 cublasLtEpilogue_t and
-            // the bias pointer a device address of n f32 (D's type, the default bias type).
-            unsafe {
-                set_desc(desc.raw, EPILOGUE, &epilogue).with_context(shape)?;
-                set_desc(desc.raw, BIAS_POINTER, &pointer).with_context(shape)?;
+            let code = epilogue.code() as u32;
+            // SAFETY: the descriptor is live; the epilogue is a uint32 cublasLtEpilogue_t.
+            unsafe { set_desc(desc.raw, EPILOGUE, &code) }.with_context(shape)?;
+            if let Some(bias) = epilogue.bias() {
+                // Row-major dst[m, n] is cuBLASLt's column-major [n, m]: its n rows are our
+                // columns, which is what the epilogue broadcasts a bias vector over.
+                let pointer = bias as *const c_void;
+                // SAFETY: the descriptor is live; the bias pointer is a device address of n
+                // f32 (D's type, the default bias type).
+                unsafe { set_desc(desc.raw, BIAS_POINTER, &pointer) }.with_context(shape)?;
+            }
+            if let Some(aux) = epilogue.aux() {
+                // GELU's input, f32 (D's type, the default) and laid out as D.
+                let (pointer, ld) = (aux as *const c_void, dst.ld as i64);
+                // SAFETY: the descriptor is live; the pointer is a device address of a matrix
+                // laid out as D, and the leading dimension an int64, as cuBLASLt documents.
+                unsafe {
+                    set_desc(desc.raw, AUX_POINTER, &pointer).with_context(shape)?;
+                    set_desc(desc.raw, AUX_LD, &ld).with_context(shape)?;
+                }
             }
         }
         let layout_a = layout(b, k, n, count, bf16).with_context(shape)?;
@@ -259,15 +321,9 @@ impl Blas {
             .algos
             .lock()
             .map_err(|_| anyhow!("a thread panicked while choosing a cuBLASLt algorithm"))?;
-        let key = AlgoKey::new(
-            precision,
-            bf16,
-            (a, b, dst),
-            [m, k, n, count],
-            bias.is_some(),
-        );
+        let key = AlgoKey::new(precision, bf16, (a, b, dst), [m, k, n, count], epilogue);
         // A product that may do without cuBLASLt's choice: the epilogue, or bf16 operands.
-        let optional = bias.is_some() || bf16;
+        let optional = epilogue.is_some() || bf16;
         let algo = match algos.get(&key) {
             Some(algo) => *algo,
             None => {
