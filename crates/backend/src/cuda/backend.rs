@@ -191,6 +191,8 @@ pub struct Cuda {
     sm_count: i32,
     /// Peak SM clock, kHz.
     clock_khz: i32,
+    /// Whether the flash attention kernels passed their self-test here (run on first use).
+    flash_passed: std::sync::OnceLock<bool>,
 }
 
 impl Cuda {
@@ -245,6 +247,7 @@ impl Cuda {
             arch,
             sm_count,
             clock_khz,
+            flash_passed: std::sync::OnceLock::new(),
         })
     }
 
@@ -793,21 +796,242 @@ fn flash_args(s: &AttentionShape) -> [Arg; 7] {
 
 impl Cuda {
     /// Whether attention takes the flash path: bf16 products on sm_80 or newer, no attention
-    /// dropout, a head size the kernels are built for (32 or 64), and room in `att` for what
-    /// the forward saves. Until it has been measured on a GPU it is opt-in, with
-    /// `FLINT_FLASH_ATTENTION=1` (scripts/gpu-check.sh checks and times it). The forward and the
-    /// backward decide alike, from the same arguments and precision: the precision must not
-    /// change between a forward and its backward (the trainer sets it once per run).
+    /// dropout, a head size the kernels are built for (32 or 64), room in `att` for what the
+    /// forward saves, and a passed self-test on this GPU (see [`Cuda::flash_self_test`]: a GPU
+    /// whose flash results disagree with the cuBLASLt path's keeps to the latter, and says so).
+    /// `FLINT_FLASH_ATTENTION=0` turns it off. The forward and the backward decide alike, from
+    /// the same arguments and precision: the precision must not change between a forward and
+    /// its backward (the trainer sets it once per run).
     fn flash(&self, s: &AttentionShape, dropout: Option<Dropout>) -> bool {
         static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let enabled =
-            *ENABLED.get_or_init(|| std::env::var("FLINT_FLASH_ATTENTION").is_ok_and(|v| v == "1"));
+        let enabled = *ENABLED
+            .get_or_init(|| !matches!(std::env::var("FLINT_FLASH_ATTENTION").as_deref(), Ok("0")));
         enabled
             && self.precision() == Precision::Bf16
             && self.arch.0 >= 8
             && dropout.is_none_or(|d| d.p == 0.0)
             && matches!(s.head_dim, 32 | 64)
             && s.seq > s.head_dim + 1
+            && *self.flash_passed.get_or_init(|| self.flash_checked())
+    }
+}
+
+impl Cuda {
+    /// [`Backend::attention_forward`], on the flash kernels when `flash`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_forward_on(
+        &self,
+        flash: bool,
+        out: Tensor,
+        att: Tensor,
+        qkv: Tensor,
+        key_padding: Option<Tensor>,
+        shape: &AttentionShape,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
+        let s = shape;
+        let (rows, e, seq, heads, hd) = (s.rows(), s.width(), s.seq, s.heads, s.head_dim);
+        let att_rows = s.batch * heads * seq;
+        let out = f32s(out, rows * e, "attention_forward out")?;
+        let att = f32s(att, att_rows * seq, "attention_forward att")?;
+        let qkv = f32s(qkv, rows * 3 * e, "attention_forward qkv")?;
+        let key_padding = match key_padding {
+            Some(kp) => f32s(kp, s.batch * seq, "attention_forward key_padding")?,
+            None => 0, // a null pointer: no padding
+        };
+        if att_rows == 0 {
+            return Ok(());
+        }
+        if hd == 0 {
+            bail!("attention_forward: head_dim is 0");
+        }
+        if flash {
+            let saved = FlashSaved::new(att, s);
+            match key_padding {
+                0 => self.launch(
+                    &self.kernels.fill,
+                    elementwise(s.batch * seq),
+                    [ptr(saved.key_padding), size(s.batch * seq), Arg::F32(0.0)],
+                )?,
+                kp => self.copy_rows(saved.key_padding, seq, kp, seq, s.batch, seq)?,
+            }
+            let args = [out, saved.out, saved.lse, qkv, saved.key_padding];
+            let args = args.into_iter().map(ptr).chain(flash_args(s));
+            return self.launch(&self.kernels.flash_forward, flash_grid(s), args);
+        }
+        let square = heads * seq * seq;
+        let per = chunk(s.batch, square);
+        let mut scratch = lock(&self.attention_scratch, "the attention scratch buffer")?;
+        // q, k, v and out per head, then dropout(att) of a chunk when dropout is on.
+        let base = scratch.reserve(
+            &self.stream,
+            4 * rows * e + dropout.map_or(0, |_| per * square),
+        )?;
+        let h = HeadMajor { s, base };
+        self.heads(&self.kernels.heads_split, base, qkv, 3, s)?;
+        // Scores q @ k^T of every (batch, head) pair, then the masked softmax over all of them in
+        // place.
+        let bh = s.batch * heads;
+        self.gemm_batched(
+            square_of(s, att, false),
+            false,
+            h.part(0, 0, false),
+            h.part(1, 0, true),
+            seq,
+            hd,
+            seq,
+            bh,
+        )?;
+        let (cached, floats) = row_cache(seq);
+        let args = [ptr(att), ptr(key_padding), size(s.batch)];
+        let args = args.into_iter().chain(attention_args(s)).chain([cached]);
+        self.launch(
+            &self.kernels.attention_softmax,
+            grid(att_rows, floats),
+            args,
+        )?;
+        for (b0, nb) in chunks(s.batch, per) {
+            let probs = match dropout {
+                Some(_) => {
+                    let buf = base + 4 * (4 * rows * e) as u64;
+                    self.attention_dropout(buf, att, b0 * square, nb * square, dropout)?;
+                    square_of(s, buf, false)
+                }
+                None => square_of(s, att + 4 * (b0 * square) as u64, false),
+            };
+            self.gemm_batched(
+                h.part(3, b0, false),
+                false,
+                probs,
+                h.part(2, b0, false),
+                seq,
+                seq,
+                hd,
+                nb * heads,
+            )?;
+        }
+        self.heads(
+            &self.kernels.heads_merge,
+            out,
+            base + 4 * (3 * rows * e) as u64,
+            1,
+            s,
+        )
+    }
+
+    /// [`Backend::attention_backward`], on the flash kernels when `flash` (as the forward was).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attention_backward_on(
+        &self,
+        flash: bool,
+        dqkv: Tensor,
+        dout: Tensor,
+        qkv: Tensor,
+        att: Tensor,
+        shape: &AttentionShape,
+        dropout: Option<Dropout>,
+    ) -> Result<()> {
+        let s = shape;
+        let (rows, e, seq, heads, hd) = (s.rows(), s.width(), s.seq, s.heads, s.head_dim);
+        let att_rows = s.batch * heads * seq;
+        if hd == 0 {
+            bail!("attention_backward: head_dim is 0");
+        }
+        let dqkv = f32s(dqkv, rows * 3 * e, "attention_backward dqkv")?;
+        let dout = f32s(dout, rows * e, "attention_backward dout")?;
+        let qkv = f32s(qkv, rows * 3 * e, "attention_backward qkv")?;
+        let att = f32s(att, att_rows * seq, "attention_backward att")?;
+        if att_rows == 0 {
+            return Ok(());
+        }
+        if flash {
+            let saved = FlashSaved::new(att, s);
+            let mut scratch = lock(&self.attention_scratch, "the attention scratch buffer")?;
+            let delta = scratch.reserve(&self.stream, att_rows)?;
+            let args = [delta, dout, saved.out].into_iter().map(ptr);
+            let layout = [s.batch, heads, seq, hd].map(size);
+            let args = args.chain(layout).chain([Arg::I32(s.batch_first as i32)]);
+            self.launch(&self.kernels.flash_delta, elementwise(att_rows), args)?;
+            let args = [dqkv, qkv, dout, saved.lse, delta, saved.key_padding].map(ptr);
+            for kernel in [
+                &self.kernels.flash_backward_kv,
+                &self.kernels.flash_backward_q,
+            ] {
+                self.launch(kernel, flash_grid(s), args.into_iter().chain(flash_args(s)))?;
+            }
+            return Ok(());
+        }
+        let square = heads * seq * seq;
+        let per = chunk(s.batch, square);
+        let mut scratch = lock(&self.attention_scratch, "the attention scratch buffer")?;
+        // Per head: q, k, v, dout, then dq, dk, dv (merged back in one pass); then a chunk's
+        // dropout(att), and its dP turned into dS.
+        let base = scratch.reserve(&self.stream, 7 * rows * e + per * square)?;
+        let h = HeadMajor { s, base };
+        let buf = base + 4 * (7 * rows * e) as u64;
+        self.heads(&self.kernels.heads_split, base, qkv, 3, s)?;
+        self.heads(
+            &self.kernels.heads_split,
+            base + 4 * (3 * rows * e) as u64,
+            dout,
+            1,
+            s,
+        )?;
+        for (b0, nb) in chunks(s.batch, per) {
+            let count = nb * heads;
+            let go = h.part(3, b0, false);
+            // dv = dropout(att)^T @ dout, before dP takes the scratch over.
+            let probs = match dropout {
+                Some(_) => {
+                    self.attention_dropout(buf, att, b0 * square, nb * square, dropout)?;
+                    buf
+                }
+                None => att + 4 * (b0 * square) as u64,
+            };
+            self.gemm_batched(
+                h.part(6, b0, false),
+                false,
+                square_of(s, probs, true),
+                go,
+                seq,
+                seq,
+                hd,
+                count,
+            )?;
+            // dP = dout @ v^T, then dS in place.
+            self.gemm_batched(
+                square_of(s, buf, false),
+                false,
+                go,
+                h.part(2, b0, true),
+                seq,
+                hd,
+                seq,
+                count,
+            )?;
+            let (cached, floats) = row_cache(seq);
+            let args = [ptr(buf), ptr(att), size(b0), size(nb)].into_iter();
+            let args = args.chain(attention_args(s)).chain(dropout_args(dropout));
+            let cfg = grid(count * seq, floats);
+            self.launch(
+                &self.kernels.attention_softmax_backward,
+                cfg,
+                args.chain([cached]),
+            )?;
+            // dq = dS @ k;  dk = dS^T @ q (parts: dq 4, dk 5, q 0, k 1).
+            for (grad, transposed, other) in [(4, false, 1), (5, true, 0)] {
+                let ds = square_of(s, buf, transposed);
+                let (dst, rhs) = (h.part(grad, b0, false), h.part(other, b0, false));
+                self.gemm_batched(dst, false, ds, rhs, seq, seq, hd, count)?;
+            }
+        }
+        self.heads(
+            &self.kernels.heads_merge,
+            dqkv,
+            base + 4 * (4 * rows * e) as u64,
+            3,
+            s,
+        )
     }
 }
 
@@ -1108,94 +1332,8 @@ impl Backend for Cuda {
         shape: &AttentionShape,
         dropout: Option<Dropout>,
     ) -> Result<()> {
-        let s = shape;
-        let (rows, e, seq, heads, hd) = (s.rows(), s.width(), s.seq, s.heads, s.head_dim);
-        let att_rows = s.batch * heads * seq;
-        let out = f32s(out, rows * e, "attention_forward out")?;
-        let att = f32s(att, att_rows * seq, "attention_forward att")?;
-        let qkv = f32s(qkv, rows * 3 * e, "attention_forward qkv")?;
-        let key_padding = match key_padding {
-            Some(kp) => f32s(kp, s.batch * seq, "attention_forward key_padding")?,
-            None => 0, // a null pointer: no padding
-        };
-        if att_rows == 0 {
-            return Ok(());
-        }
-        if hd == 0 {
-            bail!("attention_forward: head_dim is 0");
-        }
-        if self.flash(s, dropout) {
-            let saved = FlashSaved::new(att, s);
-            match key_padding {
-                0 => self.launch(
-                    &self.kernels.fill,
-                    elementwise(s.batch * seq),
-                    [ptr(saved.key_padding), size(s.batch * seq), Arg::F32(0.0)],
-                )?,
-                kp => self.copy_rows(saved.key_padding, seq, kp, seq, s.batch, seq)?,
-            }
-            let args = [out, saved.out, saved.lse, qkv, saved.key_padding];
-            let args = args.into_iter().map(ptr).chain(flash_args(s));
-            return self.launch(&self.kernels.flash_forward, flash_grid(s), args);
-        }
-        let square = heads * seq * seq;
-        let per = chunk(s.batch, square);
-        let mut scratch = lock(&self.attention_scratch, "the attention scratch buffer")?;
-        // q, k, v and out per head, then dropout(att) of a chunk when dropout is on.
-        let base = scratch.reserve(
-            &self.stream,
-            4 * rows * e + dropout.map_or(0, |_| per * square),
-        )?;
-        let h = HeadMajor { s, base };
-        self.heads(&self.kernels.heads_split, base, qkv, 3, s)?;
-        // Scores q @ k^T of every (batch, head) pair, then the masked softmax over all of them in
-        // place.
-        let bh = s.batch * heads;
-        self.gemm_batched(
-            square_of(s, att, false),
-            false,
-            h.part(0, 0, false),
-            h.part(1, 0, true),
-            seq,
-            hd,
-            seq,
-            bh,
-        )?;
-        let (cached, floats) = row_cache(seq);
-        let args = [ptr(att), ptr(key_padding), size(s.batch)];
-        let args = args.into_iter().chain(attention_args(s)).chain([cached]);
-        self.launch(
-            &self.kernels.attention_softmax,
-            grid(att_rows, floats),
-            args,
-        )?;
-        for (b0, nb) in chunks(s.batch, per) {
-            let probs = match dropout {
-                Some(_) => {
-                    let buf = base + 4 * (4 * rows * e) as u64;
-                    self.attention_dropout(buf, att, b0 * square, nb * square, dropout)?;
-                    square_of(s, buf, false)
-                }
-                None => square_of(s, att + 4 * (b0 * square) as u64, false),
-            };
-            self.gemm_batched(
-                h.part(3, b0, false),
-                false,
-                probs,
-                h.part(2, b0, false),
-                seq,
-                seq,
-                hd,
-                nb * heads,
-            )?;
-        }
-        self.heads(
-            &self.kernels.heads_merge,
-            out,
-            base + 4 * (3 * rows * e) as u64,
-            1,
-            s,
-        )
+        let flash = self.flash(shape, dropout);
+        self.attention_forward_on(flash, out, att, qkv, key_padding, shape, dropout)
     }
 
     fn attention_backward(
@@ -1207,107 +1345,8 @@ impl Backend for Cuda {
         shape: &AttentionShape,
         dropout: Option<Dropout>,
     ) -> Result<()> {
-        let s = shape;
-        let (rows, e, seq, heads, hd) = (s.rows(), s.width(), s.seq, s.heads, s.head_dim);
-        let att_rows = s.batch * heads * seq;
-        if hd == 0 {
-            bail!("attention_backward: head_dim is 0");
-        }
-        let dqkv = f32s(dqkv, rows * 3 * e, "attention_backward dqkv")?;
-        let dout = f32s(dout, rows * e, "attention_backward dout")?;
-        let qkv = f32s(qkv, rows * 3 * e, "attention_backward qkv")?;
-        let att = f32s(att, att_rows * seq, "attention_backward att")?;
-        if att_rows == 0 {
-            return Ok(());
-        }
-        if self.flash(s, dropout) {
-            let saved = FlashSaved::new(att, s);
-            let mut scratch = lock(&self.attention_scratch, "the attention scratch buffer")?;
-            let delta = scratch.reserve(&self.stream, att_rows)?;
-            let args = [delta, dout, saved.out].into_iter().map(ptr);
-            let layout = [s.batch, heads, seq, hd].map(size);
-            let args = args.chain(layout).chain([Arg::I32(s.batch_first as i32)]);
-            self.launch(&self.kernels.flash_delta, elementwise(att_rows), args)?;
-            let args = [dqkv, qkv, dout, saved.lse, delta, saved.key_padding].map(ptr);
-            for kernel in [
-                &self.kernels.flash_backward_kv,
-                &self.kernels.flash_backward_q,
-            ] {
-                self.launch(kernel, flash_grid(s), args.into_iter().chain(flash_args(s)))?;
-            }
-            return Ok(());
-        }
-        let square = heads * seq * seq;
-        let per = chunk(s.batch, square);
-        let mut scratch = lock(&self.attention_scratch, "the attention scratch buffer")?;
-        // Per head: q, k, v, dout, then dq, dk, dv (merged back in one pass); then a chunk's
-        // dropout(att), and its dP turned into dS.
-        let base = scratch.reserve(&self.stream, 7 * rows * e + per * square)?;
-        let h = HeadMajor { s, base };
-        let buf = base + 4 * (7 * rows * e) as u64;
-        self.heads(&self.kernels.heads_split, base, qkv, 3, s)?;
-        self.heads(
-            &self.kernels.heads_split,
-            base + 4 * (3 * rows * e) as u64,
-            dout,
-            1,
-            s,
-        )?;
-        for (b0, nb) in chunks(s.batch, per) {
-            let count = nb * heads;
-            let go = h.part(3, b0, false);
-            // dv = dropout(att)^T @ dout, before dP takes the scratch over.
-            let probs = match dropout {
-                Some(_) => {
-                    self.attention_dropout(buf, att, b0 * square, nb * square, dropout)?;
-                    buf
-                }
-                None => att + 4 * (b0 * square) as u64,
-            };
-            self.gemm_batched(
-                h.part(6, b0, false),
-                false,
-                square_of(s, probs, true),
-                go,
-                seq,
-                seq,
-                hd,
-                count,
-            )?;
-            // dP = dout @ v^T, then dS in place.
-            self.gemm_batched(
-                square_of(s, buf, false),
-                false,
-                go,
-                h.part(2, b0, true),
-                seq,
-                hd,
-                seq,
-                count,
-            )?;
-            let (cached, floats) = row_cache(seq);
-            let args = [ptr(buf), ptr(att), size(b0), size(nb)].into_iter();
-            let args = args.chain(attention_args(s)).chain(dropout_args(dropout));
-            let cfg = grid(count * seq, floats);
-            self.launch(
-                &self.kernels.attention_softmax_backward,
-                cfg,
-                args.chain([cached]),
-            )?;
-            // dq = dS @ k;  dk = dS^T @ q (parts: dq 4, dk 5, q 0, k 1).
-            for (grad, transposed, other) in [(4, false, 1), (5, true, 0)] {
-                let ds = square_of(s, buf, transposed);
-                let (dst, rhs) = (h.part(grad, b0, false), h.part(other, b0, false));
-                self.gemm_batched(dst, false, ds, rhs, seq, seq, hd, count)?;
-            }
-        }
-        self.heads(
-            &self.kernels.heads_merge,
-            dqkv,
-            base + 4 * (4 * rows * e) as u64,
-            3,
-            s,
-        )
+        let flash = self.flash(shape, dropout);
+        self.attention_backward_on(flash, dqkv, dout, qkv, att, shape, dropout)
     }
 
     fn embedding_forward(

@@ -3,6 +3,7 @@
 mod backend;
 mod blas;
 pub mod compile;
+mod flash_check;
 mod launch;
 pub mod libs;
 pub mod probe;
