@@ -364,6 +364,15 @@ pub trait Backend: Send + Sync {
         self.activation_backward(dpre, scratch, pre, act, dropout)
     }
 
+    /// How many floats [`Backend::attention_forward`] keeps in `att` for the backward when run
+    /// with this shape and dropout: the `[batch, heads, seq, seq]` probabilities, or less where
+    /// the device recomputes them in the backward (flash attention). The activation plan sizes
+    /// `att` with it.
+    fn attention_saved_len(&self, s: &AttentionShape, dropout: Option<Dropout>) -> usize {
+        let _ = dropout;
+        s.batch * s.heads * s.seq * s.seq
+    }
+
     /// `out = resid + dropout(inp)`, the residual connection of a Transformer block.
     fn residual_forward(
         &self,

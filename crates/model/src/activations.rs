@@ -3,7 +3,7 @@
 
 use crate::layout::{shape_str, Layout};
 use anyhow::{Context, Result};
-use flint_backend::{Backend, Buffer, DType, Tensor};
+use flint_backend::{AttentionShape, Backend, Buffer, DType, Dropout, Tensor};
 
 /// The activations of one batch shape, allocated.
 pub struct Planned<B: Backend> {
@@ -19,7 +19,22 @@ impl<B: Backend> Planned<B> {
     pub fn ensure(slot: &mut Option<Self>, b: &B, dims: Dims, shape: BatchShape) -> Result<()> {
         if slot.as_ref().map(|p| p.shape) != Some(shape) {
             *slot = None;
-            let plan = plan(dims, shape);
+            let attention = AttentionShape {
+                batch: shape.batch,
+                seq: shape.seq,
+                heads: dims.nhead,
+                head_dim: dims.d_model / dims.nhead.max(1),
+                batch_first: true,
+                causal: false,
+            };
+            // Planned for the training step: its dropout decides what attention keeps.
+            let dropout = Dropout {
+                p: dims.attention_dropout,
+                seed: 0,
+                offset: 0,
+            };
+            let att = b.attention_saved_len(&attention, Some(dropout));
+            let plan = plan(dims, shape, att);
             let buffer = b.alloc(DType::F32, plan.total()).with_context(|| {
                 format!(
                     "the activations of a [batch {}, seq {}] step need {:.1} MiB",
@@ -105,18 +120,28 @@ pub struct Dims {
     pub d_model: usize,
     pub d_ff: usize,
     pub nhead: usize,
+    /// The attention dropout of a training step.
+    pub attention_dropout: f32,
 }
 
-pub fn plan(c: Dims, s: BatchShape) -> Layout {
+/// The layout of every activation; `att_len` floats per layer for what attention keeps (see
+/// [`Backend::attention_saved_len`]).
+pub fn plan(c: Dims, s: BatchShape, att_len: usize) -> Layout {
     let (r, e, f) = (s.batch * s.seq, c.d_model, c.d_ff);
-    let att = [s.batch, c.nhead, s.seq, s.seq];
+    let probs = [s.batch, c.nhead, s.seq, s.seq];
+    let saved = [att_len];
+    let att: &[usize] = if att_len == probs.iter().product::<usize>() {
+        &probs
+    } else {
+        &saved
+    };
     let mut p = Layout::default();
     p.push("input", &[r, e]);
     p.push("key_padding", &[s.batch, s.seq]);
     for l in 0..c.num_layers {
         let shapes: [&[usize]; 13] = [
             &[r, 3 * e],
-            &att,
+            att,
             &[r, e],
             &[r, e],
             &[r, e],

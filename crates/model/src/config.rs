@@ -175,6 +175,7 @@ impl EncoderConfig {
             d_model: self.d_model,
             d_ff: self.dim_feedforward,
             nhead: self.nhead,
+            attention_dropout: self.dropout,
         }
     }
 

@@ -83,6 +83,7 @@ impl GptConfig {
             d_model: self.n_embd,
             d_ff: 4 * self.n_embd,
             nhead: self.n_head,
+            attention_dropout: self.dropout,
         }
     }
 }

@@ -193,6 +193,8 @@ pub struct Cuda {
     clock_khz: i32,
     /// Whether the flash attention kernels passed their self-test here (run on first use).
     flash_passed: std::sync::OnceLock<bool>,
+    /// Whether cuBLASLt's GELU epilogues passed their self-test here (run on first use).
+    gelu_passed: std::sync::OnceLock<bool>,
 }
 
 impl Cuda {
@@ -248,6 +250,7 @@ impl Cuda {
             sm_count,
             clock_khz,
             flash_passed: std::sync::OnceLock::new(),
+            gelu_passed: std::sync::OnceLock::new(),
         })
     }
 
@@ -472,8 +475,12 @@ impl Cuda {
     /// use the GPU's approximate tanh (relative error up to 2^-11), which its derivative
     /// amplifies to a few 1e-3 of the gradient: within bf16's rounding and its parity
     /// threshold (1e-2), not within the 1e-5 (fp32) or 1e-3 (tf32, fp16) promised elsewhere.
+    /// They must also have passed their self-test on this GPU (see [`Cuda::gelu_self_test`]).
     fn gelu_epilogue(&self, act: Activation, dropout: Option<Dropout>) -> bool {
-        act == Activation::GeluTanh && dropout.is_none() && self.precision() == Precision::Bf16
+        act == Activation::GeluTanh
+            && dropout.is_none()
+            && self.precision() == Precision::Bf16
+            && *self.gelu_passed.get_or_init(|| self.gelu_checked())
     }
 
     /// bf16 copies of the operands of `a[m, k] @ b[k, n]` in `workspace` (rows padded to 16
@@ -766,6 +773,12 @@ struct FlashSaved {
 }
 
 impl FlashSaved {
+    /// The floats it takes: a log-sum-exp and a head's output row per attention row, and the
+    /// mask.
+    fn len(s: &AttentionShape) -> usize {
+        s.batch * s.heads * s.seq * (1 + s.head_dim) + s.batch * s.seq
+    }
+
     fn new(att: u64, s: &AttentionShape) -> FlashSaved {
         let rows = s.batch * s.heads * s.seq;
         FlashSaved {
@@ -833,7 +846,12 @@ impl Cuda {
         let (rows, e, seq, heads, hd) = (s.rows(), s.width(), s.seq, s.heads, s.head_dim);
         let att_rows = s.batch * heads * seq;
         let out = f32s(out, rows * e, "attention_forward out")?;
-        let att = f32s(att, att_rows * seq, "attention_forward att")?;
+        let saved = if flash {
+            FlashSaved::len(s)
+        } else {
+            att_rows * seq
+        };
+        let att = f32s(att, saved, "attention_forward att")?;
         let qkv = f32s(qkv, rows * 3 * e, "attention_forward qkv")?;
         let key_padding = match key_padding {
             Some(kp) => f32s(kp, s.batch * seq, "attention_forward key_padding")?,
@@ -940,7 +958,12 @@ impl Cuda {
         let dqkv = f32s(dqkv, rows * 3 * e, "attention_backward dqkv")?;
         let dout = f32s(dout, rows * e, "attention_backward dout")?;
         let qkv = f32s(qkv, rows * 3 * e, "attention_backward qkv")?;
-        let att = f32s(att, att_rows * seq, "attention_backward att")?;
+        let saved = if flash {
+            FlashSaved::len(s)
+        } else {
+            att_rows * seq
+        };
+        let att = f32s(att, saved, "attention_backward att")?;
         if att_rows == 0 {
             return Ok(());
         }
@@ -1032,6 +1055,88 @@ impl Cuda {
             3,
             s,
         )
+    }
+}
+
+impl Cuda {
+    /// [`Backend::linear_activation_forward`], through cuBLASLt's GELU epilogue when `fused`
+    /// (and cuBLASLt has an algorithm for it).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn linear_activation_forward_on(
+        &self,
+        fused: bool,
+        (pre, out): (Tensor, Tensor),
+        inp: Tensor,
+        weight: Weight,
+        bias: Option<Tensor>,
+        (act, dropout): (Activation, Option<Dropout>),
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        if fused && rows > 0 && k > 0 && n > 0 {
+            let what = "linear_activation_forward";
+            let epilogue = Epilogue::Gelu {
+                bias: bias.map(|b| f32s(b, n, what)).transpose()?,
+                pre: f32s(pre, rows * n, what)?,
+            };
+            let (out, inp) = (f32s(out, rows * n, what)?, f32s(inp, rows * k, what)?);
+            let w = weight_operand(weight, k, n, what)?;
+            if self.gemm_epilogue(out, plain(inp), w, epilogue, [rows, k, n])? {
+                return Ok(());
+            }
+        }
+        self.matmul_forward(pre, inp, weight, bias, rows, k, n)?;
+        self.activation_forward(out, pre, act, dropout)
+    }
+
+    /// [`Backend::matmul_activation_backward`], through cuBLASLt's GELU-gradient epilogue when
+    /// `fused` (and cuBLASLt has an algorithm for it).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn matmul_activation_backward_on(
+        &self,
+        fused: bool,
+        (dpre, scratch): (Tensor, Tensor),
+        (pre, act, dropout): (Tensor, Activation, Option<Dropout>),
+        dweight: Weight,
+        dbias: Option<Tensor>,
+        grads: GradStore,
+        dout: Tensor,
+        inp: Tensor,
+        weight: Weight,
+        rows: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<()> {
+        let what = "matmul_activation_backward";
+        let dout_addr = f32s(dout, rows * n, what)?;
+        let fused = if fused && rows > 0 && k > 0 && n > 0 {
+            let pre = f32s(pre, rows * k, what)?;
+            let wt = weight_transposed(weight, k, n, what)?;
+            let dpre = f32s(dpre, rows * k, what)?;
+            let epilogue = Epilogue::GeluGrad { pre };
+            self.gemm_epilogue(dpre, plain(dout_addr), wt, epilogue, [rows, n, k])?
+        } else {
+            false
+        };
+        if !fused {
+            let (dw, db) = (dweight, dbias);
+            self.matmul_backward(
+                Some(scratch),
+                false,
+                dw,
+                db,
+                grads,
+                dout,
+                inp,
+                weight,
+                rows,
+                k,
+                n,
+            )?;
+            return self.activation_backward(dpre, scratch, pre, act, dropout);
+        }
+        self.param_grads(dweight, dbias, grads, dout_addr, inp, [rows, k, n])
     }
 }
 
@@ -1187,7 +1292,7 @@ impl Backend for Cuda {
 
     fn linear_activation_forward(
         &self,
-        (pre, out): (Tensor, Tensor),
+        outs: (Tensor, Tensor),
         inp: Tensor,
         weight: Weight,
         bias: Option<Tensor>,
@@ -1196,25 +1301,14 @@ impl Backend for Cuda {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        if self.gelu_epilogue(act, dropout) && rows > 0 && k > 0 && n > 0 {
-            let what = "linear_activation_forward";
-            let epilogue = Epilogue::Gelu {
-                bias: bias.map(|b| f32s(b, n, what)).transpose()?,
-                pre: f32s(pre, rows * n, what)?,
-            };
-            let (out, inp) = (f32s(out, rows * n, what)?, f32s(inp, rows * k, what)?);
-            let w = weight_operand(weight, k, n, what)?;
-            if self.gemm_epilogue(out, plain(inp), w, epilogue, [rows, k, n])? {
-                return Ok(());
-            }
-        }
-        self.matmul_forward(pre, inp, weight, bias, rows, k, n)?;
-        self.activation_forward(out, pre, act, dropout)
+        let fused = self.gelu_epilogue(act, dropout);
+        let act = (act, dropout);
+        self.linear_activation_forward_on(fused, outs, inp, weight, bias, act, rows, k, n)
     }
 
     fn matmul_activation_backward(
         &self,
-        (dpre, scratch): (Tensor, Tensor),
+        grads_out: (Tensor, Tensor),
         (pre, act, dropout): (Tensor, Activation, Option<Dropout>),
         dweight: Weight,
         dbias: Option<Tensor>,
@@ -1226,35 +1320,11 @@ impl Backend for Cuda {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        let what = "matmul_activation_backward";
-        let dout_addr = f32s(dout, rows * n, what)?;
-        let fused = if self.gelu_epilogue(act, dropout) && rows > 0 && k > 0 && n > 0 {
-            let pre = f32s(pre, rows * k, what)?;
-            let wt = weight_transposed(weight, k, n, what)?;
-            let dpre = f32s(dpre, rows * k, what)?;
-            let epilogue = Epilogue::GeluGrad { pre };
-            self.gemm_epilogue(dpre, plain(dout_addr), wt, epilogue, [rows, n, k])?
-        } else {
-            false
-        };
-        if !fused {
-            let (dw, db) = (dweight, dbias);
-            self.matmul_backward(
-                Some(scratch),
-                false,
-                dw,
-                db,
-                grads,
-                dout,
-                inp,
-                weight,
-                rows,
-                k,
-                n,
-            )?;
-            return self.activation_backward(dpre, scratch, pre, act, dropout);
-        }
-        self.param_grads(dweight, dbias, grads, dout_addr, inp, [rows, k, n])
+        let fused = self.gelu_epilogue(act, dropout);
+        let (act, w, d) = ((pre, act, dropout), weight, (dweight, dbias));
+        self.matmul_activation_backward_on(
+            fused, grads_out, act, d.0, d.1, grads, dout, inp, w, rows, k, n,
+        )
     }
 
     fn layernorm_forward(
@@ -1321,6 +1391,14 @@ impl Backend for Cuda {
         let inputs = [ptr(dout), ptr(inp), ptr(mean), ptr(rstd)];
         let kernel = &self.kernels.layernorm_backward_params_partials;
         self.column_reduce(kernel, &outs, grads, &inputs, rows, c)
+    }
+
+    fn attention_saved_len(&self, s: &AttentionShape, dropout: Option<Dropout>) -> usize {
+        if self.flash(s, dropout) {
+            FlashSaved::len(s)
+        } else {
+            s.batch * s.heads * s.seq * s.seq
+        }
     }
 
     fn attention_forward(

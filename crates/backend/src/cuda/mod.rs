@@ -3,9 +3,9 @@
 mod backend;
 mod blas;
 pub mod compile;
-mod flash_check;
 mod launch;
 pub mod libs;
 pub mod probe;
+mod self_test;
 
 pub use backend::{Cuda, CudaBuffer};
