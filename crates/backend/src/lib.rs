@@ -221,7 +221,8 @@ pub trait Backend: Send + Sync {
     /// softmax probabilities (before dropout); `out[rows, heads * head_dim]` is
     /// `dropout(att) @ v`. `key_padding[batch, seq]` is 1.0 where a key is padding. `att` is
     /// the backward's input: a backend may keep other state there (the CUDA flash path keeps
-    /// each row's log-sum-exp and the output), which only its own `attention_backward` reads.
+    /// each row's log-sum-exp, the per-head output and the padding mask), which only its own
+    /// `attention_backward` reads; it needs at least [`Backend::attention_saved_len`] floats.
     fn attention_forward(
         &self,
         out: Tensor,
@@ -347,21 +348,16 @@ pub trait Backend: Send + Sync {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        let (dw, db) = (dweight, dbias);
-        self.matmul_backward(
-            Some(scratch),
-            false,
-            dw,
-            db,
-            grads,
-            dout,
-            inp,
-            weight,
-            rows,
-            k,
-            n,
-        )?;
-        self.activation_backward(dpre, scratch, pre, act, dropout)
+        let params = (dweight, dbias, grads);
+        let act = (pre, act, dropout);
+        separate_matmul_activation_backward(
+            self,
+            (dpre, scratch),
+            act,
+            params,
+            (dout, inp, weight),
+            [rows, k, n],
+        )
     }
 
     /// How many floats [`Backend::attention_forward`] keeps in `att` for the backward when run
@@ -423,4 +419,22 @@ pub trait Backend: Send + Sync {
         hp: &AdamW,
         mirror: Option<Mirror>,
     ) -> Result<()>;
+}
+
+/// [`Backend::matmul_activation_backward`] as its two calls, [`Backend::matmul_backward`] into
+/// `scratch` and then [`Backend::activation_backward`]: the default, and a device's way when it
+/// cannot fuse them.
+pub fn separate_matmul_activation_backward<B: Backend + ?Sized>(
+    b: &B,
+    (dpre, scratch): (Tensor, Tensor),
+    (pre, act, dropout): (Tensor, Activation, Option<Dropout>),
+    (dweight, dbias, grads): (Weight, Option<Tensor>, GradStore),
+    (dout, inp, weight): (Tensor, Tensor, Weight),
+    [rows, k, n]: [usize; 3],
+) -> Result<()> {
+    let dinp = Some(scratch);
+    b.matmul_backward(
+        dinp, false, dweight, dbias, grads, dout, inp, weight, rows, k, n,
+    )?;
+    b.activation_backward(dpre, scratch, pre, act, dropout)
 }

@@ -381,18 +381,19 @@ fn matmul<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
     Ok(())
 }
 
-/// The feed-forward's product-then-activation pair, fused on the CUDA backend in bf16 and fp16
+/// The feed-forward's product-then-activation pair, fused on the CUDA backend in bf16
 /// (cuBLASLt's GELU epilogues), against the reference's separate calls. Also the cases it
 /// must leave unfused: dropout, and an activation the epilogue does not have.
 fn linear_activation<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
     // The second product maps the activations (`n` wide) to `e`; its input gradient goes back
     // through the activation.
+    // The first weight layouts are GPT-2's (Conv1D forward, the `[out, in]` mirror backward).
     let (rows, k, n, e) = (96, 64, 256, 48);
-    for (act, with_bias, p) in [
-        (Activation::GeluTanh, true, None),
-        (Activation::GeluTanh, false, None),
-        (Activation::GeluTanh, true, Some(0.2)),
-        (Activation::Gelu, true, None),
+    for (act, with_bias, p, (fl, bl)) in [
+        (Activation::GeluTanh, true, None, (InOut, OutIn)),
+        (Activation::GeluTanh, false, None, (OutIn, InOut)),
+        (Activation::GeluTanh, true, Some(0.2), (InOut, OutIn)),
+        (Activation::Gelu, true, None, (OutIn, InOut)),
     ] {
         let d = p.map(|p| dropout(p, 13));
         let (inp, w, pre, out) = (
@@ -405,7 +406,7 @@ fn linear_activation<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()
         both_ok(both!(h, |bk, t| bk.linear_activation_forward(
             (t(pre), t(out)),
             t(inp),
-            weight(t(w), OutIn),
+            weight(t(w), fl),
             bias.map(t),
             (act, d),
             rows,
@@ -413,7 +414,7 @@ fn linear_activation<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()
             n
         )))?;
         let plus = if with_bias { " +bias" } else { "" };
-        let call = format!("linear_activation {act:?}{plus} dropout={p:?}");
+        let call = format!("linear_activation {act:?}{plus} dropout={p:?} weights {fl:?}/{bl:?}");
         h.check(&format!("{call} forward"), &[("pre", pre), ("out", out)])?;
         // Fresh inputs for the backward, the same on both sides, so that its rows measure the
         // backward alone rather than the forward's rounding carried through it; `pre` spans
@@ -429,12 +430,12 @@ fn linear_activation<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()
         both_ok(both!(h, |bk, t| bk.matmul_activation_backward(
             (t(dpre), t(scratch)),
             (t(pre), act, d),
-            weight(t(dw), InOut),
+            weight(t(dw), bl),
             Some(t(db)),
             Write,
             t(dout),
             t(out),
-            weight(t(w2), InOut),
+            weight(t(w2), bl),
             rows,
             n,
             e

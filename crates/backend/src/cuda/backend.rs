@@ -20,7 +20,7 @@ use crate::{
 use anyhow::{anyhow, bail, Context, Result};
 use cudarc::driver::{result, CudaContext, CudaStream, LaunchConfig};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 /// Per-block partial sums a reduction may leave (its grid is capped to this many blocks).
 const PARTIALS: usize = 1024;
@@ -192,9 +192,9 @@ pub struct Cuda {
     /// Peak SM clock, kHz.
     clock_khz: i32,
     /// Whether the flash attention kernels passed their self-test here (run on first use).
-    flash_passed: std::sync::OnceLock<bool>,
+    flash_passed: OnceLock<Result<bool, String>>,
     /// Whether cuBLASLt's GELU epilogues passed their self-test here (run on first use).
-    gelu_passed: std::sync::OnceLock<bool>,
+    gelu_passed: OnceLock<Result<bool, String>>,
 }
 
 impl Cuda {
@@ -249,8 +249,8 @@ impl Cuda {
             arch,
             sm_count,
             clock_khz,
-            flash_passed: std::sync::OnceLock::new(),
-            gelu_passed: std::sync::OnceLock::new(),
+            flash_passed: OnceLock::new(),
+            gelu_passed: OnceLock::new(),
         })
     }
 
@@ -476,11 +476,11 @@ impl Cuda {
     /// amplifies to a few 1e-3 of the gradient: within bf16's rounding and its parity
     /// threshold (1e-2), not within the 1e-5 (fp32) or 1e-3 (tf32, fp16) promised elsewhere.
     /// They must also have passed their self-test on this GPU (see [`Cuda::gelu_self_test`]).
-    fn gelu_epilogue(&self, act: Activation, dropout: Option<Dropout>) -> bool {
-        act == Activation::GeluTanh
-            && dropout.is_none()
-            && self.precision() == Precision::Bf16
-            && *self.gelu_passed.get_or_init(|| self.gelu_checked())
+    fn gelu_epilogue(&self, act: Activation, dropout: Option<Dropout>) -> Result<bool> {
+        if act != Activation::GeluTanh || dropout.is_some() || self.precision() != Precision::Bf16 {
+            return Ok(false);
+        }
+        checked(&self.gelu_passed, || self.gelu_checked())
     }
 
     /// bf16 copies of the operands of `a[m, k] @ b[k, n]` in `workspace` (rows padded to 16
@@ -574,6 +574,16 @@ impl Cuda {
 }
 
 /// `mutex` locked; a poisoned one (a thread panicked holding it) is an error naming `what`.
+/// A self-test's verdict, run on first use (see `self_test.rs`): whether the fast path may run,
+/// or the error that left the GPU unusable.
+fn checked(
+    verdict: &OnceLock<Result<bool, String>>,
+    test: impl FnOnce() -> Result<bool>,
+) -> Result<bool> {
+    let verdict = verdict.get_or_init(|| test().map_err(|e| format!("{e:#}")));
+    verdict.clone().map_err(|e| anyhow!(e))
+}
+
 fn lock<'a, T>(mutex: &'a Mutex<T>, what: &str) -> Result<MutexGuard<'a, T>> {
     mutex
         .lock()
@@ -730,8 +740,6 @@ fn weight_operand(w: Weight, k: usize, n: usize, what: &str) -> Result<Operand> 
     })
 }
 
-/// A packed row-major operand used as `[rows, cols]`: rows of `cols` elements, or of `rows`
-/// when it is stored transposed.
 /// W^T as the right operand of `dinp[rows, k] = dout[rows, n] @ W^T` (nn.Linear stores W^T).
 fn weight_transposed(w: Weight, k: usize, n: usize, what: &str) -> Result<Operand> {
     let w = weight_operand(w, k, n, what)?;
@@ -741,6 +749,8 @@ fn weight_transposed(w: Weight, k: usize, n: usize, what: &str) -> Result<Operan
     })
 }
 
+/// A packed row-major operand used as `[rows, cols]`: rows of `cols` elements, or of `rows`
+/// when it is stored transposed.
 fn packed(op: Operand, rows: usize, cols: usize) -> Strided {
     Strided {
         op,
@@ -809,23 +819,30 @@ fn flash_args(s: &AttentionShape) -> [Arg; 7] {
 
 impl Cuda {
     /// Whether attention takes the flash path: bf16 products on sm_80 or newer, no attention
-    /// dropout, a head size the kernels are built for (32 or 64), room in `att` for what the
-    /// forward saves, and a passed self-test on this GPU (see [`Cuda::flash_self_test`]: a GPU
-    /// whose flash results disagree with the cuBLASLt path's keeps to the latter, and says so).
-    /// `FLINT_FLASH_ATTENTION=0` turns it off. The forward and the backward decide alike, from
-    /// the same arguments and precision: the precision must not change between a forward and
-    /// its backward (the trainer sets it once per run).
-    fn flash(&self, s: &AttentionShape, dropout: Option<Dropout>) -> bool {
+    /// dropout, a head size the kernels are built for (32 or 64), sequences longer than
+    /// `head_dim + 1` (so that what the forward keeps also fits an `att` sized for the
+    /// `[B, H, T, T]` probabilities, as callers that do not ask
+    /// [`Backend::attention_saved_len`] size it), and a passed self-test on this GPU (see
+    /// `self_test.rs`: a GPU whose flash results disagree with the cuBLASLt path's keeps to the
+    /// latter, and says so). `FLINT_FLASH_ATTENTION=0` (or `off`) turns it off. The forward and
+    /// the backward decide alike, from the same arguments and precision: the precision must not
+    /// change between a forward and its backward (the trainer sets it once per run).
+    fn flash(&self, s: &AttentionShape, dropout: Option<Dropout>) -> Result<bool> {
         static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let enabled = *ENABLED
-            .get_or_init(|| !matches!(std::env::var("FLINT_FLASH_ATTENTION").as_deref(), Ok("0")));
-        enabled
+        let enabled = *ENABLED.get_or_init(|| {
+            let off = ["0", "off", "false", "no"];
+            std::env::var("FLINT_FLASH_ATTENTION").map_or(true, |v| !off.contains(&v.as_str()))
+        });
+        let eligible = enabled
             && self.precision() == Precision::Bf16
             && self.arch.0 >= 8
             && dropout.is_none_or(|d| d.p == 0.0)
             && matches!(s.head_dim, 32 | 64)
-            && s.seq > s.head_dim + 1
-            && *self.flash_passed.get_or_init(|| self.flash_checked())
+            && s.seq > s.head_dim + 1;
+        if !eligible {
+            return Ok(false);
+        }
+        checked(&self.flash_passed, || self.flash_checked())
     }
 }
 
@@ -1060,7 +1077,7 @@ impl Cuda {
 
 impl Cuda {
     /// [`Backend::linear_activation_forward`], through cuBLASLt's GELU epilogue when `fused`
-    /// (and cuBLASLt has an algorithm for it).
+    /// and cuBLASLt has an algorithm for it: `Ok(true)` when it ran.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn linear_activation_forward_on(
         &self,
@@ -1073,8 +1090,9 @@ impl Cuda {
         rows: usize,
         k: usize,
         n: usize,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         if fused && rows > 0 && k > 0 && n > 0 {
+            debug_assert!(act == Activation::GeluTanh && dropout.is_none());
             let what = "linear_activation_forward";
             let epilogue = Epilogue::Gelu {
                 bias: bias.map(|b| f32s(b, n, what)).transpose()?,
@@ -1083,15 +1101,16 @@ impl Cuda {
             let (out, inp) = (f32s(out, rows * n, what)?, f32s(inp, rows * k, what)?);
             let w = weight_operand(weight, k, n, what)?;
             if self.gemm_epilogue(out, plain(inp), w, epilogue, [rows, k, n])? {
-                return Ok(());
+                return Ok(true);
             }
         }
         self.matmul_forward(pre, inp, weight, bias, rows, k, n)?;
-        self.activation_forward(out, pre, act, dropout)
+        self.activation_forward(out, pre, act, dropout)?;
+        Ok(false)
     }
 
     /// [`Backend::matmul_activation_backward`], through cuBLASLt's GELU-gradient epilogue when
-    /// `fused` (and cuBLASLt has an algorithm for it).
+    /// `fused` and cuBLASLt has an algorithm for it: `Ok(true)` when it ran.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn matmul_activation_backward_on(
         &self,
@@ -1107,10 +1126,11 @@ impl Cuda {
         rows: usize,
         k: usize,
         n: usize,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let what = "matmul_activation_backward";
         let dout_addr = f32s(dout, rows * n, what)?;
         let fused = if fused && rows > 0 && k > 0 && n > 0 {
+            debug_assert!(act == Activation::GeluTanh && dropout.is_none());
             let pre = f32s(pre, rows * k, what)?;
             let wt = weight_transposed(weight, k, n, what)?;
             let dpre = f32s(dpre, rows * k, what)?;
@@ -1120,23 +1140,20 @@ impl Cuda {
             false
         };
         if !fused {
-            let (dw, db) = (dweight, dbias);
-            self.matmul_backward(
-                Some(scratch),
-                false,
-                dw,
-                db,
-                grads,
-                dout,
-                inp,
-                weight,
-                rows,
-                k,
-                n,
+            let (act, params) = ((pre, act, dropout), (dweight, dbias, grads));
+            let operands = (dout, inp, weight);
+            crate::separate_matmul_activation_backward(
+                self,
+                (dpre, scratch),
+                act,
+                params,
+                operands,
+                [rows, k, n],
             )?;
-            return self.activation_backward(dpre, scratch, pre, act, dropout);
+            return Ok(false);
         }
-        self.param_grads(dweight, dbias, grads, dout_addr, inp, [rows, k, n])
+        self.param_grads(dweight, dbias, grads, dout_addr, inp, [rows, k, n])?;
+        Ok(true)
     }
 }
 
@@ -1301,9 +1318,10 @@ impl Backend for Cuda {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        let fused = self.gelu_epilogue(act, dropout);
+        let fused = self.gelu_epilogue(act, dropout)?;
         let act = (act, dropout);
-        self.linear_activation_forward_on(fused, outs, inp, weight, bias, act, rows, k, n)
+        self.linear_activation_forward_on(fused, outs, inp, weight, bias, act, rows, k, n)?;
+        Ok(())
     }
 
     fn matmul_activation_backward(
@@ -1320,11 +1338,12 @@ impl Backend for Cuda {
         k: usize,
         n: usize,
     ) -> Result<()> {
-        let fused = self.gelu_epilogue(act, dropout);
+        let fused = self.gelu_epilogue(act, dropout)?;
         let (act, w, d) = ((pre, act, dropout), weight, (dweight, dbias));
         self.matmul_activation_backward_on(
             fused, grads_out, act, d.0, d.1, grads, dout, inp, w, rows, k, n,
-        )
+        )?;
+        Ok(())
     }
 
     fn layernorm_forward(
@@ -1394,7 +1413,8 @@ impl Backend for Cuda {
     }
 
     fn attention_saved_len(&self, s: &AttentionShape, dropout: Option<Dropout>) -> usize {
-        if self.flash(s, dropout) {
+        // An error here (a GPU that failed the self-test) is reported by the attention call.
+        if self.flash(s, dropout).unwrap_or(false) {
             FlashSaved::len(s)
         } else {
             s.batch * s.heads * s.seq * s.seq
@@ -1410,7 +1430,7 @@ impl Backend for Cuda {
         shape: &AttentionShape,
         dropout: Option<Dropout>,
     ) -> Result<()> {
-        let flash = self.flash(shape, dropout);
+        let flash = self.flash(shape, dropout)?;
         self.attention_forward_on(flash, out, att, qkv, key_padding, shape, dropout)
     }
 
@@ -1423,7 +1443,7 @@ impl Backend for Cuda {
         shape: &AttentionShape,
         dropout: Option<Dropout>,
     ) -> Result<()> {
-        let flash = self.flash(shape, dropout);
+        let flash = self.flash(shape, dropout)?;
         self.attention_backward_on(flash, dqkv, dout, qkv, att, shape, dropout)
     }
 

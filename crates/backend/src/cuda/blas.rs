@@ -56,8 +56,8 @@ pub(super) struct Blas {
 
 /// Everything the heuristic query is given: the compute type, and each operand's layout (its
 /// transpose flag, leading dimension, batch stride) and promised alignment, with the product's
-/// dimensions and batch count, and the epilogue with its auxiliary matrix's alignment. The workspace is always the
-/// same one, and beta (`accumulate`) is not an input of the query.
+/// dimensions and batch count, and the epilogue with its pointers' alignment. The workspace is
+/// always the same one, and beta (`accumulate`) is not an input of the query.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct AlgoKey {
     precision: Precision,
@@ -66,8 +66,9 @@ struct AlgoKey {
     /// `(transposed, ld, stride, alignment)` of a, b and dst.
     operands: [(bool, usize, usize, u32); 3],
     dims: [usize; 4],
-    /// The epilogue's code and its auxiliary matrix's alignment (the heuristic reads both).
-    epilogue: Option<(u32, u32)>,
+    /// The epilogue's code and the alignments of its bias and auxiliary matrix (the heuristic
+    /// reads the pointers).
+    epilogue: Option<(u32, u32, u32)>,
 }
 
 impl AlgoKey {
@@ -89,7 +90,10 @@ impl AlgoKey {
             bf16,
             operands: [op(a, input), op(b, input), op(dst, 4)],
             dims,
-            epilogue: epilogue.map(|e| (e.code() as u32, e.aux().map_or(0, alignment))),
+            epilogue: epilogue.map(|e| {
+                let align = |addr: Option<u64>| addr.map_or(0, alignment);
+                (e.code() as u32, align(e.bias()), align(e.aux()))
+            }),
         }
     }
 }
