@@ -19,7 +19,8 @@ fn cuda_matches_cpu_in_every_call() {
         }
     };
     eprintln!("parity of {} against the CPU", cuda.device());
-    let rows = parity::run(&Cpu, &cuda, 1).unwrap_or_else(|e| panic!("{e:#}"));
+    let mut rows = parity::run(&Cpu, &cuda, 1).unwrap_or_else(|e| panic!("{e:#}"));
+    rows.extend(cuda.self_test_rows());
     let table = parity::table(&rows);
     println!("{table}");
     let failed = rows.iter().filter(|r| !r.passed).count();

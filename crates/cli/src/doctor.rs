@@ -75,7 +75,9 @@ fn parity(chosen: &Result<Device, String>) -> Result<Parity, String> {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
-    let rows = flint_backend::parity::run(&Cpu, &cuda, seed).map_err(|e| format!("{e:#}"))?;
+    let mut rows = flint_backend::parity::run(&Cpu, &cuda, seed).map_err(|e| format!("{e:#}"))?;
+    // The fast paths' self-tests, which the bf16 cases set off.
+    rows.extend(cuda.self_test_rows());
     Ok(Parity { seed, rows })
 }
 

@@ -13,6 +13,7 @@ use super::blas::{self, Blas, Epilogue, Operand, Strided};
 use super::compile;
 use super::launch::{self, elementwise, grid, size, Arg, Kernels, THREADS};
 use super::libs::{self, Lib};
+use super::self_test::Verdict;
 use crate::{
     Activation, AdamW, AttentionShape, Backend, Buffer, DType, Dropout, GradStore, Mirror,
     Precision, Tensor, Weight, WeightLayout,
@@ -192,9 +193,9 @@ pub struct Cuda {
     /// Peak SM clock, kHz.
     clock_khz: i32,
     /// Whether the flash attention kernels passed their self-test here (run on first use).
-    flash_passed: OnceLock<Result<bool, String>>,
+    pub(super) flash_passed: OnceLock<Result<Verdict, String>>,
     /// Whether cuBLASLt's GELU epilogues passed their self-test here (run on first use).
-    gelu_passed: OnceLock<Result<bool, String>>,
+    pub(super) gelu_passed: OnceLock<Result<Verdict, String>>,
 }
 
 impl Cuda {
@@ -577,11 +578,13 @@ impl Cuda {
 /// A self-test's verdict, run on first use (see `self_test.rs`): whether the fast path may run,
 /// or the error that left the GPU unusable.
 fn checked(
-    verdict: &OnceLock<Result<bool, String>>,
-    test: impl FnOnce() -> Result<bool>,
+    verdict: &OnceLock<Result<Verdict, String>>,
+    test: impl FnOnce() -> Result<Verdict>,
 ) -> Result<bool> {
-    let verdict = verdict.get_or_init(|| test().map_err(|e| format!("{e:#}")));
-    verdict.clone().map_err(|e| anyhow!(e))
+    match verdict.get_or_init(|| test().map_err(|e| format!("{e:#}"))) {
+        Ok(v) => Ok(v.passed()),
+        Err(e) => Err(anyhow!("{e}")),
+    }
 }
 
 fn lock<'a, T>(mutex: &'a Mutex<T>, what: &str) -> Result<MutexGuard<'a, T>> {

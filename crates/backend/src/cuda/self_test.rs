@@ -6,7 +6,7 @@
 //! disagree from training a model with them.
 
 use super::backend::{Cuda, CudaBuffer};
-use crate::parity::max_rel_err;
+use crate::parity::{max_rel_err, ParityRow};
 use crate::{philox, Activation, AttentionShape, Backend, Buffer, DType, GradStore, Tensor};
 use crate::{Weight, WeightLayout};
 use anyhow::Result;
@@ -38,16 +38,57 @@ const SHAPES: [AttentionShape; 2] = [
     },
 ];
 
+/// What a fast path's self-test found: the largest difference from the plain path, or `None`
+/// when the test could not run (an error that left the GPU usable).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Verdict {
+    difference: Option<f64>,
+}
+
+impl Verdict {
+    pub(super) fn passed(self) -> bool {
+        self.difference.is_some_and(|d| d <= TOLERANCE)
+    }
+}
+
 impl Cuda {
-    /// Whether flash attention passed its self-test here.
-    pub(super) fn flash_checked(&self) -> Result<bool> {
+    /// The self-tests run so far, as parity rows (`flint doctor --parity` lists them with the
+    /// kernels'): a fast path that failed its test is a failed row, though training goes on
+    /// without it.
+    pub fn self_test_rows(&self) -> Vec<ParityRow> {
+        let tests = [
+            (
+                "flash attention against cuBLASLt attention",
+                &self.flash_passed,
+            ),
+            ("GELU epilogues against a separate GELU", &self.gelu_passed),
+        ];
+        let mut rows = Vec::new();
+        for (name, verdict) in tests {
+            let Some(verdict) = verdict.get() else {
+                continue;
+            };
+            let verdict = verdict.as_ref().ok().copied();
+            rows.push(ParityRow {
+                kernel: format!("self-test: {name}"),
+                dtype: "bf16",
+                max_rel_err: verdict.and_then(|v| v.difference).unwrap_or(f64::INFINITY),
+                threshold: TOLERANCE,
+                passed: verdict.is_some_and(Verdict::passed),
+            });
+        }
+        rows
+    }
+
+    /// Flash attention's self-test here.
+    pub(super) fn flash_checked(&self) -> Result<Verdict> {
         self.passed("flash attention", "attention runs on cuBLASLt", |c| {
             c.flash_self_test()
         })
     }
 
-    /// Whether cuBLASLt's GELU epilogues passed their self-test here.
-    pub(super) fn gelu_checked(&self) -> Result<bool> {
+    /// The self-test of cuBLASLt's GELU epilogues here.
+    pub(super) fn gelu_checked(&self) -> Result<Verdict> {
         self.passed(
             "cuBLASLt's GELU epilogue",
             "GELU runs as its own kernel",
@@ -63,15 +104,19 @@ impl Cuda {
         what: &str,
         instead: &str,
         test: impl Fn(&Cuda) -> Result<f64>,
-    ) -> Result<bool> {
+    ) -> Result<Verdict> {
         let device = self.device();
         match test(self) {
-            Ok(err) if err <= TOLERANCE => Ok(true),
+            Ok(err) if err <= TOLERANCE => Ok(Verdict {
+                difference: Some(err),
+            }),
             Ok(err) => {
                 eprintln!(
                     "note: {what} is off on {device}: its self-test differs from the plain path by {err:.1e} (more than {TOLERANCE:.0e}); {instead}"
                 );
-                Ok(false)
+                Ok(Verdict {
+                    difference: Some(err),
+                })
             }
             Err(e) => {
                 if let Err(fault) = self.synchronize() {
@@ -80,7 +125,7 @@ impl Cuda {
                 eprintln!(
                     "note: {what} is off on {device}: its self-test failed ({e:#}); {instead}"
                 );
-                Ok(false)
+                Ok(Verdict { difference: None })
             }
         }
     }
