@@ -135,7 +135,8 @@ pub fn plan(c: Dims, s: BatchShape, att_len: usize) -> Layout {
     } else {
         &saved
     };
-    let mut p = Layout::default();
+    // 64-byte starts: a cache line, and a multiple of every alignment cuBLASLt asks for.
+    let mut p = Layout::aligned(16);
     p.push("input", &[r, e]);
     p.push("key_padding", &[s.batch, s.seq]);
     for l in 0..c.num_layers {

@@ -21,17 +21,30 @@ impl Entry {
 pub struct Layout {
     entries: Vec<Entry>,
     total: usize,
+    /// Each entry starts at a multiple of this many elements (0 or 1: packed back to back).
+    align: usize,
 }
 
 impl Layout {
+    /// An empty layout whose entries each start at a multiple of `align` elements. The
+    /// activation plan uses it, so that every activation meets the GPU's alignment wishes
+    /// (cuBLASLt's epilogues, for one, want 16-byte aligned vectors and matrices) whatever the
+    /// batch shape; the parameters stay packed back to back, as a `state_dict` lists them.
+    pub fn aligned(align: usize) -> Layout {
+        Layout {
+            align,
+            ..Layout::default()
+        }
+    }
+
     /// Appends a tensor and returns its index.
     pub fn push(&mut self, name: impl Into<String>, shape: &[usize]) -> usize {
         let entry = Entry {
             name: name.into(),
             shape: shape.to_vec(),
-            offset: self.total,
+            offset: self.total.next_multiple_of(self.align.max(1)),
         };
-        self.total += entry.numel();
+        self.total = entry.offset + entry.numel();
         self.entries.push(entry);
         self.entries.len() - 1
     }
@@ -66,4 +79,24 @@ pub fn shape_str(shape: &[usize]) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Layout;
+
+    #[test]
+    fn an_aligned_layout_starts_every_entry_on_the_boundary_and_a_default_one_packs() {
+        let shapes: [&[usize]; 3] = [&[3, 5], &[7], &[2, 2]];
+        let (mut packed, mut aligned) = (Layout::default(), Layout::aligned(16));
+        for (i, shape) in shapes.iter().enumerate() {
+            packed.push(format!("t{i}"), shape);
+            aligned.push(format!("t{i}"), shape);
+        }
+        let offsets = |l: &Layout| l.entries().iter().map(|e| e.offset).collect::<Vec<_>>();
+        assert_eq!(offsets(&packed), [0, 15, 22]);
+        assert_eq!(packed.total(), 26);
+        assert_eq!(offsets(&aligned), [0, 16, 32]);
+        assert_eq!(aligned.total(), 36);
+    }
 }
