@@ -9,7 +9,7 @@
 //! the partial sums of column reductions is allocated in `new`, attention's (see
 //! [`Workspace`]) and the padded products' on the first call that needs them.
 
-use super::blas::{self, Blas, Epilogue, Operand, Strided};
+use super::blas::{self, Blas, Epilogue, Operand, Product, Strided};
 use super::compile;
 use super::launch::{self, elementwise, grid, size, Arg, Kernels, THREADS};
 use super::libs::{self, Lib};
@@ -416,26 +416,53 @@ impl Cuda {
         n: usize,
         count: usize,
     ) -> Result<()> {
-        bind(&self.stream)?;
-        let (stream, precision) = (self.stream.cu_stream(), self.precision());
-        let dims = [m, k, n, count];
-        if precision == Precision::Bf16 && count == 1 {
-            let mut workspace = lock(&self.bf16_workspace, "the bf16 workspace")?;
-            let (a, b) = self.bf16_operands(&mut workspace, a, b, [m, k, n])?;
-            if self
-                .blas
-                .gemm(stream, precision, (a, b, dst), accumulate, dims, true)?
-            {
-                return Ok(());
-            }
-        }
-        if !self
-            .blas
-            .gemm(stream, precision, (a, b, dst), accumulate, dims, false)?
-        {
+        if !self.product((a, b, dst), accumulate, [m, k, n, count], None)? {
             bail!("cuBLASLt has no algorithm for a [{m}, {k}] @ [{k}, {n}] product");
         }
         Ok(())
+    }
+
+    /// One cuBLASLt product (see [`Blas::matmul`]): on bf16 copies of a single product's
+    /// operands in bf16 precision, unless cuBLASLt has refused those before (then no copies are
+    /// made), else on the f32 operands. `Ok(false)` when cuBLASLt refused both.
+    fn product(
+        &self,
+        (a, b, dst): (Strided, Strided, Strided),
+        accumulate: bool,
+        dims: [usize; 4],
+        epilogue: Option<Epilogue>,
+    ) -> Result<bool> {
+        bind(&self.stream)?;
+        let (stream, precision) = (self.stream.cu_stream(), self.precision());
+        let op = |bf16| Product {
+            precision,
+            bf16,
+            epilogue,
+        };
+        // Checked before any copy: cuBLASLt's epilogue faults on a misaligned bias.
+        if epilogue.is_some_and(|e| !e.fits(dst.ld)) {
+            return Ok(false);
+        }
+        if precision == Precision::Bf16 && dims[3] == 1 {
+            let mut workspace = lock(&self.bf16_workspace, "the bf16 workspace")?;
+            let [m, k, n, _] = dims;
+            let copies = self.bf16_copies(&mut workspace, a, b, [m, k, n])?;
+            let ops = (copies[0].0, copies[1].0, dst);
+            if !self.blas.refused(op(true), ops, dims)? {
+                for (copy, source, rows, cols) in copies {
+                    let args = [copy.op.addr, source.op.addr].map(ptr);
+                    let args = args
+                        .into_iter()
+                        .chain([rows, cols, copy.ld, source.ld].map(size));
+                    self.launch(&self.kernels.to_bf16, grid(rows, 0), args)?;
+                }
+                if self.blas.matmul(stream, op(true), ops, accumulate, dims)? {
+                    return Ok(true);
+                }
+            }
+        }
+        self.blas
+            .matmul(stream, op(false), (a, b, dst), accumulate, dims)
     }
 
     /// `dst[m, n] = epilogue(a[m, k] @ b[k, n])` on packed matrices through cuBLASLt (see
@@ -449,26 +476,8 @@ impl Cuda {
         epilogue: Epilogue,
         [m, k, n]: [usize; 3],
     ) -> Result<bool> {
-        bind(&self.stream)?;
-        let (stream, precision) = (self.stream.cu_stream(), self.precision());
         let (dst, a, b) = (packed(plain(dst), m, n), packed(a, m, k), packed(b, k, n));
-        // Checked here too, before any copy: cuBLASLt's epilogue faults on a misaligned bias.
-        if !epilogue.fits(dst.ld) {
-            return Ok(false);
-        }
-        let mkn = [m, k, n];
-        if precision == Precision::Bf16 {
-            let mut workspace = lock(&self.bf16_workspace, "the bf16 workspace")?;
-            let (ha, hb) = self.bf16_operands(&mut workspace, a, b, mkn)?;
-            if self
-                .blas
-                .gemm_epilogue(stream, precision, (ha, hb, dst), epilogue, mkn, true)?
-            {
-                return Ok(true);
-            }
-        }
-        self.blas
-            .gemm_epilogue(stream, precision, (a, b, dst), epilogue, mkn, false)
+        self.product((a, b, dst), false, [m, k, n, 1], Some(epilogue))
     }
 
     /// Whether products with `act` may end in cuBLASLt's GELU epilogues: GPT-2's tanh GELU,
@@ -484,17 +493,18 @@ impl Cuda {
         checked(&self.gelu_passed, || self.gelu_checked())
     }
 
-    /// bf16 copies of the operands of `a[m, k] @ b[k, n]` in `workspace` (rows padded to 16
-    /// bytes, as cuBLASLt's fast kernels need), rounded to nearest even: the matrix units then
-    /// read half the bytes, at the bf16 rate. The caller holds the workspace until the product
-    /// that reads them is queued.
-    fn bf16_operands(
+    /// Where bf16 copies of the operands of `a[m, k] @ b[k, n]` go in `workspace` (rows padded
+    /// to 16 bytes, as cuBLASLt's fast kernels need): per operand its copy, its source, and the
+    /// stored rows and columns that `to_bf16` converts (rounding to nearest even; the matrix
+    /// units then read half the bytes, at the bf16 rate). The caller holds the workspace until
+    /// the product that reads them is queued.
+    fn bf16_copies(
         &self,
         workspace: &mut Workspace,
         a: Strided,
         b: Strided,
         [m, k, n]: [usize; 3],
-    ) -> Result<(Strided, Strided)> {
+    ) -> Result<[(Strided, Strided, usize, usize); 2]> {
         // Stored [rows, cols] of each operand, and the row stride of its copy.
         let stored = |o: &Strided, rows: usize, cols: usize| match o.op.transposed {
             true => (cols, rows, rows.next_multiple_of(8)),
@@ -503,28 +513,17 @@ impl Cuda {
         let shapes = [stored(&a, m, k), stored(&b, k, n)];
         let elements: usize = shapes.iter().map(|(rows, _, ld)| rows * ld).sum();
         let mut next = workspace.reserve(&self.stream, elements.div_ceil(2))?;
-        let mut copies = [a, b];
+        let mut copies = [(a, a, 0, 0), (b, b, 0, 0)];
         for (copy, (rows, cols, ld)) in copies.iter_mut().zip(shapes) {
-            let args = [
-                ptr(next),
-                ptr(copy.op.addr),
-                size(rows),
-                size(cols),
-                size(ld),
-                size(copy.ld),
-            ];
-            self.launch(&self.kernels.to_bf16, grid(rows, 0), args)?;
-            *copy = Strided {
-                op: Operand {
-                    addr: next,
-                    ..copy.op
-                },
-                ld,
-                stride: 0,
+            let source = copy.1;
+            let op = Operand {
+                addr: next,
+                ..source.op
             };
+            *copy = (Strided { op, ld, stride: 0 }, source, rows, cols);
             next += 2 * (rows * ld) as u64;
         }
-        Ok((copies[0], copies[1]))
+        Ok(copies)
     }
 
     /// `dst[..n] = dropout(att[start..start + n])`, element `i` with multiplier `start + i` of the

@@ -113,11 +113,11 @@ impl Drop for Blas {
 
 /// What kind of product [`Blas::matmul`] makes.
 #[derive(Clone, Copy)]
-struct Product {
-    precision: Precision,
+pub(super) struct Product {
+    pub precision: Precision,
     /// The operands a and b are bf16 in memory.
-    bf16: bool,
-    epilogue: Option<Epilogue>,
+    pub bf16: bool,
+    pub epilogue: Option<Epilogue>,
 }
 
 /// Work cuBLASLt does on a product's result as it stores it, instead of a kernel reading it back
@@ -197,55 +197,35 @@ impl Blas {
         })
     }
 
-    /// `dst[m, n] (+)= a[m, k] @ b[k, n]`, row-major, `count` times: product `i` reads and writes
-    /// each matrix `i * stride` elements past its first; `+=` when `accumulate`. `dst` must not
-    /// be transposed. All dimensions and `count` must be nonzero. `a` and `b` are f32, or bf16
-    /// when `bf16` (copies the backend rounded, multiplied as they are in fp32 accumulation);
-    /// `dst` is f32. `Ok(false)`, having done nothing, when cuBLASLt has no algorithm for bf16
-    /// operands of this product (the caller multiplies the f32 originals instead).
-    pub(super) fn gemm(
+    /// Whether cuBLASLt has already refused this product (no algorithm, or a refusal at
+    /// launch, remembered per kind of product): the caller then skips preparing its operands.
+    pub(super) fn refused(
         &self,
-        stream: cudarc::driver::sys::CUstream,
-        precision: Precision,
-        (a, b, dst): (Strided, Strided, Strided),
-        accumulate: bool,
+        Product {
+            precision,
+            bf16,
+            epilogue,
+        }: Product,
+        ops: (Strided, Strided, Strided),
         dims: [usize; 4],
-        bf16: bool,
     ) -> Result<bool> {
-        let op = Product {
-            precision,
-            bf16,
-            epilogue: None,
-        };
-        self.matmul(stream, op, (a, b, dst), accumulate, dims)
+        let algos = self
+            .algos
+            .lock()
+            .map_err(|_| anyhow!("a thread panicked while choosing a cuBLASLt algorithm"))?;
+        let key = AlgoKey::new(precision, bf16, ops, dims, epilogue);
+        Ok(matches!(algos.get(&key), Some(None)))
     }
 
-    /// `dst[m, n] = epilogue(a[m, k] @ b[k, n])` in one product (see [`Epilogue`]). `Ok(false)`,
-    /// having done nothing, when the epilogue cannot be used here: it does not
-    /// [fit](Epilogue::fits) dst, the heuristic has no algorithm for it, or the algorithm then
-    /// refuses the product.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn gemm_epilogue(
-        &self,
-        stream: cudarc::driver::sys::CUstream,
-        precision: Precision,
-        (a, b, dst): (Strided, Strided, Strided),
-        epilogue: Epilogue,
-        [m, k, n]: [usize; 3],
-        bf16: bool,
-    ) -> Result<bool> {
-        if !epilogue.fits(dst.ld) {
-            return Ok(false);
-        }
-        let op = Product {
-            precision,
-            bf16,
-            epilogue: Some(epilogue),
-        };
-        self.matmul(stream, op, (a, b, dst), false, [m, k, n, 1])
-    }
-
-    fn matmul(
+    /// `dst[m, n] (+)= epilogue(a[m, k] @ b[k, n])`, row-major, `count` times: product `i` reads
+    /// and writes each matrix `i * stride` elements past its first; `+=` when `accumulate`
+    /// (never with an epilogue). `dst` must not be transposed. All dimensions and `count` must
+    /// be nonzero. `a` and `b` are f32, or bf16 when `op.bf16` (copies the backend rounded,
+    /// multiplied as they are in fp32 accumulation); `dst` is f32. `Ok(false)`, having done
+    /// nothing, when cuBLASLt cannot make this product with bf16 operands or the epilogue
+    /// (which must [fit](Epilogue::fits) dst; see [`Epilogue`]): no algorithm from the
+    /// heuristic, or one that then refuses the product. The caller then does without them.
+    pub(super) fn matmul(
         &self,
         stream: cudarc::driver::sys::CUstream,
         Product {
@@ -263,6 +243,9 @@ impl Blas {
                 precision.name()
             )
         };
+        if epilogue.is_some_and(|e| !e.fits(dst.ld)) {
+            return Ok(false);
+        }
         if dst.op.transposed {
             bail!("{}: the destination is transposed", shape());
         }
