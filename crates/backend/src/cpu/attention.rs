@@ -4,6 +4,7 @@
 //! token layout (`batch_first` or not), so no head is ever copied out.
 
 use super::head_gemm::{product, Causal, Mat};
+use super::softmax;
 use super::transpose::{copy_column, transpose_block, TILE};
 use super::{dropout, simd_fn, SendPtr};
 use crate::{AttentionShape, Dropout};
@@ -57,8 +58,35 @@ unsafe fn transpose_head(out: &mut [f32], x: *const f32, ld: usize, seq: usize, 
     Mat(out.as_ptr(), seq, 1)
 }
 
+/// Asks for one head's `[seq, dh]` rows at stride `ld` to be brought into L2: issued for the
+/// next head while this one computes, so its strided rows (a few lines each, far apart) arrive
+/// from L3 without stalling the products that walk them.
+fn prefetch_head(x: *const f32, ld: usize, seq: usize, dh: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for j in 0..seq {
+        for d in (0..dh).step_by(16) {
+            let line = x.wrapping_add(j * ld + d) as *const i8;
+            // SAFETY: prefetching is only a hint; it never faults, whatever the address.
+            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(line) };
+        }
+    }
+}
+
 /// Where head `h` of batch element `b` lives: the row of its token 0, and the row step between
 /// consecutive tokens.
+/// [`prefetch_head`] of the q, k and v of head `bh` (`b * heads + h`), if there is one.
+fn prefetch_qkv(qkv: &[f32], s: &AttentionShape, bh: usize) {
+    if bh < s.batch * s.heads {
+        let (b, h) = (bh / s.heads, bh % s.heads);
+        let (r0, step) = head_rows(s, b);
+        let e = s.width();
+        for part in 0..3 {
+            let first = r0 * 3 * e + part * e + h * s.head_dim;
+            prefetch_head(qkv[first..].as_ptr(), step * 3 * e, s.seq, s.head_dim);
+        }
+    }
+}
+
 fn head_rows(s: &AttentionShape, b: usize) -> (usize, usize) {
     if s.batch_first {
         (b * s.seq, 1)
@@ -128,6 +156,7 @@ pub(crate) fn forward(
             let k = qkv[r0 * 3 * e + e + h * dh..].as_ptr();
             let v = qkv[r0 * 3 * e + 2 * e + h * dh..].as_ptr();
             let ld = step * 3 * e;
+            prefetch_qkv(qkv, s, bh + 1);
             with_tiles(seq, dh, |t| {
                 // SAFETY: q, k, v address seq tokens of dh columns inside qkv; p is this task's
                 // tile; this head owns columns h*dh..(h+1)*dh of its batch element's output rows.
@@ -144,7 +173,10 @@ pub(crate) fn forward(
                         causal(s, Causal::Lower),
                     );
                 }
-                softmax_simd(p, s, key_padding, b, scale);
+                if key_padding.is_some() || !softmax::forward(p, seq, |i| visible_keys(s, i), scale)
+                {
+                    softmax_simd(p, s, key_padding, b, scale);
+                }
                 let pd = dropped(p, t.probs, d, bh * seq * seq);
                 // The probabilities past the diagonal are exactly zero and are skipped.
                 unsafe {
@@ -251,6 +283,12 @@ pub(crate) fn backward(
         );
         let go = dout[r0 * e + h * dh..].as_ptr();
         let ld = step * 3 * e;
+        prefetch_qkv(qkv, s, bh + 1);
+        if bh + 1 < s.batch * s.heads {
+            let (nb, nh) = ((bh + 1) / s.heads, (bh + 1) % s.heads);
+            let (nr0, nstep) = head_rows(s, nb);
+            prefetch_head(dout[nr0 * e + nh * dh..].as_ptr(), nstep * e, seq, dh);
+        }
         with_tiles(seq, dh, |t| {
             let pd = dropped(p, t.probs, d, bh * seq * seq);
             let ds = t.ds;
@@ -282,7 +320,9 @@ pub(crate) fn backward(
                     ds[r].iter_mut().zip(mul).for_each(|(x, m)| *x *= m);
                 });
             }
-            softmax_backward_simd(ds, p, s, scale);
+            if !softmax::backward(ds, p, seq, |i| visible_keys(s, i), scale) {
+                softmax_backward_simd(ds, p, s, scale);
+            }
             unsafe {
                 product(
                     Mat(dq, ld, 1),
@@ -337,4 +377,47 @@ pub(crate) fn decode<'a>(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::assert_close as close;
+    use super::*;
+
+    /// The AVX-512 softmax rows (`super::softmax`) against the portable loops, causal and not,
+    /// for a tile whose rows end mid-vector.
+    #[test]
+    fn avx512_softmax_rows_match_the_portable_loops() {
+        let seq = 37;
+        let scores: Vec<f32> = (0..seq * seq)
+            .map(|i| (i as f32 * 0.37).sin() * 4.0)
+            .collect();
+        let dp: Vec<f32> = (0..seq * seq).map(|i| (i as f32 * 0.13).cos()).collect();
+        for causal in [false, true] {
+            let s = AttentionShape {
+                batch: 1,
+                seq,
+                heads: 1,
+                head_dim: 16,
+                batch_first: true,
+                causal,
+            };
+            let (mut want, mut got) = (scores.clone(), scores.clone());
+            softmax(&mut want, &s, None, 0, 0.25);
+            if !softmax::forward(&mut got, seq, |i| visible_keys(&s, i), 0.25) {
+                return; // no AVX-512 here
+            }
+            close(&got, &want);
+            let (mut want_ds, mut got_ds) = (dp.clone(), dp.clone());
+            softmax_backward(&mut want_ds, &want, &s, 0.25);
+            assert!(softmax::backward(
+                &mut got_ds,
+                &want,
+                seq,
+                |i| visible_keys(&s, i),
+                0.25
+            ));
+            close(&got_ds, &want_ds);
+        }
+    }
 }

@@ -82,6 +82,7 @@ unsafe fn portable(
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
+    use super::super::math::avx512::mask;
     use super::{Causal, Mat};
     use std::arch::x86_64::*;
     use std::ops::Range;
@@ -119,11 +120,6 @@ mod avx512 {
             }
             i += rows;
         }
-    }
-
-    /// The first `cols` (at most 16) lanes.
-    fn mask(cols: usize) -> __mmask16 {
-        ((1u32 << cols.min(16)) - 1) as __mmask16
     }
 
     /// One `R x 32` tile of `dst`, its accumulators held in registers over the whole sum.

@@ -42,6 +42,55 @@ pub(crate) fn tanh(u: f32) -> f32 {
     1.0 - 2.0 / (exp(2.0 * u) + 1.0)
 }
 
+/// The 16-lane forms of [`exp`] for AVX-512 kernels written with intrinsics.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// The first `n` lanes (all 16 from 16 on).
+    #[inline(always)]
+    pub(crate) fn mask(n: usize) -> __mmask16 {
+        if n >= 16 {
+            0xffff
+        } else {
+            ((1u32 << n) - 1) as __mmask16
+        }
+    }
+
+    /// [`super::exp`] on 16 lanes: the same reduction and polynomial (with fused multiply-adds),
+    /// 0 below -87, NaN kept.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(crate) unsafe fn exp(x: __m512) -> __m512 {
+        let c = _mm512_set1_ps;
+        // max/min with x second return x when it is NaN, which the arithmetic below keeps.
+        let xc = _mm512_min_ps(c(88.0), _mm512_max_ps(c(-87.0), x));
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(
+            _mm512_fmadd_ps(xc, c(std::f32::consts::LOG2_E), c(0.5)),
+        );
+        let r = _mm512_fnmadd_ps(n, c(0.693_359_4), xc);
+        let r = _mm512_fnmadd_ps(n, c(-2.121_944_4e-4), r);
+        let mut p = c(1.987_569_1e-4);
+        for k in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm512_fmadd_ps(p, r, c(k));
+        }
+        let y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), c(1.0));
+        // 2^n through the exponent bits; n is in [-126, 127] after the clamp.
+        let pow2 = _mm512_slli_epi32::<23>(_mm512_add_epi32(
+            _mm512_cvtps_epi32(n),
+            _mm512_set1_epi32(127),
+        ));
+        let y = _mm512_mul_ps(y, _mm512_castsi512_ps(pow2));
+        _mm512_maskz_mov_ps(_mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, c(-87.0)), y)
+    }
+}
+
 super::simd_fn!(pub(crate) exp_shifted => exp_shifted_plain(row: &mut [f32], max: f32) -> f32);
 
 /// `row[j] = e^(row[j] - max)`, returning the sum: the exponentials of a softmax, vectorised.

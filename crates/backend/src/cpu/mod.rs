@@ -14,6 +14,7 @@ mod loss;
 mod math;
 mod matmul;
 mod residual;
+mod softmax;
 mod transpose;
 
 pub use info::{cpu_info, CpuInfo};
@@ -469,6 +470,16 @@ impl SendPtr {
     /// A method, not field access, so closures capture the `Sync` wrapper, not the raw pointer.
     pub(crate) fn at(self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
+    }
+}
+
+/// Asserts `got` and `want` agree elementwise within 1e-6 (relative above 1): for the tests of
+/// kernels with an AVX-512 form and a portable one, which round differently.
+#[cfg(test)]
+fn assert_close(got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len());
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "{i}: {a} vs {b}");
     }
 }
 
