@@ -8,7 +8,7 @@ mod generate;
 mod tokenizer;
 mod train;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use flint_train::device::{self, Device, DeviceRequest};
 use std::process::ExitCode;
 
@@ -60,7 +60,10 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let cli = match parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
     if cli.threads == Some(0) {
         eprintln!("error: --threads must be at least 1");
         return ExitCode::from(2);
@@ -93,6 +96,51 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The command line, with clap's usage errors cut to one line (the error and clap's tip, then
+/// where the flags are listed), exit status 2. Negative numbers are values (`--lr -1` is
+/// refused by the check of `--lr`, naming it, rather than read as an unknown flag `-1`).
+fn parse_args() -> Result<Cli, ExitCode> {
+    fn negative_numbers(command: clap::Command) -> clap::Command {
+        command
+            .allow_negative_numbers(true)
+            .mut_subcommands(negative_numbers)
+    }
+    let command = negative_numbers(Cli::command());
+    let error = match command.try_get_matches() {
+        Ok(matches) => match Cli::from_arg_matches(&matches) {
+            Ok(cli) => return Ok(cli),
+            Err(e) => e,
+        },
+        Err(e) => e,
+    };
+    use clap::error::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = error.print();
+        return Err(ExitCode::from(error.exit_code() as u8));
+    }
+    // The message and what it lists (a missing argument's name), without the usage block.
+    let text = error.render().to_string();
+    let message: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let (tips, message): (Vec<&str>, Vec<&str>) =
+        message.into_iter().partition(|l| l.starts_with("tip:"));
+    let mut line = message.join(" ");
+    for tip in tips {
+        line = format!("{line} ({tip})");
+    }
+    eprintln!("{line}; `flint --help` and `flint COMMAND --help` list the flags");
+    Err(ExitCode::from(2))
 }
 
 /// Starts the worker pool with `threads` threads (default: rayon's, `RAYON_NUM_THREADS` or one

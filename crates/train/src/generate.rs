@@ -20,9 +20,22 @@ pub struct Sampling {
 }
 
 /// Continues `prompt` (token ids) by up to `max_new_tokens` tokens; returns only the new ones.
-/// Stops early at the context length.
-pub fn generate<B: Backend>(model: &mut Gpt<B>, prompt: &[u32], s: Sampling) -> Result<Vec<u32>> {
+/// Stops early at the context length. Only ids below `tokens` (the tokenizer's vocabulary) are
+/// drawn: a model's vocabulary may be padded past its tokenizer's (nanoGPT's 50304 for GPT-2's
+/// 50257), and the padding ids have no text.
+pub fn generate<B: Backend>(
+    model: &mut Gpt<B>,
+    prompt: &[u32],
+    tokens: usize,
+    s: Sampling,
+) -> Result<Vec<u32>> {
     let (ctx, vocab) = (model.config.n_positions, model.config.vocab_size);
+    if s.temperature.is_nan() || s.temperature < 0.0 {
+        bail!(
+            "--temperature must be at least 0 (got {}; 0 picks the most likely token)",
+            s.temperature
+        );
+    }
     if prompt.is_empty() {
         bail!("--prompt is empty: give at least one token of text");
     }
@@ -41,7 +54,7 @@ pub fn generate<B: Backend>(model: &mut Gpt<B>, prompt: &[u32], s: Sampling) -> 
     }
     let mut out = Vec::new();
     while out.len() < s.max_new_tokens && prompt.len() + out.len() < len {
-        let next = sample(&logits, s, out.len() as u64);
+        let next = sample(&logits[..tokens.min(vocab)], s, out.len() as u64);
         out.push(next);
         if prompt.len() + out.len() < len {
             let l = model.decode(next)?;
@@ -87,7 +100,12 @@ pub fn generate_text<B: Backend>(
         );
     }
     let mut model = Gpt::new(backend, config, &params)?;
-    let ids = generate(&mut model, &tokenizer.encode(prompt)?, s)?;
+    let ids = generate(
+        &mut model,
+        &tokenizer.encode(prompt)?,
+        tokenizer.vocab_size(),
+        s,
+    )?;
     tokenizer.decode(&ids)
 }
 
@@ -150,6 +168,41 @@ mod tests {
             ..greedy
         };
         assert!((0..20).all(|i| sample(&logits, top1, i) == 1));
+    }
+
+    /// A model whose vocabulary is padded past its tokenizer's never draws a padding id, and a
+    /// negative temperature is refused.
+    #[test]
+    fn draws_only_ids_the_tokenizer_has() {
+        use flint_model::gpt::{init_params, param_layout, GptConfig};
+        let config = GptConfig {
+            vocab_size: 300,
+            n_layer: 1,
+            ..GptConfig::preset("tiny").unwrap()
+        };
+        let mut params = init_params(&config, &param_layout(&config), 3);
+        // The padding rows of the tied embedding point the same way as the hidden state can,
+        // with a large norm, so they would win most draws if they were allowed.
+        let e = config.n_embd;
+        params[256 * e..300 * e].iter_mut().for_each(|w| *w = 3.0);
+        let mut model = Gpt::new(flint_backend::cpu::Cpu, config, &params).unwrap();
+        let s = Sampling {
+            max_new_tokens: 40,
+            temperature: 1.0,
+            top_k: 0,
+            seed: 1,
+        };
+        let ids = generate(&mut model, &[1, 2, 3], 256, s).unwrap();
+        assert_eq!(ids.len(), 40);
+        assert!(ids.iter().all(|&t| t < 256), "{ids:?}");
+        let padded = generate(&mut model, &[1, 2, 3], 300, s).unwrap();
+        assert!(padded.iter().any(|&t| t >= 256), "{padded:?}");
+        let negative = Sampling {
+            temperature: -1.0,
+            ..s
+        };
+        let e = generate(&mut model, &[1], 256, negative).unwrap_err();
+        assert!(e.to_string().contains("--temperature"), "{e}");
     }
 
     #[test]

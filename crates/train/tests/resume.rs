@@ -124,3 +124,33 @@ fn a_new_run_refuses_a_folder_with_checkpoints() {
         .unwrap();
     assert!(format!("{err:#}").contains("--resume"), "{err:#}");
 }
+
+#[test]
+fn a_checkpoint_of_another_model_stops_the_resume() {
+    let stop = AtomicBool::new(false);
+    let (run, other) = (scratch("victim"), scratch("other"));
+    train(options(&run, 3), None, &stop, &mut Quiet::default()).unwrap();
+    let wider = TrainOptions {
+        n_embd: Some(48),
+        ..options(&other, 3)
+    };
+    train(wider, None, &stop, &mut Quiet::default()).unwrap();
+    // The other model's checkpoint, intact, as the newest of this run.
+    let foreign = run.join("checkpoints/step_00000009");
+    std::fs::rename(other.join("checkpoints/step_00000003"), &foreign).unwrap();
+    let more = TrainOptions {
+        steps: Some(12),
+        ..TrainOptions::default()
+    };
+    let err = train(more, Some(&run), &stop, &mut Quiet::default())
+        .err()
+        .unwrap();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("step_00000009") && text.contains("another model"),
+        "{text}"
+    );
+    // Nothing was trained or cut: the run still ends at its own step 3.
+    assert_eq!(losses(&run).len(), 3);
+    assert!(foreign.join("state.json").exists());
+}

@@ -180,9 +180,9 @@ pub fn load(dir: &Path, layout: &Layout) -> Result<Loaded> {
         let mut out = vec![0.0; layout.total()];
         for e in layout.entries() {
             let name = format!("{prefix}{}", e.name);
-            let values = f.f32_checked(&name, &e.shape).map_err(|err| {
-                anyhow!("{err:#} (the checkpoint is from another model than this run's config)")
-            })?;
+            let values = f
+                .f32_checked(&name, &e.shape)
+                .map_err(|err| anyhow::Error::new(ForeignCheckpoint(format!("{err:#}"))))?;
             out[e.offset..e.offset + e.numel()].copy_from_slice(&values);
         }
         Ok(out)
@@ -196,8 +196,22 @@ pub fn load(dir: &Path, layout: &Layout) -> Result<Loaded> {
     })
 }
 
+/// A checkpoint whose files are intact but whose tensors do not fit the run's model: not
+/// damage to step over (the older checkpoints would be of the wrong model too, or of another
+/// run), so resuming stops with it.
+#[derive(Debug)]
+struct ForeignCheckpoint(String);
+
+impl std::fmt::Display for ForeignCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ForeignCheckpoint {}
+
 /// The newest checkpoint of `run` that loads; a damaged newer one is reported through `warn`
-/// and skipped.
+/// and skipped. One of another model is an error.
 pub fn latest(run: &Path, layout: &Layout, mut warn: impl FnMut(String)) -> Result<Loaded> {
     let dirs = complete(run)?;
     if dirs.is_empty() {
@@ -210,6 +224,13 @@ pub fn latest(run: &Path, layout: &Layout, mut warn: impl FnMut(String)) -> Resu
     for dir in dirs.iter().rev() {
         match load(dir, layout) {
             Ok(l) => return Ok(l),
+            Err(e) if e.is::<ForeignCheckpoint>() => bail!(
+                "{}: a checkpoint of another model than {}: {e}; resume the run it belongs to, \
+                 or move it out of {}",
+                dir.display(),
+                run.join("config.toml").display(),
+                dir.parent().unwrap_or(dir).display()
+            ),
             Err(e) => {
                 warn(format!("skipping checkpoint {}: {e:#}", dir.display()));
                 last_err = Some(e);

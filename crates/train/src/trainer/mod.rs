@@ -83,6 +83,12 @@ fn model_config(cfg: &TrainConfig, vocab: usize) -> Result<GptConfig> {
 }
 
 /// Mean loss over up to [`EVAL_BATCHES`] consecutive batches from the start of `val`.
+/// Whether `step` falls on a period of `n` steps; 0 turns the periodic event off (the last step
+/// still evaluates and checkpoints).
+fn every(step: u64, n: u64) -> bool {
+    n != 0 && step.is_multiple_of(n)
+}
+
 fn evaluate<B: Backend>(model: &mut Gpt<B>, val: &Tokens, batch: usize, seq: usize) -> Result<f32> {
     let mut loader = Loader::new(val.len(), batch, seq, DataOrder::Sequential, 0)?;
     let batches = EVAL_BATCHES.min((val.len() - 1) / (batch * seq)).max(1);
@@ -407,7 +413,7 @@ fn train_on<B: Backend>(
 
         let last = step == cfg.steps;
         if let Some(val) = &dataset.val {
-            if val.len() > b * t && (step % cfg.eval_every == 0 || last || step == 1) {
+            if val.len() > b * t && (every(step, cfg.eval_every) || last || step == 1) {
                 let v = evaluate(&mut model, val, b, t)?;
                 first_val.get_or_insert(v);
                 last_val = Some(v);
@@ -418,7 +424,7 @@ fn train_on<B: Backend>(
         }
         events.flush()?;
         interrupted = stop.load(Ordering::SeqCst);
-        if step % cfg.checkpoint_every == 0 || last || interrupted {
+        if every(step, cfg.checkpoint_every) || last || interrupted {
             let dir = save(&model, &opt, &loader, scaler, step)?;
             obs.checkpoint(&dir);
         }
@@ -440,7 +446,7 @@ fn train_on<B: Backend>(
             top_k: 40,
             seed: cfg.seed,
         };
-        let ids = generate(&mut model, &prompt, s)?;
+        let ids = generate(&mut model, &prompt, tokenizer.vocab_size(), s)?;
         Some(tokenizer.decode(&ids)?)
     };
     Ok(Finished {
@@ -451,4 +457,15 @@ fn train_on<B: Backend>(
         last_val_loss: last_val,
         sample,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::every;
+
+    #[test]
+    fn a_period_of_zero_never_fires() {
+        assert!(every(10, 5) && every(5, 5) && every(1, 1));
+        assert!(!every(11, 5) && !every(5, 0) && !every(0, 0));
+    }
 }
