@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use flint_backend::cpu::{cpu_info, Cpu, CpuInfo};
-use flint_backend::cuda::probe::{probe, GpuProbe};
+use flint_backend::cuda::probe::{nvrtc_trial, probe, GpuProbe};
 use flint_backend::cuda::Cuda;
 use flint_backend::parity::ParityRow;
 use flint_train::device::{Device, DeviceRequest};
@@ -25,7 +25,8 @@ const GIB: f64 = (1u64 << 30) as f64;
 pub fn run(a: Args, device: Option<&str>) -> Result<bool> {
     let request = DeviceRequest::parse(device.unwrap_or("auto"))?;
     let cpu = cpu_info();
-    let gpus = probe();
+    let mut gpus = probe();
+    nvrtc_trial(&mut gpus);
     // The device `--device` would get, decided from the same probe the report shows.
     let chosen: Result<Device, String> = match request {
         DeviceRequest::Cpu => Ok(Device::Cpu),
@@ -172,12 +173,13 @@ fn print_text(cpu: &CpuInfo, p: &GpuProbe, chosen: &Result<Device, String>, reas
             (Some(v), None) => v.clone(),
             (None, None) => "found".into(),
         };
-        println!(
+        let line = format!(
             "  {:<12} {:<24} {}",
             l.name,
             status,
             l.path.as_deref().unwrap_or("")
         );
+        println!("{}", line.trim_end());
     }
     if let Some(trial) = &p.nvrtc_trial {
         match trial {

@@ -82,7 +82,10 @@ fn main() -> ExitCode {
         Command::Bench(b) => select(device).and_then(|d| bench::run(b, &d, cli.verbose)),
         Command::Train(args) => train::run(*args, cli.device, cli.threads, cli.verbose),
         Command::Generate(args) => select(device).and_then(|d| generate::run(args, &d)),
-        Command::Tokenizer(t) => tokenizer::run(t),
+        // Tokenizers run on the CPU whatever `--device` says, but a wrong one is still refused.
+        Command::Tokenizer(t) => {
+            DeviceRequest::parse(device.unwrap_or("auto")).and_then(|_| tokenizer::run(t))
+        }
         Command::Doctor(args) => match doctor::run(args, device) {
             Ok(true) => return ExitCode::SUCCESS,
             Ok(false) => return ExitCode::from(1),

@@ -41,6 +41,41 @@ impl Lib {
         }
     }
 
+    /// The entry points flint calls, beyond the version query doctor makes itself. cudarc binds
+    /// each on first use and panics when one is missing, so a library that lacks one (a wrong
+    /// file under the right name, a stub) is refused when it is loaded instead. The driver's
+    /// calls run behind `catch_unwind` in the probe.
+    fn symbols(self) -> &'static [&'static str] {
+        match self {
+            Lib::Driver | Lib::Nccl => &[],
+            Lib::Nvrtc => &[
+                "nvrtcVersion",
+                "nvrtcCreateProgram",
+                "nvrtcCompileProgram",
+                "nvrtcGetProgramLogSize",
+                "nvrtcGetProgramLog",
+                "nvrtcGetCUBINSize",
+                "nvrtcGetCUBIN",
+                "nvrtcDestroyProgram",
+            ],
+            Lib::CublasLt => &[
+                "cublasLtCreate",
+                "cublasLtDestroy",
+                "cublasLtMatmul",
+                "cublasLtMatmulAlgoGetHeuristic",
+                "cublasLtMatmulDescCreate",
+                "cublasLtMatmulDescDestroy",
+                "cublasLtMatmulDescSetAttribute",
+                "cublasLtMatmulPreferenceCreate",
+                "cublasLtMatmulPreferenceDestroy",
+                "cublasLtMatmulPreferenceSetAttribute",
+                "cublasLtMatrixLayoutCreate",
+                "cublasLtMatrixLayoutDestroy",
+                "cublasLtMatrixLayoutSetAttribute",
+            ],
+        }
+    }
+
     /// Folders of a Python environment's `site-packages` where NVIDIA's wheels put it
     /// (`nvidia-*-cu12` wheels use one folder per library, the CUDA 13 wheels share `cu13`).
     fn wheel_dirs(self) -> &'static [&'static str] {
@@ -100,6 +135,19 @@ pub fn loaded(lib: Lib) -> Option<&'static Found> {
 }
 
 fn find(lib: Lib, dirs: &[PathBuf]) -> Option<Found> {
+    // cuBLASLt, NVRTC and NCCL open libcuda.so.1 themselves as they load, and a truncated one
+    // kills the process inside the loader: with a broken driver library, they are not loaded.
+    let broken_driver = match lib {
+        Lib::Driver => None,
+        _ => found(Lib::Driver).filter(|d| d.loaded.is_err()),
+    };
+    let open = |path: &Path| match broken_driver {
+        Some(d) => Err(format!(
+            "not loaded, as it would open the broken driver library {}",
+            d.path.display()
+        )),
+        None => open(lib, path),
+    };
     // The first candidate file wins, in search order; a broken one is still the one reported,
     // since it is what the user's setup points at.
     for dir in dirs {
@@ -143,18 +191,72 @@ fn mapped_path(lib: Lib) -> Option<PathBuf> {
 }
 
 /// Opens a library for the life of the process (RTLD_GLOBAL, so that later opens by soname
-/// resolve to it).
-fn open(path: &Path) -> Result<(), String> {
+/// resolve to it), if it is whole and has the entry points flint calls.
+fn open(lib: Lib, path: &Path) -> Result<(), String> {
     use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
+    if path.parent().is_some_and(|d| !d.as_os_str().is_empty()) {
+        segments_present(path)?;
+    }
     // SAFETY: loading a shared library runs its initialisers; NVIDIA's libraries are meant to be
     // loaded this way, and a file that is not a valid library is refused by the loader.
-    match unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) } {
-        Ok(lib) => {
-            std::mem::forget(lib);
-            Ok(())
+    let library = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) }
+        .map_err(|e| loader_message(&e))?;
+    for symbol in lib.symbols() {
+        // SAFETY: only the symbol's presence is checked; nothing is called.
+        if let Err(e) = unsafe { library.get::<*const ()>(symbol.as_bytes()) } {
+            return Err(format!(
+                "is not a usable {} (no {symbol}: {})",
+                lib.name(),
+                loader_message(&e)
+            ));
         }
-        Err(e) => Err(loader_message(&e)),
     }
+    std::mem::forget(library);
+    Ok(())
+}
+
+/// Checks that the file holds every segment its ELF header says the loader maps: the loader
+/// maps a truncated library (a partial download, a full disk) anyway, and the process dies with
+/// SIGBUS on the first touch of the missing pages. Files that are not 64-bit little-endian ELF
+/// are left to the loader, which refuses them with its own message.
+fn segments_present(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
+    let len = file
+        .metadata()
+        .map_err(|e| format!("cannot read: {e}"))?
+        .len();
+    let read = |offset: u64, n: usize| -> Option<Vec<u8>> {
+        let mut buf = vec![0; n];
+        file.read_exact_at(&mut buf, offset).ok().map(|()| buf)
+    };
+    let u16_at = |b: &[u8], i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+    let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().expect("8 bytes"));
+    let Some(header) = read(0, 64) else {
+        return Ok(());
+    };
+    if header[..4] != *b"\x7fELF" || header[4] != 2 || header[5] != 1 {
+        return Ok(());
+    }
+    let (table, entry, count) = (
+        u64_at(&header, 32),
+        u16_at(&header, 54),
+        u16_at(&header, 56),
+    );
+    let truncated = |needed: u64| {
+        format!("truncated: the file has {len} bytes, its ELF header needs {needed} (reinstall it)")
+    };
+    let size = entry as u64 * count as u64;
+    let headers = read(table, size as usize).ok_or_else(|| truncated(table + size))?;
+    for h in headers.chunks_exact(entry.max(56) as usize) {
+        const PT_LOAD: u32 = 1;
+        let kind = u32::from_le_bytes(h[..4].try_into().expect("4 bytes"));
+        let end = u64_at(h, 8).saturating_add(u64_at(h, 32));
+        if kind == PT_LOAD && end > len {
+            return Err(truncated(end));
+        }
+    }
+    Ok(())
 }
 
 /// libloading's own message is just "dlopen failed"; the loader's reason is its source.
@@ -261,4 +363,52 @@ fn glob_dirs(dir: &Path, prefix: &str) -> Vec<PathBuf> {
         )
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The C library this test process runs with: a real, complete ELF shared library.
+    fn libc_path() -> PathBuf {
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        maps.lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .find(|p| {
+                Path::new(p)
+                    .file_name()
+                    .is_some_and(|f| f.to_string_lossy().starts_with("libc.so"))
+            })
+            .map(PathBuf::from)
+            .expect("libc is mapped")
+    }
+
+    #[test]
+    fn a_truncated_library_is_refused_before_the_loader_maps_it() {
+        let libc = libc_path();
+        assert_eq!(segments_present(&libc), Ok(()));
+        let dir = std::env::temp_dir().join(format!("flint-libs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cut = dir.join("libcuda.so.1");
+        let bytes = std::fs::read(&libc).unwrap();
+        std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+        let err = open(Lib::Driver, &cut).unwrap_err();
+        assert!(err.contains("truncated"), "{err}");
+        // Not ELF at all: left to the loader, which refuses it with its reason.
+        std::fs::write(&cut, b"not a library").unwrap();
+        assert_eq!(segments_present(&cut), Ok(()));
+        assert!(open(Lib::Driver, &cut).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_library_without_the_entry_points_flint_calls_is_refused() {
+        let err = open(Lib::Nvrtc, &libc_path()).unwrap_err();
+        assert!(
+            err.contains("not a usable libnvrtc") && err.contains("nvrtcVersion"),
+            "{err}"
+        );
+        let err = open(Lib::CublasLt, &libc_path()).unwrap_err();
+        assert!(err.contains("cublasLtCreate"), "{err}");
+    }
 }

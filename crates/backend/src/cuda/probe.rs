@@ -129,14 +129,37 @@ pub fn probe() -> GpuProbe {
     }
     driver_too_old(&mut p);
     check_gpus(&mut p);
-    if p.gpus.is_empty() && libs::loaded(Lib::Nvrtc).is_some() {
-        p.nvrtc_trial = Some(
-            compile::kernels_cubin((8, 0))
-                .map(|_| ())
-                .map_err(|e| format!("{e:#}")),
-        );
-    }
     p
+}
+
+/// On a machine without the driver (a build machine), compiles flint's kernels for sm_80 to
+/// show that the NVRTC found works; a failure is a problem with its fix. Not with a driver that
+/// shows no GPU: NVRTC opens `libcuda.so.1` itself, and a broken or stub one can crash it.
+pub fn nvrtc_trial(p: &mut GpuProbe) {
+    if !p.gpus.is_empty() || libs::found(Lib::Driver).is_some() {
+        return;
+    }
+    if libs::loaded(Lib::Nvrtc).is_none() {
+        return;
+    }
+    let trial = compile::kernels_cubin((8, 0))
+        .map(|_| ())
+        .map_err(|e| format!("{e:#}"));
+    if let Err(e) = &trial {
+        p.problems.push(Problem {
+            what: format!(
+                "NVRTC ({}) cannot compile flint's kernels: {}",
+                found_path(Lib::Nvrtc),
+                e.lines().next().unwrap_or_default()
+            ),
+            fix: format!(
+                "install a complete NVRTC (it needs its libnvrtc-builtins next to it): {}",
+                Lib::Nvrtc.install_hint()
+            ),
+            blocking: false,
+        });
+    }
+    p.nvrtc_trial = Some(trial);
 }
 
 fn found_path(lib: Lib) -> String {
@@ -162,7 +185,11 @@ fn library_status(lib: Lib, found: Option<&libs::Found>) -> LibraryStatus {
     };
     match found.map(|f| &f.loaded) {
         None => s.error = Some("not found".into()),
-        Some(Err(e)) => s.error = Some(format!("does not load: {e}")),
+        // The loader's message starts with the path, which the report shows beside it.
+        Some(Err(e)) => {
+            let path = format!("{}: ", found.expect("found").path.display());
+            s.error = Some(format!("does not load: {}", e.replace(&path, "")))
+        }
         Some(Ok(())) => match library_version(lib, found.expect("found")) {
             Ok(v) => s.version = Some(v),
             Err(e) => s.error = Some(e),
@@ -225,12 +252,18 @@ fn library_version(lib: Lib, found: &libs::Found) -> Result<String, String> {
 /// Problems with the libraries themselves; returns whether the driver library is usable.
 fn library_problems(p: &mut GpuProbe) -> bool {
     let mut driver_ok = true;
+    // A driver library that does not load keeps the others unloaded (they would open it): its
+    // problem is the one to fix.
+    let driver_broken = libs::found(Lib::Driver).is_some_and(|d| d.loaded.is_err());
     for s in &p.libraries {
         let Some(err) = &s.error else { continue };
         let lib = Lib::ALL
             .into_iter()
             .find(|l| l.name() == s.name)
             .expect("known");
+        if driver_broken && lib != Lib::Driver {
+            continue;
+        }
         let file = s.path.clone().unwrap_or_else(|| lib.sonames().join(" or "));
         let (what, fix) = match lib {
             Lib::Driver if s.path.is_none() => (
