@@ -35,6 +35,13 @@ gelu_new, layer_norm_epsilon 1e-5, all dropouts 0, tied ``lm_head``):
   and ``step5.<name>`` (params after 5 AdamW steps from the initial params;
   decay 0.1 on parameters with dim >= 2, 0 otherwise; each micro-batch loss
   divided by 2 before backward; clip to 1.0; step; zero_grad).
+* ``variant/`` and ``variant_forward.safetensors`` -- a second model whose
+  fields differ from GPT-2's defaults where ``GPT2Config`` allows it and flint
+  computes it (odd vocab 61, n_positions 12, n_embd 18 with 3 heads of 6,
+  ``n_inner`` 40 instead of 4 * n_embd, layer_norm_epsilon 1e-6), saved by
+  ``save_pretrained``, with the same forward tensors as ``forward.safetensors``
+  (input_ids / targets [2, 8]). Drawn after everything above, from seed 1, so
+  adding it changed none of the other files.
 
 Weights are the HF ``Conv1D`` layout ([in, out]: ``y = x @ W + b``). The model
 is run in ``train()`` mode (dropouts are 0), computed in float64 and stored as
@@ -244,6 +251,48 @@ def gen_train(model, micro_ids, micro_tgts):
     return path, tensors
 
 
+def gen_variant():
+    """variant/ and variant_forward.safetensors (see the module docstring)."""
+    torch.manual_seed(1)
+    vocab = 61
+    config = GPT2Config(
+        vocab_size=vocab, n_positions=12, n_embd=18, n_layer=2, n_head=3, n_inner=40,
+        resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, layer_norm_epsilon=1e-6,
+        activation_function="gelu_new",
+    )
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.copy_(1.0 + 0.1 * torch.randn_like(m.weight))
+                m.bias.copy_(0.1 * torch.randn_like(m.bias))
+            elif isinstance(m, Conv1D):
+                m.bias.copy_(0.02 * torch.randn_like(m.bias))
+    variant_dir = os.path.join(OUT_DIR, "variant")
+    if os.path.isdir(variant_dir):
+        shutil.rmtree(variant_dir)
+    model.save_pretrained(variant_dir, safe_serialization=True)
+    for name in os.listdir(variant_dir):
+        os.chmod(os.path.join(variant_dir, name), 0o644)
+    input_ids = torch.randint(0, vocab, (B, T))
+    targets = torch.randint(0, vocab, (B, T))
+    model.double().train()
+    logits = model(input_ids, use_cache=False).logits
+    loss = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
+    loss.backward()
+    tensors = {
+        "input_ids": i32(input_ids),
+        "targets": i32(targets),
+        "logits": f32(logits),
+        "loss": f32(loss.reshape(1)),
+    }
+    for name, p in model.named_parameters():
+        tensors["grad." + name] = f32(p.grad)
+    path = os.path.join(OUT_DIR, "variant_forward.safetensors")
+    save_stable(tensors, path, versions())
+    return path, tensors
+
+
 def sanity_check(path, tensor_names, expect_meta):
     with safe_open(path, framework="pt") as f:
         keys = set(f.keys())
@@ -283,6 +332,7 @@ def main():
 
         p_fwd, fwd = gen_forward(model, input_ids, targets)
         p_tr, tr = gen_train(init_model, micro_ids, micro_tgts)
+        p_var, var = gen_variant()
 
     # --- checks ---
     pnames = [n for n, _ in model.named_parameters()]
@@ -290,6 +340,7 @@ def main():
     sanity_check(p_tr, list(tr), list(versions()) + [
         "lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip",
         "grad_accum_steps", "steps"])
+    sanity_check(p_var, list(var), list(versions()))
     sanity_check(p_buf, list(state), list(versions()))
     sanity_check(p_leg, list(state), list(versions()))
     with safe_open(os.path.join(MODEL_DIR, "model.safetensors"), framework="pt") as f:

@@ -86,6 +86,9 @@ pub struct Args {
     n_head: Option<usize>,
     #[arg(long)]
     n_positions: Option<usize>,
+    /// The feed-forward width (default 4 * n_embd), `n_inner` in GPT2Config.
+    #[arg(long)]
+    n_inner: Option<usize>,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -211,6 +214,7 @@ pub fn run(a: Args, device: Option<String>, threads: Option<usize>, verbose: boo
         n_embd: a.n_embd,
         n_head: a.n_head,
         n_positions: a.n_positions,
+        n_inner: a.n_inner,
     };
     let options = match &a.config {
         Some(path) => flags.or(TrainOptions::from_toml_file(path)?),

@@ -24,6 +24,9 @@ pub struct GptConfig {
     pub n_embd: usize,
     pub n_layer: usize,
     pub n_head: usize,
+    /// The feed-forward width; `None` is GPT-2's `4 * n_embd`.
+    #[serde(default)]
+    pub n_inner: Option<usize>,
     pub layer_norm_epsilon: f32,
     /// One rate for `embd_pdrop`, `attn_pdrop` and `resid_pdrop`.
     pub dropout: f32,
@@ -48,6 +51,7 @@ impl GptConfig {
             n_embd,
             n_layer,
             n_head,
+            n_inner: None,
             layer_norm_epsilon: 1e-5,
             dropout: 0.0,
         })
@@ -61,8 +65,8 @@ impl GptConfig {
             self.n_layer,
             self.n_head,
         ];
-        if sizes.contains(&0) {
-            bail!("vocab_size, n_positions, n_embd, n_layer and n_head must be positive");
+        if sizes.contains(&0) || self.n_inner == Some(0) {
+            bail!("vocab_size, n_positions, n_embd, n_layer, n_head and n_inner must be positive");
         }
         if !self.n_embd.is_multiple_of(self.n_head) {
             bail!(
@@ -77,11 +81,16 @@ impl GptConfig {
         Ok(())
     }
 
+    /// The feed-forward width.
+    pub fn inner(&self) -> usize {
+        self.n_inner.unwrap_or(4 * self.n_embd)
+    }
+
     fn dims(&self) -> Dims {
         Dims {
             num_layers: self.n_layer,
             d_model: self.n_embd,
-            d_ff: 4 * self.n_embd,
+            d_ff: self.inner(),
             nhead: self.n_head,
             attention_dropout: self.dropout,
         }
@@ -112,7 +121,7 @@ const BLOCK_NAMES: [&str; 12] = [
 /// `GPT2LMHeadModel`'s parameters by their `state_dict` names (the tied `lm_head.weight` is
 /// `transformer.wte.weight`).
 pub fn param_layout(c: &GptConfig) -> Layout {
-    let (e, f) = (c.n_embd, 4 * c.n_embd);
+    let (e, f) = (c.n_embd, c.inner());
     let mut layout = Layout::default();
     layout.push("transformer.wte.weight", &[c.vocab_size, e]);
     layout.push("transformer.wpe.weight", &[c.n_positions, e]);
@@ -286,7 +295,7 @@ impl<B: Backend> Gpt<B> {
         Block {
             rows: shape.batch * shape.seq,
             d_model: c.n_embd,
-            d_ff: 4 * c.n_embd,
+            d_ff: c.inner(),
             eps: c.layer_norm_epsilon,
             norm_first: true,
             act: Activation::GeluTanh,

@@ -61,12 +61,6 @@ pub fn load_gpt2(dir: &Path) -> Result<(GptConfig, Vec<f32>)> {
             hf.activation_function
         );
     }
-    if hf.n_inner.is_some_and(|n| n != 4 * hf.n_embd) {
-        bail!(
-            "{}: n_inner must be 4 * n_embd (or null)",
-            config_path.display()
-        );
-    }
     // Variants of the architecture flint does not compute: refused, not silently changed.
     for (unsupported, field, gpt2) in [
         (!hf.scale_attn_weights, "scale_attn_weights", "true"),
@@ -90,6 +84,7 @@ pub fn load_gpt2(dir: &Path) -> Result<(GptConfig, Vec<f32>)> {
         n_embd: hf.n_embd,
         n_layer: hf.n_layer,
         n_head: hf.n_head,
+        n_inner: hf.n_inner,
         layer_norm_epsilon: hf.layer_norm_epsilon,
         dropout: hf.resid_pdrop,
     };
@@ -127,6 +122,11 @@ pub fn load_gpt2(dir: &Path) -> Result<(GptConfig, Vec<f32>)> {
     Ok((config, params))
 }
 
+/// The f64 that prints as `x` does (1e-5, not the f32's exact 9.999999747378752e-6), for JSON.
+fn as_written(x: f32) -> f64 {
+    x.to_string().parse().expect("an f32 prints as a number")
+}
+
 /// Writes `DIR/config.json` and `DIR/model.safetensors` so that
 /// `GPT2LMHeadModel.from_pretrained(DIR)` loads the model (the head is tied, as in GPT-2).
 pub fn save_gpt2(dir: &Path, config: &GptConfig, params: &[f32]) -> Result<()> {
@@ -142,11 +142,11 @@ pub fn save_gpt2(dir: &Path, config: &GptConfig, params: &[f32]) -> Result<()> {
         "n_embd": c.n_embd,
         "n_layer": c.n_layer,
         "n_head": c.n_head,
-        "n_inner": null,
-        "layer_norm_epsilon": c.layer_norm_epsilon,
-        "resid_pdrop": c.dropout,
-        "embd_pdrop": c.dropout,
-        "attn_pdrop": c.dropout,
+        "n_inner": c.n_inner,
+        "layer_norm_epsilon": as_written(c.layer_norm_epsilon),
+        "resid_pdrop": as_written(c.dropout),
+        "embd_pdrop": as_written(c.dropout),
+        "attn_pdrop": as_written(c.dropout),
         "initializer_range": 0.02,
         "scale_attn_weights": true,
         "tie_word_embeddings": true,

@@ -32,14 +32,31 @@ fn download(t: flint_backend::Tensor) -> Vec<f32> {
 }
 
 fn model() -> Gpt<Cpu> {
-    let (config, params) = load_gpt2(&fixture("model")).unwrap();
+    model_from("model")
+}
+
+fn model_from(dir: &str) -> Gpt<Cpu> {
+    let (config, params) = load_gpt2(&fixture(dir)).unwrap();
     Gpt::new(Cpu, config, &params).unwrap()
 }
 
 #[test]
 fn logits_loss_and_gradients_match_transformers() {
-    let data = TensorFile::open(&fixture("forward.safetensors")).unwrap();
-    let mut gpt = model();
+    check_forward("model", "forward.safetensors");
+}
+
+/// Odd vocabulary, 3 heads of 6, `n_inner` 40 (not 4 * n_embd), layer norm eps 1e-6.
+#[test]
+fn a_model_off_gpt2_defaults_matches_transformers() {
+    let gpt = model_from("variant");
+    assert_eq!(gpt.config.n_inner, Some(40));
+    assert_eq!(gpt.config.layer_norm_epsilon, 1e-6);
+    check_forward("variant", "variant_forward.safetensors");
+}
+
+fn check_forward(dir: &str, file: &str) {
+    let data = TensorFile::open(&fixture(file)).unwrap();
+    let mut gpt = model_from(dir);
     gpt.plan(BatchShape { batch: 2, seq: 8 }).unwrap();
     gpt.set_batch(&ints(&data, "input_ids"), &ints(&data, "targets"))
         .unwrap();
@@ -156,16 +173,29 @@ fn kv_cache_decoding_gives_the_full_forward_logits() {
 
 #[test]
 fn saved_model_loads_back_identically() {
-    let (config, params) = load_gpt2(&fixture("model")).unwrap();
-    let dir = std::env::temp_dir().join(format!("flint-hf-roundtrip-{}", std::process::id()));
-    flint_train::hf::save_gpt2(&dir, &config, &params).unwrap();
-    let (again, back) = load_gpt2(&dir).unwrap();
-    assert_eq!(again, config);
-    assert!(params
-        .iter()
-        .zip(&back)
-        .all(|(a, b)| a.to_bits() == b.to_bits()));
-    let _ = std::fs::remove_dir_all(&dir);
+    for name in ["model", "variant"] {
+        let (config, params) = load_gpt2(&fixture(name)).unwrap();
+        let dir =
+            std::env::temp_dir().join(format!("flint-hf-roundtrip-{name}-{}", std::process::id()));
+        flint_train::hf::save_gpt2(&dir, &config, &params).unwrap();
+        let (again, back) = load_gpt2(&dir).unwrap();
+        assert_eq!(again, config);
+        assert!(params
+            .iter()
+            .zip(&back)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        // Numbers as written, as transformers writes them: 1e-06, not f32's 9.99999997e-07.
+        let text = std::fs::read_to_string(dir.join("config.json")).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let hf: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(name).join("config.json")).unwrap(),
+        )
+        .unwrap();
+        for key in ["layer_norm_epsilon", "n_inner", "vocab_size", "n_embd"] {
+            assert_eq!(json[key], hf[key], "{name}: {key}");
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
 
 #[test]

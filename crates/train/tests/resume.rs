@@ -154,3 +154,45 @@ fn a_checkpoint_of_another_model_stops_the_resume() {
     assert_eq!(losses(&run).len(), 3);
     assert!(foreign.join("state.json").exists());
 }
+
+#[test]
+fn settings_that_cannot_change_are_refused_not_ignored() {
+    let stop = AtomicBool::new(false);
+    let run = scratch("settings");
+    train(options(&run, 2), None, &stop, &mut Quiet::default()).unwrap();
+    let changed = TrainOptions {
+        steps: Some(3),
+        lr: Some(0.1),
+        n_layer: Some(3),
+        ..TrainOptions::default()
+    };
+    let err = train(changed, Some(&run), &stop, &mut Quiet::default())
+        .err()
+        .unwrap();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("--lr, --n-layer cannot change with --resume"),
+        "{text}"
+    );
+    assert_eq!(losses(&run).len(), 2);
+
+    // --init-from takes the model's shape from its config.json: a different one is refused.
+    let model = run.join("model");
+    let wider = TrainOptions {
+        init_from: Some(model.clone()),
+        n_embd: Some(48),
+        ..options(&scratch("init"), 1)
+    };
+    let err = train(wider, None, &stop, &mut Quiet::default())
+        .err()
+        .unwrap();
+    assert!(
+        format!("{err:#}").contains("--n-embd 48 conflicts with --init-from"),
+        "{err:#}"
+    );
+    let same = TrainOptions {
+        init_from: Some(model),
+        ..options(&scratch("init-same"), 1)
+    };
+    train(same, None, &stop, &mut Quiet::default()).unwrap();
+}

@@ -44,6 +44,7 @@ pub struct TrainOptions {
     pub n_embd: Option<usize>,
     pub n_head: Option<usize>,
     pub n_positions: Option<usize>,
+    pub n_inner: Option<usize>,
 }
 
 /// The effective settings of a run.
@@ -83,6 +84,7 @@ pub struct TrainConfig {
     pub n_embd: Option<usize>,
     pub n_head: Option<usize>,
     pub n_positions: Option<usize>,
+    pub n_inner: Option<usize>,
 }
 
 impl TrainOptions {
@@ -129,7 +131,8 @@ impl TrainOptions {
             n_layer,
             n_embd,
             n_head,
-            n_positions
+            n_positions,
+            n_inner
         )
     }
 
@@ -168,6 +171,7 @@ impl TrainOptions {
             n_embd: self.n_embd,
             n_head: self.n_head,
             n_positions: self.n_positions,
+            n_inner: self.n_inner,
         };
         c.check()?;
         Ok(c)

@@ -77,12 +77,35 @@ fn model_config(cfg: &TrainConfig, vocab: usize) -> Result<GptConfig> {
     m.n_embd = cfg.n_embd.unwrap_or(m.n_embd);
     m.n_head = cfg.n_head.unwrap_or(m.n_head);
     m.n_positions = cfg.n_positions.unwrap_or(m.n_positions);
+    m.n_inner = cfg.n_inner.or(m.n_inner);
     m.dropout = cfg.dropout as f32;
     m.validate()?;
     Ok(m)
 }
 
 /// Mean loss over up to [`EVAL_BATCHES`] consecutive batches from the start of `val`.
+/// `--resume` continues a run with its saved settings; only the number of steps, the device,
+/// the precision and the threads may change. Any other setting given is an error rather than
+/// silently ignored.
+fn refuse_changes_on_resume(options: &TrainOptions, saved: &Path) -> Result<()> {
+    let given = toml::Value::try_from(options)?;
+    let changed: Vec<String> = given
+        .as_table()
+        .into_iter()
+        .flat_map(|t| t.keys())
+        .filter(|k| !["steps", "device", "precision", "threads"].contains(&k.as_str()))
+        .map(|k| format!("--{}", k.replace('_', "-")))
+        .collect();
+    if !changed.is_empty() {
+        bail!(
+            "{} cannot change with --resume, which continues with the settings in {}; only --steps, --device, --precision and --threads can (start a new run with --init-from RUN/model to change the others)",
+            changed.join(", "),
+            saved.display()
+        );
+    }
+    Ok(())
+}
+
 /// Whether `step` falls on a period of `n` steps; 0 turns the periodic event off (the last step
 /// still evaluates and checkpoints).
 fn every(step: u64, n: u64) -> bool {
@@ -123,6 +146,7 @@ pub fn train(
             })?;
             let base: TrainOptions = toml::from_str(&text)
                 .map_err(|e| anyhow!("{}: {}", saved.display(), e.message()))?;
+            refuse_changes_on_resume(&options, &saved)?;
             // Flags given with --resume may extend the run or move it to another device or
             // precision (the loop warns that losses then stop being bit-identical).
             TrainOptions {
@@ -184,6 +208,22 @@ fn train_on<B: Backend>(
                 );
             }
             m.dropout = cfg.dropout as f32;
+            let shape = [
+                ("--n-layer", cfg.n_layer, m.n_layer),
+                ("--n-embd", cfg.n_embd, m.n_embd),
+                ("--n-head", cfg.n_head, m.n_head),
+                ("--n-positions", cfg.n_positions, m.n_positions),
+                ("--n-inner", cfg.n_inner, m.inner()),
+            ];
+            for (flag, given, loaded) in shape {
+                if given.is_some_and(|g| g != loaded) {
+                    bail!(
+                        "{flag} {} conflicts with --init-from {} ({loaded} there): the model's shape comes from its config.json; drop {flag}",
+                        given.expect("some"),
+                        dir.display()
+                    );
+                }
+            }
             (m, params)
         }
         None => {
