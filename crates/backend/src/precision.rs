@@ -28,7 +28,7 @@ impl Precision {
             "tf32" => Precision::Tf32,
             "bf16" => Precision::Bf16,
             "fp16" => Precision::Fp16,
-            _ => bail!("--precision {s}: expected fp32, tf32, bf16 or fp16"),
+            _ => bail!("--precision {s}: expected auto, fp32, tf32, bf16 or fp16"),
         })
     }
 

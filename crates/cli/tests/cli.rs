@@ -680,6 +680,54 @@ fn bench_rejects_an_unknown_config_in_one_line() {
     assert!(out.stderr.starts_with("error: ") && out.stderr.contains("Z"));
 }
 
+/// clap's usage errors too: one line, exit 2; a negative number is a value, refused by the
+/// flag's own check, which names it.
+#[test]
+fn usage_errors_are_one_line_and_negative_numbers_are_values() {
+    for (args, says) in [
+        (&["train", "--bogus-flag", "3"][..], "'--bogus-flag'"),
+        (&["train", "--steps", "abc"], "--steps"),
+        (&["train", "--lr", "-1"], "--lr must be positive"),
+        (
+            &["train", "--val-fraction", "-0.1"],
+            "--val-fraction must be in [0, 1)",
+        ),
+        (&["generate", "somewhere"], "--prompt"),
+        (
+            &[
+                "tokenizer",
+                "train",
+                "--device",
+                "bogus",
+                "--data",
+                "x",
+                "--vocab-size",
+                "300",
+                "--out",
+                "t.json",
+            ],
+            "--device bogus",
+        ),
+    ] {
+        let out = flint(args);
+        assert_eq!(out.code, Some(2), "{args:?}: {}", out.stderr);
+        assert_eq!(
+            out.stderr.trim_end().lines().count(),
+            1,
+            "{args:?}: {}",
+            out.stderr
+        );
+        assert!(
+            out.stderr.starts_with("error: ") && out.stderr.contains(says),
+            "{args:?}: {}",
+            out.stderr
+        );
+    }
+    let help = flint(["train", "--help"]);
+    assert_eq!(help.code, Some(0));
+    assert!(help.stdout.contains("--n-inner"));
+}
+
 #[test]
 fn zero_threads_is_refused() {
     let out = flint(["--threads", "0", "demo"]);
@@ -869,7 +917,7 @@ fn precision_errors_are_one_line_with_exit_2() {
     let cases: [(&[&str], &str); 3] = [
         (
             &["bench", "gpt", "--precision", "fp64"],
-            "expected fp32, tf32, bf16 or fp16",
+            "expected auto, fp32, tf32, bf16 or fp16",
         ),
         (
             &["--device", "cpu", "bench", "gpt", "--precision", "bf16"],

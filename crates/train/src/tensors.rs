@@ -224,7 +224,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
-        bail!("{}: cannot write ({e})", path.display());
+        bail!(
+            "{}: cannot write ({e}); free space on its disk (or fix the folder's permissions) and run again",
+            path.display()
+        );
     }
     Ok(())
 }

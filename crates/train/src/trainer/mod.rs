@@ -234,7 +234,7 @@ fn train_on<B: Backend>(
     };
     if cfg.seq_len > model_cfg.n_positions {
         bail!(
-            "--seq-len {} is above the model's context of {} positions",
+            "--seq-len {} is above the model's context of {} positions; use --seq-len {1} or less",
             cfg.seq_len,
             model_cfg.n_positions
         );
@@ -264,11 +264,19 @@ fn train_on<B: Backend>(
         Some(_) => {
             let ck = checkpoint::latest(&run, &layout, |w| obs.warn(&w))?;
             if ck.state.tokenizer_fingerprint != tokenizer.fingerprint() {
+                if ck.state.tokenizer == tokenizer.spec() {
+                    bail!(
+                        "{}: the tokenizer file {} has changed since this checkpoint was written; put back the one the run was trained with",
+                        ck.dir.display(),
+                        ck.state.tokenizer
+                    );
+                }
                 bail!(
-                    "{}: the checkpoint was trained with tokenizer {}, not {}",
+                    "{}: the checkpoint was trained with tokenizer {}, not {}; restore `tokenizer` in {}",
                     ck.dir.display(),
                     ck.state.tokenizer,
-                    tokenizer.spec()
+                    tokenizer.spec(),
+                    run.join("config.toml").display()
                 );
             }
             let state: LoaderState = serde_json::from_value(ck.state.loader.clone())?;
