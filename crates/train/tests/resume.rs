@@ -64,7 +64,7 @@ fn losses(run: &Path) -> Vec<String> {
 fn resumed_run_logs_the_same_losses_as_an_uninterrupted_one() {
     let stop = AtomicBool::new(false);
     let full = scratch("full");
-    train(options(&full, 7), None, &stop, &mut Quiet::default()).unwrap();
+    let whole = train(options(&full, 7), None, &stop, &mut Quiet::default()).unwrap();
 
     let part = scratch("part");
     train(options(&part, 4), None, &stop, &mut Quiet::default()).unwrap();
@@ -72,10 +72,14 @@ fn resumed_run_logs_the_same_losses_as_an_uninterrupted_one() {
         steps: Some(7),
         ..TrainOptions::default()
     };
-    train(more, Some(&part), &stop, &mut Quiet::default()).unwrap();
+    let resumed = train(more, Some(&part), &stop, &mut Quiet::default()).unwrap();
 
     assert_eq!(losses(&full).len(), 7);
     assert_eq!(losses(&full), losses(&part));
+    // The summary's first validation loss is step 1's, logged before the stop.
+    assert!(whole.first_val_loss.is_some());
+    assert_eq!(resumed.first_val_loss, whole.first_val_loss);
+    assert_eq!(resumed.last_val_loss, whole.last_val_loss);
     assert!(
         part.join("model/model.safetensors").exists() && part.join("model/config.json").exists()
     );

@@ -38,7 +38,7 @@ pub struct LossScaling {
 }
 
 /// An eval line.
-#[derive(Serialize)]
+#[derive(Serialize, serde::Deserialize)]
 struct EvalLine {
     step: u64,
     val_loss: f32,
@@ -106,6 +106,15 @@ impl MetricsWriter {
             elapsed_s,
             amp: self.loss_scaling,
         })
+    }
+
+    /// The first `val_loss` the file holds (a resumed run's, logged before it stopped).
+    pub fn first_val_loss(&self) -> Option<f32> {
+        let text = fs::read_to_string(&self.path).ok()?;
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<EvalLine>(l).ok())
+            .map(|l| l.val_loss)
+            .next()
     }
 
     /// Appends an eval line: `{"step", "val_loss"}`.

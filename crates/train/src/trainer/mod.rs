@@ -167,10 +167,10 @@ pub fn train(
             None => e,
         }
     })?;
-    let described = match &selection.fallback_reason {
-        Some(why) => format!("{} (no GPU: {why})", selection.device.describe()),
-        None => format!("{}, {}", selection.device.describe(), precision.name()),
-    };
+    let mut described = format!("{}, {}", selection.device.describe(), precision.name());
+    if let Some(why) = &selection.fallback_reason {
+        described = format!("{described} (no GPU: {why})");
+    }
     crate::on_backend!(&selection.device, precision, |backend| train_on(
         backend, &described, cfg, resume, stop, obs
     ))
@@ -386,7 +386,8 @@ fn train_on<B: Backend>(
 
     let accum = cfg.grad_accum_steps;
     let (mut x, mut y) = (vec![0i32; b * t], vec![0i32; b * t]);
-    let (mut first_val, mut last_val) = (None, None);
+    // A resumed run's first validation loss is the one it logged before it stopped.
+    let (mut first_val, mut last_val) = (metrics.first_val_loss(), None);
     let started = Instant::now();
     let mut last_step = first_step - 1;
     let mut interrupted = false;
