@@ -100,6 +100,13 @@ fn five_steps_with_accumulation_clipping_and_adamw_match_torch() {
         data.f32("grad_norms").unwrap().1,
     );
     let n = batch * seq;
+    // Elements whose gradient, in some step, is nonzero but within 10 x AdamW's eps: the update
+    // m / (sqrt(v) + eps) is steep there, so the last bits of such a gradient (rounding, in
+    // float64 as in float32) decide the step (a gradient of 4.3e-8 against eps 1e-8 moves its
+    // weight by 0.81 lr, one of 4.0e-8 by 0.80 lr). At init they are mostly key weights, whose
+    // gradient is small for the same reason as the key bias's below. They are checked to move
+    // no more than lr per step; every other element to match.
+    let mut undetermined = vec![false; p0.len()];
     for step in 0..losses.len() {
         gpt.zero_grad();
         let mut loss = 0.0;
@@ -112,6 +119,10 @@ fn five_steps_with_accumulation_clipping_and_adamw_match_torch() {
             gpt.backward().unwrap();
         }
         let norm = clip_grad_norm(&Cpu, gpt.grads(), clip).unwrap();
+        // The clipped gradients, which AdamW sees.
+        for (u, &g) in undetermined.iter_mut().zip(&download(gpt.grads())) {
+            *u |= g != 0.0 && g.abs() < 10.0 * config.eps;
+        }
         assert!(
             rel_err(&[loss], &[losses[step]]) <= TOL,
             "step {step}: loss {loss} vs {}",
@@ -125,30 +136,39 @@ fn five_steps_with_accumulation_clipping_and_adamw_match_torch() {
         opt.step(&Cpu, gpt.params(), gpt.grads()).unwrap();
     }
     let p = download(gpt.params());
+    let bound = 1.01 * config.lr * losses.len() as f32;
     for entry in gpt.layout().entries() {
-        let got = &p[entry.offset..entry.offset + entry.numel()];
+        let range = entry.offset..entry.offset + entry.numel();
+        let (got, start) = (&p[range.clone()], &p0[range.clone()]);
         let want = data.f32(&format!("step5.{}", entry.name)).unwrap().1;
-        let (got, want) = match entry.name.ends_with("attn.c_attn.bias") {
-            true => {
-                // The key bias adds q.b to every score of a row, which softmax cancels: its
-                // gradient is zero but for rounding, and AdamW's normalised update turns that
-                // noise into a drift of either sign, in PyTorch as in flint. So it is only
-                // checked to stay put: a real gradient would move it ~lr per step.
-                let e = got.len() / 3;
-                let start = &p0[entry.offset + e..entry.offset + 2 * e];
-                let drift = got[e..2 * e]
-                    .iter()
-                    .zip(start)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0, f32::max);
-                let bound = 0.01 * config.lr * losses.len() as f32;
-                assert!(drift <= bound, "{} key bias drift {drift:e}", entry.name);
-                let q_and_v = |x: &[f32]| [&x[..e], &x[2 * e..]].concat();
-                (q_and_v(got), q_and_v(&want))
-            }
-            false => (got.to_vec(), want),
-        };
-        let e = rel_err(&got, &want);
+        let mut loose = undetermined[range].to_vec();
+        if entry.name.ends_with("attn.c_attn.bias") {
+            // The key bias adds q.b to every score of a row, which softmax cancels: its
+            // gradient is zero but for rounding, and AdamW's normalised update turns that
+            // noise into a drift of either sign, in PyTorch as in flint. So it is only
+            // checked to stay put: a real gradient would move it ~lr per step.
+            let e = got.len() / 3;
+            let drift = (e..2 * e)
+                .map(|i| (got[i] - start[i]).abs())
+                .fold(0.0, f32::max);
+            let key_bound = 0.01 * config.lr * losses.len() as f32;
+            assert!(
+                drift <= key_bound,
+                "{} key bias drift {drift:e}",
+                entry.name
+            );
+            loose[e..2 * e].fill(true);
+        }
+        for i in (0..got.len()).filter(|&i| loose[i]) {
+            let moved = (got[i] - start[i]).abs();
+            assert!(moved <= bound, "{}[{i}] moved {moved:e}", entry.name);
+        }
+        let scale = want.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
+        let diff = (0..got.len())
+            .filter(|&i| !loose[i])
+            .map(|i| (got[i] - want[i]).abs())
+            .fold(0.0f32, f32::max);
+        let e = diff as f64 / scale as f64;
         assert!(e <= TOL, "{} after 5 steps rel err {e:e}", entry.name);
     }
 }
