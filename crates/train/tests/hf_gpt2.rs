@@ -104,8 +104,9 @@ fn five_steps_with_accumulation_clipping_and_adamw_match_torch() {
     // m / (sqrt(v) + eps) is steep there, so the last bits of such a gradient (rounding, in
     // float64 as in float32) decide the step (a gradient of 4.3e-8 against eps 1e-8 moves its
     // weight by 0.81 lr, one of 4.0e-8 by 0.80 lr). At init they are mostly key weights, whose
-    // gradient is small for the same reason as the key bias's below. They are checked to move
-    // no more than lr per step; every other element to match.
+    // gradient is small for the same reason as the key bias's below. They are checked to match
+    // within 1% of lr per step (a wrong or missing update is off by about lr per step); every
+    // other element within TOL.
     let mut undetermined = vec![false; p0.len()];
     for step in 0..losses.len() {
         gpt.zero_grad();
@@ -136,7 +137,7 @@ fn five_steps_with_accumulation_clipping_and_adamw_match_torch() {
         opt.step(&Cpu, gpt.params(), gpt.grads()).unwrap();
     }
     let p = download(gpt.params());
-    let bound = 1.01 * config.lr * losses.len() as f32;
+    let loose_bound = 0.01 * config.lr * losses.len() as f32;
     for entry in gpt.layout().entries() {
         let range = entry.offset..entry.offset + entry.numel();
         let (got, start) = (&p[range.clone()], &p0[range.clone()]);
@@ -151,17 +152,16 @@ fn five_steps_with_accumulation_clipping_and_adamw_match_torch() {
             let drift = (e..2 * e)
                 .map(|i| (got[i] - start[i]).abs())
                 .fold(0.0, f32::max);
-            let key_bound = 0.01 * config.lr * losses.len() as f32;
             assert!(
-                drift <= key_bound,
+                drift <= loose_bound,
                 "{} key bias drift {drift:e}",
                 entry.name
             );
             loose[e..2 * e].fill(true);
         }
         for i in (0..got.len()).filter(|&i| loose[i]) {
-            let moved = (got[i] - start[i]).abs();
-            assert!(moved <= bound, "{}[{i}] moved {moved:e}", entry.name);
+            let off = (got[i] - want[i]).abs();
+            assert!(off <= loose_bound, "{}[{i}] off by {off:e}", entry.name);
         }
         let scale = want.iter().fold(1e-12f32, |m, v| m.max(v.abs()));
         let diff = (0..got.len())

@@ -72,8 +72,6 @@ fn prefetch_head(x: *const f32, ld: usize, seq: usize, dh: usize) {
     }
 }
 
-/// Where head `h` of batch element `b` lives: the row of its token 0, and the row step between
-/// consecutive tokens.
 /// [`prefetch_head`] of the q, k and v of head `bh` (`b * heads + h`), if there is one.
 fn prefetch_qkv(qkv: &[f32], s: &AttentionShape, bh: usize) {
     if bh < s.batch * s.heads {
@@ -87,6 +85,8 @@ fn prefetch_qkv(qkv: &[f32], s: &AttentionShape, bh: usize) {
     }
 }
 
+/// Where head `h` of batch element `b` lives: the row of its token 0, and the row step between
+/// consecutive tokens.
 fn head_rows(s: &AttentionShape, b: usize) -> (usize, usize) {
     if s.batch_first {
         (b * s.seq, 1)
@@ -389,9 +389,11 @@ mod tests {
     #[test]
     fn avx512_softmax_rows_match_the_portable_loops() {
         let seq = 37;
-        let scores: Vec<f32> = (0..seq * seq)
+        let mut scores: Vec<f32> = (0..seq * seq)
             .map(|i| (i as f32 * 0.37).sin() * 4.0)
             .collect();
+        // Under the causal mask, row 0 then sees only -inf: it attends to nothing.
+        scores[0] = f32::NEG_INFINITY;
         let dp: Vec<f32> = (0..seq * seq).map(|i| (i as f32 * 0.13).cos()).collect();
         for causal in [false, true] {
             let s = AttentionShape {

@@ -266,7 +266,8 @@ mod avx512 {
         let (mut sum_g, mut sum_gx) = (_mm512_setzero_ps(), _mm512_setzero_ps());
         for j in (0..c).step_by(16) {
             let gw = _mm512_mul_ps(load(g, j), load(w, j));
-            let xhat = _mm512_mul_ps(_mm512_sub_ps(load(x, j), vmu), vrs);
+            // Masked-off lanes stay 0 whatever mu is.
+            let xhat = _mm512_mul_ps(_mm512_maskz_sub_ps(mask(c - j), load(x, j), vmu), vrs);
             sum_g = _mm512_add_ps(sum_g, gw);
             sum_gx = _mm512_fmadd_ps(gw, xhat, sum_gx);
         }

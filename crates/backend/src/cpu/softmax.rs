@@ -63,11 +63,14 @@ mod avx512 {
             let m = mask(n - c);
             max = _mm512_mask_max_ps(max, m, max, _mm512_maskz_loadu_ps(m, x.add(c)));
         }
+        let max = _mm512_reduce_max_ps(max);
+        if max == f32::NEG_INFINITY {
+            // Every score -inf: attend to nothing rather than produce NaN, as the portable rows.
+            row.fill(0.0);
+            return;
+        }
         // exp((x - max) * scale) = exp(x * scale - max(x * scale)), as `scale` is positive.
-        let (max, vscale) = (
-            _mm512_set1_ps(_mm512_reduce_max_ps(max)),
-            _mm512_set1_ps(scale),
-        );
+        let (max, vscale) = (_mm512_set1_ps(max), _mm512_set1_ps(scale));
         let mut sum = _mm512_setzero_ps();
         for c in (0..n).step_by(16) {
             let m = mask(n - c);

@@ -163,14 +163,24 @@ fn find(lib: Lib, dirs: &[PathBuf]) -> Option<Found> {
         }
     }
     // Then the loader's own paths (/etc/ld.so.cache, the default folders); the file it picked
-    // is read back from the process's memory map.
+    // is read back from the process's memory map. One it found but could not load is reported.
     for soname in lib.sonames() {
-        if let Ok(()) = open(Path::new(soname)) {
-            return Some(Found {
-                lib,
-                path: mapped_path(lib).unwrap_or_else(|| PathBuf::from(soname)),
-                loaded: Ok(()),
-            });
+        match open(Path::new(soname)) {
+            Ok(()) => {
+                return Some(Found {
+                    lib,
+                    path: mapped_path(lib).unwrap_or_else(|| PathBuf::from(soname)),
+                    loaded: Ok(()),
+                })
+            }
+            Err(e) if !e.contains("No such file or directory") => {
+                return Some(Found {
+                    lib,
+                    path: PathBuf::from(soname),
+                    loaded: Err(e),
+                })
+            }
+            Err(_) => {}
         }
     }
     None
@@ -243,12 +253,23 @@ fn segments_present(path: &Path) -> Result<(), String> {
         u16_at(&header, 54),
         u16_at(&header, 56),
     );
+    // Only the standard 56-byte program headers, and not PN_XNUM (the count kept elsewhere):
+    // anything else is left to the loader.
+    const PHDR: u16 = 56;
+    const PN_XNUM: u16 = 0xffff;
+    if entry != PHDR || count == PN_XNUM {
+        return Ok(());
+    }
     let truncated = |needed: u64| {
         format!("truncated: the file has {len} bytes, its ELF header needs {needed} (reinstall it)")
     };
-    let size = entry as u64 * count as u64;
-    let headers = read(table, size as usize).ok_or_else(|| truncated(table + size))?;
-    for h in headers.chunks_exact(entry.max(56) as usize) {
+    let size = PHDR as u64 * count as u64;
+    let table_end = table.saturating_add(size);
+    if table_end > len {
+        return Err(truncated(table_end));
+    }
+    let headers = read(table, size as usize).ok_or_else(|| truncated(table_end))?;
+    for h in headers.chunks_exact(PHDR as usize) {
         const PT_LOAD: u32 = 1;
         let kind = u32::from_le_bytes(h[..4].try_into().expect("4 bytes"));
         let end = u64_at(h, 8).saturating_add(u64_at(h, 32));
@@ -329,6 +350,19 @@ fn search_dirs() -> Vec<PathBuf> {
         }
     }
     dirs.extend(wheel_dirs(Path::new("/usr/lib/python3/dist-packages")));
+    // The loader's own folders, where the driver's libcuda.so.1 lives (Debian's multiarch
+    // folders, RHEL's lib64, WSL's): found here, it is checked like any other file before it is
+    // opened, rather than opened blind by its soname.
+    for dir in [
+        "/usr/lib/x86_64-linux-gnu",
+        "/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/lib/aarch64-linux-gnu",
+        "/usr/lib/wsl/lib",
+        "/lib64",
+    ] {
+        dirs.push(dir.into());
+    }
     dirs.retain(|d| d.is_dir());
     let mut seen = std::collections::HashSet::new();
     dirs.retain(|d| seen.insert(d.clone()));
@@ -398,6 +432,31 @@ mod tests {
         std::fs::write(&cut, b"not a library").unwrap();
         assert_eq!(segments_present(&cut), Ok(()));
         assert!(open(Lib::Driver, &cut).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Headers a broken or hostile file may carry: nothing allocates their sizes or overflows.
+    #[test]
+    fn malformed_elf_headers_neither_panic_nor_allocate_their_sizes() {
+        let dir = std::env::temp_dir().join(format!("flint-elf-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("libnvrtc.so.12");
+        let header = |table: u64, entry: u16, count: u16| {
+            let mut h = vec![0u8; 64];
+            h[..6].copy_from_slice(b"\x7fELF\x02\x01");
+            h[32..40].copy_from_slice(&table.to_le_bytes());
+            h[54..56].copy_from_slice(&entry.to_le_bytes());
+            h[56..58].copy_from_slice(&count.to_le_bytes());
+            h
+        };
+        // A 4 GiB table of unusual entries: left to the loader.
+        std::fs::write(&file, header(64, 0xffff, 0xfffe)).unwrap();
+        assert_eq!(segments_present(&file), Ok(()));
+        // A table past the end, at an offset that would overflow when its size is added.
+        std::fs::write(&file, header(u64::MAX - 8, 56, 2)).unwrap();
+        assert!(segments_present(&file).unwrap_err().contains("truncated"));
+        std::fs::write(&file, header(64, 56, 1)).unwrap();
+        assert!(segments_present(&file).unwrap_err().contains("truncated"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

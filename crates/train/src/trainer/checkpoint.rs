@@ -180,9 +180,21 @@ pub fn load(dir: &Path, layout: &Layout) -> Result<Loaded> {
         let mut out = vec![0.0; layout.total()];
         for e in layout.entries() {
             let name = format!("{prefix}{}", e.name);
-            let values = f
-                .f32_checked(&name, &e.shape)
-                .map_err(|err| anyhow::Error::new(ForeignCheckpoint(format!("{err:#}"))))?;
+            // A missing tensor or another shape: another model's checkpoint. Non-finite values
+            // (a run that diverged) are damage like any other, and an older checkpoint is tried.
+            let foreign = match f.shape(&name) {
+                None => Some(format!("no tensor `{name}`")),
+                Some(shape) if shape != e.shape => Some(format!(
+                    "tensor `{name}` is {shape:?}, this run's model has {:?}",
+                    e.shape
+                )),
+                Some(_) => None,
+            };
+            if let Some(why) = foreign {
+                let why = format!("{}: {why}", f.path().display());
+                return Err(anyhow::Error::new(ForeignCheckpoint(why)));
+            }
+            let values = f.f32_checked(&name, &e.shape)?;
             out[e.offset..e.offset + e.numel()].copy_from_slice(&values);
         }
         Ok(out)

@@ -83,7 +83,6 @@ fn model_config(cfg: &TrainConfig, vocab: usize) -> Result<GptConfig> {
     Ok(m)
 }
 
-/// Mean loss over up to [`EVAL_BATCHES`] consecutive batches from the start of `val`.
 /// `--resume` continues a run with its saved settings; only the number of steps, the device,
 /// the precision and the threads may change. Any other setting given is an error rather than
 /// silently ignored.
@@ -112,6 +111,7 @@ fn every(step: u64, n: u64) -> bool {
     n != 0 && step.is_multiple_of(n)
 }
 
+/// Mean loss over up to [`EVAL_BATCHES`] consecutive batches from the start of `val`.
 fn evaluate<B: Backend>(model: &mut Gpt<B>, val: &Tokens, batch: usize, seq: usize) -> Result<f32> {
     let mut loader = Loader::new(val.len(), batch, seq, DataOrder::Sequential, 0)?;
     let batches = EVAL_BATCHES.min((val.len() - 1) / (batch * seq)).max(1);
@@ -158,7 +158,12 @@ pub fn train(
             }
             .resolve()?
         }
-        None => options.resolve()?,
+        None => {
+            if options.preset.is_some() && options.init_from.is_some() {
+                bail!("--preset and --init-from both name the model; drop one (--init-from takes the model from the folder)");
+            }
+            options.resolve()?
+        }
     };
     let selection = device::select(DeviceRequest::parse(&cfg.device)?)?;
     let precision = device::precision(&cfg.precision, &selection.device).map_err(|e| {
@@ -189,10 +194,6 @@ fn train_on<B: Backend>(
     if resume.is_none() && !checkpoint::complete(&run)?.is_empty() {
         bail!("--out {}: this run already has checkpoints; continue it with --resume {0} or choose another --out", run.display());
     }
-    std::fs::create_dir_all(&run)
-        .with_context(|| format!("--out {}: cannot create", run.display()))?;
-    crate::tensors::write_atomic(&run.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-
     let tokenizer =
         Tokenizer::from_arg(&cfg.tokenizer).map_err(|e| anyhow!("--tokenizer: {e:#}"))?;
     let (model_cfg, init) = match &cfg.init_from {
@@ -239,6 +240,10 @@ fn train_on<B: Backend>(
             model_cfg.n_positions
         );
     }
+    // The run folder and its config, once the settings are known to make a model.
+    std::fs::create_dir_all(&run)
+        .with_context(|| format!("--out {}: cannot create", run.display()))?;
+    crate::tensors::write_atomic(&run.join("config.toml"), cfg.to_toml()?.as_bytes())?;
 
     let source = match &cfg.data {
         Some(p) => Source::Path(p.clone()),
