@@ -130,7 +130,13 @@ def build_model():
     )
     model = GPT2LMHeadModel(config)
     assert model.lm_head.weight is model.transformer.wte.weight, "lm_head must be tied"
-    # Make LayerNorm affine params and all Conv1D biases non-trivial (float32).
+    perturb(model)
+    model.train()
+    return model
+
+
+def perturb(model):
+    """Make LayerNorm affine params and all Conv1D biases non-trivial (float32)."""
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):
@@ -138,8 +144,6 @@ def build_model():
                 m.bias.copy_(0.1 * torch.randn_like(m.bias))
             elif isinstance(m, Conv1D):
                 m.bias.copy_(0.02 * torch.randn_like(m.bias))
-    model.train()
-    return model
 
 
 def logits_of(model, input_ids):
@@ -147,7 +151,7 @@ def logits_of(model, input_ids):
 
 
 def lm_loss(logits, targets):
-    return F.cross_entropy(logits.reshape(-1, VOCAB), targets.long().reshape(-1))
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.long().reshape(-1))
 
 
 def write_model_files(model32):
@@ -178,10 +182,12 @@ def write_model_files(model32):
     return state, p_buf, p_leg
 
 
-def gen_forward(model, input_ids, targets):
+def forward_tensors(model, input_ids, targets):
+    """input_ids, targets, logits, loss and grad.<name> of one float64 forward and backward."""
+    vocab = model.config.vocab_size
     model.zero_grad()
     logits = logits_of(model, input_ids)
-    assert logits.shape == (B, T, VOCAB) and logits.dtype == torch.float64
+    assert logits.shape == (B, T, vocab) and logits.dtype == torch.float64
     loss = lm_loss(logits, targets)
     loss.backward()
     tensors = {
@@ -194,6 +200,11 @@ def gen_forward(model, input_ids, targets):
         assert p.grad is not None, name
         tensors["grad." + name] = f32(p.grad)
     model.zero_grad()
+    return tensors
+
+
+def gen_forward(model, input_ids, targets):
+    tensors = forward_tensors(model, input_ids, targets)
     path = os.path.join(OUT_DIR, "forward.safetensors")
     save_stable(tensors, path, versions())
     return path, tensors
@@ -261,13 +272,7 @@ def gen_variant():
         activation_function="gelu_new",
     )
     model = GPT2LMHeadModel(config)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.copy_(1.0 + 0.1 * torch.randn_like(m.weight))
-                m.bias.copy_(0.1 * torch.randn_like(m.bias))
-            elif isinstance(m, Conv1D):
-                m.bias.copy_(0.02 * torch.randn_like(m.bias))
+    perturb(model)
     variant_dir = os.path.join(OUT_DIR, "variant")
     if os.path.isdir(variant_dir):
         shutil.rmtree(variant_dir)
@@ -277,17 +282,7 @@ def gen_variant():
     input_ids = torch.randint(0, vocab, (B, T))
     targets = torch.randint(0, vocab, (B, T))
     model.double().train()
-    logits = model(input_ids, use_cache=False).logits
-    loss = F.cross_entropy(logits.reshape(-1, vocab), targets.reshape(-1))
-    loss.backward()
-    tensors = {
-        "input_ids": i32(input_ids),
-        "targets": i32(targets),
-        "logits": f32(logits),
-        "loss": f32(loss.reshape(1)),
-    }
-    for name, p in model.named_parameters():
-        tensors["grad." + name] = f32(p.grad)
+    tensors = forward_tensors(model, input_ids, targets)
     path = os.path.join(OUT_DIR, "variant_forward.safetensors")
     save_stable(tensors, path, versions())
     return path, tensors
