@@ -26,6 +26,12 @@ pub fn run(t: Tokenizer) -> Result<()> {
     for warning in flint_train::data::train_bpe(&data, vocab_size, &out)? {
         eprintln!("warning: {warning}");
     }
-    println!("tokenizer: {} ({vocab_size} tokens)", out.display());
+    // The size the text supported, which may be below the one asked for.
+    let trained = flint_train::data::Tokenizer::from_arg(&out.display().to_string())?;
+    println!(
+        "tokenizer: {} ({} tokens)",
+        out.display(),
+        trained.vocab_size()
+    );
     Ok(())
 }

@@ -4,7 +4,7 @@
 use crate::data::Tokenizer;
 use crate::hf::load_gpt2;
 use crate::trainer::config::TrainOptions;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{bail, Result};
 use flint_backend::{philox, Backend};
 use flint_model::gpt::Gpt;
 use std::path::Path;
@@ -89,7 +89,7 @@ pub fn generate_text<B: Backend>(
         (path.to_path_buf(), "bytes".into())
     };
     let spec = tokenizer.map_or(spec, str::to_string);
-    let tokenizer = Tokenizer::from_arg(&spec).map_err(|e| anyhow!("tokenizer {spec}: {e:#}"))?;
+    let tokenizer = Tokenizer::from_arg(&spec)?;
     let (config, params) = load_gpt2(&model_dir)?;
     if tokenizer.vocab_size() > config.vocab_size {
         bail!(

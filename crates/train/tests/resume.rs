@@ -200,3 +200,74 @@ fn settings_that_cannot_change_are_refused_not_ignored() {
     };
     train(same, None, &stop, &mut Quiet::default()).unwrap();
 }
+
+#[test]
+fn a_damaged_newer_checkpoint_is_set_aside_and_never_outlives_the_good_ones() {
+    let stop = AtomicBool::new(false);
+    let run = scratch("aside");
+    let keep_one = |steps| TrainOptions {
+        keep_checkpoints: Some(1),
+        ..options(&run, steps)
+    };
+    train(keep_one(3), None, &stop, &mut Quiet::default()).unwrap();
+    let checkpoints = run.join("checkpoints");
+    let damaged = checkpoints.join("step_00000020");
+    std::fs::rename(checkpoints.join("step_00000003"), &damaged).unwrap();
+    let file = damaged.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..100]).unwrap();
+    // Nothing loads: an error, and nothing is moved.
+    let more = |steps| TrainOptions {
+        steps: Some(steps),
+        ..TrainOptions::default()
+    };
+    assert!(train(more(6), Some(&run), &stop, &mut Quiet::default()).is_err());
+    assert!(damaged.exists());
+    // With a good checkpoint below it, the damaged one is moved aside, and keeping one
+    // checkpoint keeps the one just written.
+    let good = scratch("aside-good");
+    train(options(&good, 3), None, &stop, &mut Quiet::default()).unwrap();
+    std::fs::rename(
+        good.join("checkpoints/step_00000003"),
+        checkpoints.join("step_00000003"),
+    )
+    .unwrap();
+    train(more(6), Some(&run), &stop, &mut Quiet::default()).unwrap();
+    let mut left: Vec<String> = std::fs::read_dir(&checkpoints)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["damaged_step_00000020", "step_00000006"]);
+    // Steps below the newest checkpoint cannot be resumed to.
+    let err = train(more(4), Some(&run), &stop, &mut Quiet::default())
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("--steps 4 is below"), "{err:#}");
+}
+
+#[test]
+fn a_saved_config_of_an_init_from_run_can_be_given_back() {
+    let stop = AtomicBool::new(false);
+    let base = scratch("config-base");
+    train(options(&base, 1), None, &stop, &mut Quiet::default()).unwrap();
+    let first = scratch("config-first");
+    let from_model = TrainOptions {
+        init_from: Some(base.join("model")),
+        out: Some(first.clone()),
+        steps: Some(2),
+        seq_len: Some(32),
+        batch_size: Some(2),
+        ..TrainOptions::default()
+    };
+    train(from_model, None, &stop, &mut Quiet::default()).unwrap();
+    let saved = TrainOptions::from_toml_file(&first.join("config.toml")).unwrap();
+    assert!(saved.preset.is_none() && saved.init_from.is_some());
+    let again = scratch("config-again");
+    let given_back = TrainOptions {
+        out: Some(again.clone()),
+        ..saved
+    };
+    train(given_back, None, &stop, &mut Quiet::default()).unwrap();
+    assert_eq!(losses(&first), losses(&again));
+}

@@ -88,6 +88,14 @@ impl Tokenizer {
         })))
     }
 
+    /// The `tokenizer.json` it was read from (none for `bytes`).
+    pub fn file(&self) -> Option<&Path> {
+        match self {
+            Tokenizer::Bytes => None,
+            Tokenizer::Hf(t) => Some(&t.path),
+        }
+    }
+
     /// One more than the largest token id.
     pub fn vocab_size(&self) -> usize {
         match self {

@@ -132,10 +132,14 @@ pub fn save(
             run.display()
         );
     }
+    let written = dir_of(run, state.step);
     for old in complete(run)?.into_iter().rev().skip(keep) {
-        let _ = std::fs::remove_dir_all(old);
+        // Never the one just written, even with a newer-named folder left beside it.
+        if old != written {
+            let _ = std::fs::remove_dir_all(old);
+        }
     }
-    Ok(dir_of(run, state.step))
+    Ok(written)
 }
 
 /// Complete checkpoint folders of a run, oldest first.
@@ -167,11 +171,17 @@ pub fn load(dir: &Path, layout: &Layout) -> Result<Loaded> {
         let path = dir.join(name);
         let bytes =
             std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-        if bytes.len() as u64 != *size || fnv1a64(&bytes) != *sum {
+        if bytes.len() as u64 != *size {
             bail!(
                 "{}: truncated or corrupted ({} bytes, expected {size})",
                 path.display(),
                 bytes.len()
+            );
+        }
+        if fnv1a64(&bytes) != *sum {
+            bail!(
+                "{}: corrupted (its checksum differs from state.json's)",
+                path.display()
             );
         }
     }
@@ -232,10 +242,13 @@ pub fn latest(run: &Path, layout: &Layout, mut warn: impl FnMut(String)) -> Resu
             run.display()
         );
     }
-    let mut last_err = None;
+    let (mut last_err, mut skipped) = (None, Vec::new());
     for dir in dirs.iter().rev() {
         match load(dir, layout) {
-            Ok(l) => return Ok(l),
+            Ok(l) => {
+                set_aside(&skipped, &mut warn);
+                return Ok(l);
+            }
             Err(e) if e.is::<ForeignCheckpoint>() => bail!(
                 "{}: a checkpoint of another model than {}: {e}; resume the run it belongs to, \
                  or move it out of {}",
@@ -245,9 +258,24 @@ pub fn latest(run: &Path, layout: &Layout, mut warn: impl FnMut(String)) -> Resu
             ),
             Err(e) => {
                 warn(format!("skipping checkpoint {}: {e:#}", dir.display()));
+                skipped.push(dir);
                 last_err = Some(e);
             }
         }
     }
     Err(last_err.expect("at least one checkpoint was tried"))
+}
+
+/// Renames the damaged checkpoints newer than the one a run resumes from to `damaged_step_N`:
+/// kept for a look, but no longer a checkpoint. Left in place, they would count as the newest
+/// when old checkpoints are removed, and the good ones written after the resume would go.
+fn set_aside(damaged: &[&PathBuf], warn: &mut impl FnMut(String)) {
+    for dir in damaged {
+        let name = dir.file_name().unwrap_or_default().to_string_lossy();
+        let to = dir.with_file_name(format!("damaged_{name}"));
+        match std::fs::rename(dir, &to) {
+            Ok(()) => warn(format!("{} moved to {}", dir.display(), to.display())),
+            Err(e) => warn(format!("cannot move {} aside: {e}", dir.display())),
+        }
+    }
 }

@@ -50,7 +50,9 @@ pub struct TrainOptions {
 /// The effective settings of a run.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
-    pub preset: String,
+    /// None with `init_from`, which names the model instead (so that a saved config can be
+    /// given back with `--config`).
+    pub preset: Option<String>,
     pub init_from: Option<PathBuf>,
     /// None: the embedded corpus.
     pub data: Option<PathBuf>,
@@ -139,7 +141,10 @@ impl TrainOptions {
     /// Fills the defaults (the `tiny` job on the embedded corpus) and checks every value.
     pub fn resolve(self) -> Result<TrainConfig> {
         let c = TrainConfig {
-            preset: self.preset.unwrap_or_else(|| "tiny".into()),
+            preset: match self.init_from {
+                Some(_) => self.preset,
+                None => Some(self.preset.unwrap_or_else(|| "tiny".into())),
+            },
             init_from: self.init_from,
             data: self.data,
             tokenizer: self.tokenizer.unwrap_or_else(|| "bytes".into()),
@@ -200,6 +205,22 @@ impl TrainConfig {
         }
         if self.steps == 0 {
             bail!("--steps must be at least 1");
+        }
+        let reals = [
+            ("--lr", self.lr),
+            ("--min-lr", self.min_lr),
+            ("--weight-decay", self.weight_decay),
+            ("--eps", self.eps),
+            ("--grad-clip", self.grad_clip),
+        ];
+        for (flag, v) in reals {
+            if !v.is_finite() {
+                bail!("{flag} must be a finite number (got {v})");
+            }
+        }
+        // config.toml stores it, and TOML integers are signed 64-bit.
+        if self.seed > i64::MAX as u64 {
+            bail!("--seed must be below 2^63 (got {})", self.seed);
         }
         if !(self.lr > 0.0 && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
             bail!(

@@ -71,7 +71,8 @@ pub struct Finished {
 const EVAL_BATCHES: usize = 20;
 
 fn model_config(cfg: &TrainConfig, vocab: usize) -> Result<GptConfig> {
-    let mut m = GptConfig::preset(&cfg.preset).map_err(|e| anyhow!("--preset: {e}"))?;
+    let preset = cfg.preset.as_deref().unwrap_or("tiny");
+    let mut m = GptConfig::preset(preset).map_err(|e| anyhow!("--preset: {e}"))?;
     m.vocab_size = vocab;
     m.n_layer = cfg.n_layer.unwrap_or(m.n_layer);
     m.n_embd = cfg.n_embd.unwrap_or(m.n_embd);
@@ -194,8 +195,7 @@ fn train_on<B: Backend>(
     if resume.is_none() && !checkpoint::complete(&run)?.is_empty() {
         bail!("--out {}: this run already has checkpoints; continue it with --resume {0} or choose another --out", run.display());
     }
-    let tokenizer =
-        Tokenizer::from_arg(&cfg.tokenizer).map_err(|e| anyhow!("--tokenizer: {e:#}"))?;
+    let tokenizer = Tokenizer::from_arg(&cfg.tokenizer)?;
     let (model_cfg, init) = match &cfg.init_from {
         Some(dir) => {
             let (mut m, params) = hf::load_gpt2(dir)?;
@@ -240,11 +240,6 @@ fn train_on<B: Backend>(
             model_cfg.n_positions
         );
     }
-    // The run folder and its config, once the settings are known to make a model.
-    std::fs::create_dir_all(&run)
-        .with_context(|| format!("--out {}: cannot create", run.display()))?;
-    crate::tensors::write_atomic(&run.join("config.toml"), cfg.to_toml()?.as_bytes())?;
-
     let source = match &cfg.data {
         Some(p) => Source::Path(p.clone()),
         None => Source::Embedded {
@@ -261,6 +256,13 @@ fn train_on<B: Backend>(
         obs.warn(w);
     }
     let (b, t) = (cfg.batch_size, cfg.seq_len);
+    if let Some(val) = dataset.val.as_ref().filter(|v| v.len() <= b * t) {
+        obs.warn(&format!(
+            "the validation split ({} tokens) is shorter than one batch ({} tokens): no evaluation; raise --val-fraction or lower --batch-size / --seq-len",
+            val.len(),
+            b * t + 1
+        ));
+    }
     let mut loader = Loader::new(dataset.train.len(), b, t, cfg.data_order, cfg.seed)?;
 
     // Resume: parameters, moments, step and data position from the newest good checkpoint.
@@ -284,12 +286,25 @@ fn train_on<B: Backend>(
                     run.join("config.toml").display()
                 );
             }
+            // Equal is a finished run, resumed again: nothing to do, and not an error.
+            if cfg.steps < ck.state.step {
+                bail!(
+                    "--steps {} is below the checkpoint's step {}: the run is past it; give a larger --steps",
+                    cfg.steps,
+                    ck.state.step
+                );
+            }
             let state: LoaderState = serde_json::from_value(ck.state.loader.clone())?;
             loader.restore(&state)?;
             Some(ck)
         }
         None => None,
     };
+    // The run folder and its config, once the settings are known to make a model (and, on a
+    // resume, to continue it).
+    std::fs::create_dir_all(&run)
+        .with_context(|| format!("--out {}: cannot create", run.display()))?;
+    crate::tensors::write_atomic(&run.join("config.toml"), cfg.to_toml()?.as_bytes())?;
     let params = resumed.as_ref().map_or(&init, |ck| &ck.params);
     let mut model = Gpt::new(backend, model_cfg.clone(), params)?;
     model.plan(BatchShape { batch: b, seq: t })?;
@@ -490,6 +505,13 @@ fn train_on<B: Backend>(
     let mut params = vec![0.0; layout.total()];
     model.backend().download(model.params(), &mut params)?;
     hf::save_gpt2(&run.join("model"), &model_cfg, &params)?;
+    // Beside the weights, as `save_pretrained` users expect: `flint generate RUN/model` and
+    // `AutoTokenizer.from_pretrained` find it there.
+    if let Some(file) = tokenizer.file() {
+        let bytes =
+            std::fs::read(file).with_context(|| format!("{}: cannot read", file.display()))?;
+        crate::tensors::write_atomic(&run.join("model/tokenizer.json"), &bytes)?;
+    }
     let sample = if interrupted {
         None
     } else {
