@@ -852,6 +852,74 @@ fn doctor_reports_a_library_that_is_not_the_driver() {
     assert!(err.contains("cuDriverGetVersion"), "{err}");
 }
 
+/// Compiles C `source` into the shared library `path` with the system's gcc.
+fn shared_library(path: &Path, source: &str) {
+    let c = path.with_extension("c");
+    std::fs::write(&c, source).unwrap();
+    let out = Command::new("gcc")
+        .args(["-shared", "-fPIC", "-o"])
+        .arg(path)
+        .arg(&c)
+        .output()
+        .expect("gcc (CI installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// With both a CUDA 12 and a CUDA 13 NVRTC on the search path, the one the driver can run is
+/// taken, whichever comes first; a CUDA 13 driver takes the first. Stub libraries: a driver
+/// that reports its CUDA version and no GPU, and NVRTCs with every entry point flint binds.
+#[test]
+fn doctor_takes_the_nvrtc_the_driver_can_run() {
+    let dir = Scratch::new();
+    let nvrtc = |major: u32| {
+        let folder = dir.path(&format!("cu{major}"));
+        std::fs::create_dir_all(&folder).unwrap();
+        let mut source =
+            format!("int nvrtcVersion(int *a, int *b) {{ *a = {major}; *b = 0; return 0; }}\n");
+        for f in [
+            "nvrtcCreateProgram",
+            "nvrtcCompileProgram",
+            "nvrtcGetProgramLogSize",
+            "nvrtcGetProgramLog",
+            "nvrtcGetCUBINSize",
+            "nvrtcGetCUBIN",
+            "nvrtcDestroyProgram",
+        ] {
+            source += &format!("int {f}(void) {{ return 1; }}\n");
+        }
+        shared_library(&folder.join(format!("libnvrtc.so.{major}")), &source);
+        folder
+    };
+    let (cu13, cu12) = (nvrtc(13), nvrtc(12));
+    for (version, want) in [(12040, &cu12), (13000, &cu13)] {
+        let driver = dir.path(&format!("driver{version}"));
+        std::fs::create_dir_all(&driver).unwrap();
+        shared_library(
+            &driver.join("libcuda.so.1"),
+            &format!(
+                "int cuDriverGetVersion(int *v) {{ *v = {version}; return 0; }}\n\
+                 int cuInit(unsigned f) {{ return 0; }}\n\
+                 int cuDeviceGetCount(int *c) {{ *c = 0; return 0; }}\n"
+            ),
+        );
+        let path = std::env::join_paths([&cu13, &cu12, &driver]).unwrap();
+        let (_, v) = doctor_json(&[("LD_LIBRARY_PATH", Path::new(&path))], &[]);
+        let lib = v["libraries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["name"] == "libnvrtc")
+            .unwrap()
+            .clone();
+        let expected = want.join(format!("libnvrtc.so.{}", version / 1000));
+        assert_eq!(lib["path"], expected.display().to_string(), "{v}");
+    }
+}
+
 #[test]
 fn device_flag_errors_are_one_line_with_exit_2() {
     for (device, expect) in [

@@ -148,17 +148,32 @@ fn find(lib: Lib, dirs: &[PathBuf]) -> Option<Found> {
         )),
         None => open(lib, path),
     };
+    // A library built for a newer CUDA than the driver supports cannot run: while one the
+    // driver can run exists anywhere in the search (a machine may hold both the cu12 and the
+    // cu13 wheels), it comes first.
+    let driver_major = match lib {
+        Lib::Nvrtc | Lib::CublasLt => loaded(Lib::Driver)
+            .and_then(|d| driver_cuda_version(&d.path).ok())
+            .map(|v| v / 1000),
+        _ => None,
+    };
+    let runs = |soname: &str| match (driver_major, soname.rsplit('.').next()) {
+        (Some(d), Some(major)) => major.parse::<i32>().is_ok_and(|m| m <= d),
+        _ => true,
+    };
     // The first candidate file wins, in search order; a broken one is still the one reported,
     // since it is what the user's setup points at.
-    for dir in dirs {
-        for soname in lib.sonames() {
-            let path = dir.join(soname);
-            if path.exists() {
-                return Some(Found {
-                    lib,
-                    loaded: open(&path),
-                    path,
-                });
+    for only_runnable in [true, false] {
+        for dir in dirs {
+            for &soname in lib.sonames() {
+                let path = dir.join(soname);
+                if (runs(soname) || !only_runnable) && path.exists() {
+                    return Some(Found {
+                        lib,
+                        loaded: open(&path),
+                        path,
+                    });
+                }
             }
         }
     }
@@ -278,6 +293,25 @@ fn segments_present(path: &Path) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The CUDA version the driver library at `path` supports, as `cuDriverGetVersion` gives it
+/// (12040 for 12.4); an error names a missing entry point (a wrong or stub library).
+pub fn driver_cuda_version(path: &Path) -> Result<i32, String> {
+    use libloading::os::unix::{Library, RTLD_NOW};
+    // SAFETY: the library is loaded already (this takes a reference); cuDriverGetVersion takes
+    // one out-pointer in every CUDA, and needs no cuInit.
+    unsafe {
+        let l = Library::open(Some(path), RTLD_NOW).map_err(|e| loader_message(&e))?;
+        let f = l
+            .get::<unsafe extern "C" fn(*mut i32) -> i32>(b"cuDriverGetVersion")
+            .map_err(|e| format!("cuDriverGetVersion: {}", loader_message(&e)))?;
+        let mut v = 0;
+        match f(&mut v) {
+            0 => Ok(v),
+            code => Err(format!("cuDriverGetVersion failed ({code})")),
+        }
+    }
 }
 
 /// libloading's own message is just "dlopen failed"; the loader's reason is its source.

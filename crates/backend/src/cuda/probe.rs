@@ -215,11 +215,8 @@ fn library_version(lib: Lib, found: &libs::Found) -> Result<String, String> {
         };
         match lib {
             Lib::Driver => {
-                let f = l
-                    .get::<unsafe extern "C" fn(*mut i32) -> i32>(b"cuDriverGetVersion")
-                    .map_err(|e| missing("cuDriverGetVersion", e))?;
-                let mut v = 0;
-                f(&mut v);
+                let v = libs::driver_cuda_version(&found.path)
+                    .map_err(|e| format!("is not a usable {} ({e})", lib.name()))?;
                 Ok(format!("CUDA {}.{}", v / 1000, (v % 1000) / 10))
             }
             Lib::Nvrtc => {
