@@ -348,6 +348,22 @@ fn jsonl_documents_are_the_text_field_of_each_line() {
 }
 
 #[test]
+fn a_byte_order_mark_is_not_part_of_the_text() {
+    let tmp = Tmp::new("bom");
+    let f = tmp.write("data/d.jsonl", "\u{feff}{\"text\": \"first\"}\n");
+    tmp.write("data/e.txt", "\u{feff}second");
+    let d = prepare(
+        Source::Path(f.parent().unwrap().to_path_buf()),
+        &Tokenizer::Bytes,
+        &tmp.path("cache"),
+        0.0,
+    )
+    .unwrap();
+    assert_eq!(text(&d.train, &Tokenizer::Bytes), "first\n\nsecond");
+    assert!(d.warnings.is_empty(), "{:?}", d.warnings);
+}
+
+#[test]
 fn embedded_text_is_a_source_like_a_file() {
     let tmp = Tmp::new("embedded");
     let d = prepare(

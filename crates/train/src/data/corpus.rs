@@ -104,13 +104,15 @@ pub(crate) fn list_files(path: &Path) -> Result<Vec<InputFile>> {
     found.into_iter().map(input_file).collect()
 }
 
-/// Checks that `bytes` is text: UTF-8 without NUL bytes. Returns it as `&str`, or why not.
+/// Checks that `bytes` is text: UTF-8 without NUL bytes. Returns it as `&str` without a leading
+/// byte-order mark (Windows editors write one; it is no part of the text), or why not.
 fn as_text(bytes: &[u8]) -> std::result::Result<&str, String> {
     if let Some(i) = bytes.iter().position(|&b| b == 0) {
         return Err(format!("binary (a NUL byte at offset {i})"));
     }
-    std::str::from_utf8(bytes)
-        .map_err(|e| format!("not UTF-8 (an invalid byte at offset {})", e.valid_up_to()))
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| format!("not UTF-8 (an invalid byte at offset {})", e.valid_up_to()))?;
+    Ok(text.strip_prefix('\u{feff}').unwrap_or(text))
 }
 
 #[derive(serde::Deserialize)]
