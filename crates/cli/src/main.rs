@@ -76,16 +76,29 @@ fn main() -> ExitCode {
         }
     }
     let device = cli.device.as_deref();
+    // The selected device, and why `auto` fell back to the CPU.
+    let select = || -> anyhow::Result<(Device, Option<String>)> {
+        let s = device::select(DeviceRequest::parse(device.unwrap_or("auto"))?)?;
+        Ok((s.device, s.fallback_reason))
+    };
     let result = match cli.command {
-        Command::Demo => select(device).and_then(|d| demo::run(&d, cli.verbose)),
-        Command::Forward(args) => select(device).and_then(|d| forward::run(args, &d, cli.verbose)),
-        Command::Bench(b) => select(device).and_then(|d| bench::run(b, &d, cli.verbose)),
-        Command::Train(args) => train::run(*args, cli.device, cli.threads, cli.verbose),
-        Command::Generate(args) => select(device).and_then(|d| generate::run(args, &d)),
-        // Tokenizers run on the CPU whatever `--device` says, but a wrong one is still refused.
-        Command::Tokenizer(t) => {
-            DeviceRequest::parse(device.unwrap_or("auto")).and_then(|_| tokenizer::run(t))
+        Command::Demo => select().and_then(|(d, why)| demo::run(&d, cli.verbose).map(|()| why)),
+        Command::Forward(args) => {
+            select().and_then(|(d, why)| forward::run(args, &d, cli.verbose).map(|()| why))
         }
+        Command::Bench(b) => {
+            select().and_then(|(d, why)| bench::run(b, &d, cli.verbose).map(|()| why))
+        }
+        Command::Train(args) => {
+            train::run(*args, cli.device, cli.threads, cli.verbose).map(|()| None)
+        }
+        Command::Generate(args) => {
+            select().and_then(|(d, why)| generate::run(args, &d).map(|()| why))
+        }
+        // Tokenizers run on the CPU whatever `--device` says, but a wrong one is still refused.
+        Command::Tokenizer(t) => DeviceRequest::parse(device.unwrap_or("auto"))
+            .and_then(|_| tokenizer::run(t))
+            .map(|()| None),
         Command::Doctor(args) => match doctor::run(args, device) {
             Ok(true) => return ExitCode::SUCCESS,
             Ok(false) => return ExitCode::from(1),
@@ -93,7 +106,14 @@ fn main() -> ExitCode {
         },
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        // The CPU fallback is explained on stderr (stdout keeps the exact `Using device: ...`
+        // line), after the output, so that a failed command's stderr is its one error line.
+        Ok(fallback) => {
+            if let Some(why) = fallback {
+                eprintln!("note: running on the CPU: {why}");
+            }
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
@@ -158,14 +178,4 @@ pub fn start_threads(threads: Option<usize>) -> anyhow::Result<()> {
     };
     pool.build_global()
         .map_err(|e| anyhow::anyhow!("cannot start the worker threads: {e}"))
-}
-
-/// Resolves `--device` (default `auto`); a fallback to the CPU is explained on stderr, so that
-/// stdout keeps the exact `Using device: ...` line.
-fn select(arg: Option<&str>) -> anyhow::Result<Device> {
-    let selection = device::select(DeviceRequest::parse(arg.unwrap_or("auto"))?)?;
-    if let Some(why) = &selection.fallback_reason {
-        eprintln!("note: running on the CPU: {why}");
-    }
-    Ok(selection.device)
 }

@@ -1052,3 +1052,69 @@ fn doctor_finds_nvrtc_in_a_virtual_environments_pip_wheel() {
         "{nvrtc}"
     );
 }
+
+/// A run trained with a tokenizer file given by a relative path samples from anywhere: the
+/// tokenizer is copied beside the model, and generation reads that copy.
+#[test]
+fn generate_finds_the_run_tokenizer_from_another_folder() {
+    let dir = Scratch::new();
+    std::fs::create_dir_all(dir.path("text")).unwrap();
+    let text: String = (0..400)
+        .map(|i| format!("line {i} of the little corpus\n"))
+        .collect();
+    std::fs::write(dir.path("text/a.txt"), text).unwrap();
+    let in_dir = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_flint"))
+            .args(args)
+            .current_dir(&dir.0)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    in_dir(&[
+        "tokenizer",
+        "train",
+        "--data",
+        "text",
+        "--vocab-size",
+        "300",
+        "--out",
+        "tok.json",
+    ]);
+    in_dir(&[
+        "train",
+        "--tokenizer",
+        "tok.json",
+        "--data",
+        "text",
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "32",
+        "--n-head",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "16",
+        "--steps",
+        "2",
+        "--out",
+        "run",
+    ]);
+    assert!(dir.path("run/model/tokenizer.json").is_file());
+    let run = dir.path("run").display().to_string();
+    let out = flint([
+        "generate",
+        &run,
+        "--prompt",
+        "line",
+        "--max-new-tokens",
+        "4",
+    ]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+}

@@ -75,11 +75,15 @@ pub fn generate_text<B: Backend>(
 ) -> Result<String> {
     let run_config = path.join("config.toml");
     let (model_dir, spec) = if run_config.exists() {
+        // The copy in RUN/model first: the path in config.toml may be relative to where the
+        // run was started.
+        let copy = path.join("model/tokenizer.json");
         let saved = TrainOptions::from_toml_file(&run_config)?;
-        (
-            path.join("model"),
-            saved.tokenizer.unwrap_or_else(|| "bytes".into()),
-        )
+        let spec = match copy.is_file() {
+            true => copy.display().to_string(),
+            false => saved.tokenizer.unwrap_or_else(|| "bytes".into()),
+        };
+        (path.join("model"), spec)
     } else if path.join("tokenizer.json").exists() {
         (
             path.to_path_buf(),
