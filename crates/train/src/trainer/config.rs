@@ -138,16 +138,21 @@ impl TrainOptions {
         )
     }
 
-    /// Fills the defaults (the `tiny` job on the embedded corpus) and checks every value.
+    /// Fills the defaults (the `tiny` job on the embedded corpus) and checks every value. Input
+    /// paths become absolute, so that the saved config resumes from any folder.
     pub fn resolve(self) -> Result<TrainConfig> {
+        let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
         let c = TrainConfig {
             preset: match self.init_from {
                 Some(_) => self.preset,
                 None => Some(self.preset.unwrap_or_else(|| "tiny".into())),
             },
-            init_from: self.init_from,
-            data: self.data,
-            tokenizer: self.tokenizer.unwrap_or_else(|| "bytes".into()),
+            init_from: self.init_from.map(absolute),
+            data: self.data.map(absolute),
+            tokenizer: match self.tokenizer {
+                Some(t) if t != "bytes" => absolute(t.into()).display().to_string(),
+                _ => "bytes".into(),
+            },
             data_order: self.data_order.unwrap_or(DataOrder::Sequential),
             batch_size: self.batch_size.unwrap_or(16),
             seq_len: self.seq_len.unwrap_or(128),
