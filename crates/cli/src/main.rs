@@ -89,9 +89,12 @@ fn main() -> ExitCode {
         Command::Bench(b) => {
             select().and_then(|(d, why)| bench::run(b, &d, cli.verbose).map(|()| why))
         }
-        Command::Train(args) => {
-            train::run(*args, cli.device, cli.threads, cli.verbose).map(|()| None)
-        }
+        // Interrupted by Ctrl-C (its checkpoint written): 130, as a shell reports one.
+        Command::Train(args) => match train::run(*args, cli.device, cli.threads, cli.verbose) {
+            Ok(true) => return ExitCode::from(130),
+            Ok(false) => Ok(None),
+            Err(e) => Err(e),
+        },
         Command::Generate(args) => {
             select().and_then(|(d, why)| generate::run(args, &d).map(|()| why))
         }

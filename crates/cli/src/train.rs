@@ -174,7 +174,8 @@ impl Observer for Printer {
     }
 }
 
-pub fn run(a: Args, device: Option<String>, threads: Option<usize>, verbose: bool) -> Result<()> {
+/// Trains; returns whether Ctrl-C interrupted the run (after its checkpoint was written).
+pub fn run(a: Args, device: Option<String>, threads: Option<usize>, verbose: bool) -> Result<bool> {
     let flags = TrainOptions {
         preset: a.preset,
         init_from: a.init_from,
@@ -237,7 +238,7 @@ pub fn run(a: Args, device: Option<String>, threads: Option<usize>, verbose: boo
             done.last_step,
             done.run.display()
         );
-        return Ok(());
+        return Ok(true);
     }
     if let (Some(first), Some(last)) = (done.first_val_loss, done.last_val_loss) {
         println!("val loss {first:.4} -> {last:.4} ({:.2}x)", last / first);
@@ -249,5 +250,5 @@ pub fn run(a: Args, device: Option<String>, threads: Option<usize>, verbose: boo
     if let Some(sample) = done.sample {
         println!("sample:\n{sample}");
     }
-    Ok(())
+    Ok(false)
 }
