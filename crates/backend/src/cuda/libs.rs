@@ -384,15 +384,16 @@ fn search_dirs() -> Vec<PathBuf> {
         }
     }
     dirs.extend(wheel_dirs(Path::new("/usr/lib/python3/dist-packages")));
-    // The loader's own folders, where the driver's libcuda.so.1 lives (Debian's multiarch
-    // folders, RHEL's lib64, WSL's): found here, it is checked like any other file before it is
-    // opened, rather than opened blind by its soname.
+    // The loader's own folders, where the driver's libcuda.so.1 lives (WSL's, Debian's
+    // multiarch folders, RHEL's lib64): found here, it is checked like any other file before it
+    // is opened, rather than opened blind by its soname. WSL's first: where it exists, a
+    // libcuda.so.1 in the multiarch folder is a Linux driver's that cannot run there.
     for dir in [
+        "/usr/lib/wsl/lib",
         "/usr/lib/x86_64-linux-gnu",
         "/lib/x86_64-linux-gnu",
         "/usr/lib/aarch64-linux-gnu",
         "/lib/aarch64-linux-gnu",
-        "/usr/lib/wsl/lib",
         "/lib64",
     ] {
         dirs.push(dir.into());
