@@ -33,8 +33,14 @@ const SMALL: [&str; 14] = [
 ];
 
 fn flint(args: &[&str]) -> Output {
+    flint_in(Path::new("."), args)
+}
+
+/// [`flint`] started in `dir`, where relative paths resolve.
+fn flint_in(dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_flint"))
         .args(args)
+        .current_dir(dir)
         .output()
         .unwrap()
 }
@@ -293,4 +299,56 @@ fn generate_continues_a_prompt_from_a_run() {
         out.stdout, again.stdout,
         "the same seed gives the same text"
     );
+}
+
+/// A run trained with a tokenizer file given by a relative path samples from anywhere: the
+/// tokenizer is copied beside the model, and generation reads that copy.
+#[test]
+fn generate_finds_the_run_tokenizer_from_another_folder() {
+    let dir = scratch("relative-tokenizer");
+    std::fs::create_dir_all(dir.join("text")).unwrap();
+    let text: String = (0..400)
+        .map(|i| format!("line {i} of the little corpus\n"))
+        .collect();
+    std::fs::write(dir.join("text/a.txt"), text).unwrap();
+    let succeeds = |out: Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let tokenizer = [
+        "tokenizer",
+        "train",
+        "--data",
+        "text",
+        "--vocab-size",
+        "300",
+        "--out",
+        "tok.json",
+    ];
+    succeeds(flint_in(&dir, &tokenizer));
+    let mut train = vec![
+        "train",
+        "--tokenizer",
+        "tok.json",
+        "--data",
+        "text",
+        "--steps",
+        "2",
+    ];
+    train.extend(SMALL);
+    train.extend(["--out", "run"]);
+    succeeds(flint_in(&dir, &train));
+    assert!(dir.join("run/model/tokenizer.json").is_file());
+    let run = run_dir(&dir, "run");
+    succeeds(flint(&[
+        "generate",
+        &run,
+        "--prompt",
+        "line",
+        "--max-new-tokens",
+        "4",
+    ]));
 }
