@@ -184,7 +184,8 @@ fn find(lib: Lib, dirs: &[PathBuf]) -> Option<Found> {
             Ok(()) => {
                 return Some(Found {
                     lib,
-                    path: mapped_path(lib).unwrap_or_else(|| PathBuf::from(soname)),
+                    path: mapped_path(&format!("{}.so", lib.name()))
+                        .unwrap_or_else(|| PathBuf::from(soname)),
                     loaded: Ok(()),
                 })
             }
@@ -201,16 +202,16 @@ fn find(lib: Lib, dirs: &[PathBuf]) -> Option<Found> {
     None
 }
 
-/// The file a loaded library was mapped from, from `/proc/self/maps`.
-fn mapped_path(lib: Lib) -> Option<PathBuf> {
+/// The file a loaded library whose name starts with `stem` (`libcuda.so`) was mapped from, from
+/// `/proc/self/maps`.
+fn mapped_path(stem: &str) -> Option<PathBuf> {
     let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
-    let stem = format!("{}.so", lib.name());
     maps.lines()
         .filter_map(|line| line.split_whitespace().nth(5))
         .find(|path| {
             Path::new(path)
                 .file_name()
-                .is_some_and(|f| f.to_string_lossy().starts_with(&stem))
+                .is_some_and(|f| f.to_string_lossy().starts_with(stem))
         })
         .map(PathBuf::from)
 }
@@ -440,16 +441,7 @@ mod tests {
 
     /// The C library this test process runs with: a real, complete ELF shared library.
     fn libc_path() -> PathBuf {
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        maps.lines()
-            .filter_map(|l| l.split_whitespace().nth(5))
-            .find(|p| {
-                Path::new(p)
-                    .file_name()
-                    .is_some_and(|f| f.to_string_lossy().starts_with("libc.so"))
-            })
-            .map(PathBuf::from)
-            .expect("libc is mapped")
+        mapped_path("libc.so").expect("libc is mapped")
     }
 
     #[test]
