@@ -54,7 +54,8 @@ pub fn max_rel_err(reference: &[f32], tested: &[f32]) -> f64 {
 type Case<A, B> = fn(&mut Harness<A, B>) -> Result<()>;
 
 /// Runs every case on `reference` and `tested` (in fp32) with inputs drawn from `seed`, then
-/// the matrix products again in every lower precision `tested` supports (tf32, bf16, fp16),
+/// the matrix products again (the NaN one included) in every lower precision `tested` supports
+/// (tf32, bf16, fp16),
 /// each against its own threshold ([`Precision::tolerance`]). A call that fails on either side
 /// is a failed row carrying the error. `tested` is left in fp32.
 pub fn run<A: Backend, B: Backend>(reference: &A, tested: &B, seed: u64) -> Result<Vec<ParityRow>> {
@@ -66,8 +67,9 @@ pub fn run<A: Backend, B: Backend>(reference: &A, tested: &B, seed: u64) -> Resu
         rows: Vec::new(),
         precision: Precision::Fp32,
     };
-    let cases: [(&str, Case<A, B>); 15] = [
+    let cases: [(&str, Case<A, B>); 16] = [
         ("matmul", matmul),
+        ("nan_input", nan_input),
         ("linear_activation", linear_activation),
         ("transpose", transpose),
         ("layernorm", layernorm),
@@ -92,6 +94,7 @@ pub fn run<A: Backend, B: Backend>(reference: &A, tested: &B, seed: u64) -> Resu
             h.precision = p;
             h.run_case("matmul", matmul);
             h.run_case("linear_activation", linear_activation);
+            h.run_case("nan_input", nan_input);
             if p == Precision::Bf16 {
                 h.run_case("attention_products", attention_products);
             }
@@ -682,6 +685,40 @@ fn attention_products<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<(
         case.backward(h, None)?;
         h.check(&format!("{} backward", case.name()), &[("dqkv", case.dqkv)])?;
     }
+    Ok(())
+}
+
+/// A NaN in a low-precision product's input stays a NaN in exactly the outputs it reaches. The
+/// NaN is the GPU's own (bits `0x7fffffff`, from `0 * inf` or `inf - inf`), whose careless
+/// rounding to bf16 carries into the sign bit and gives -0: a diverged row would then read as
+/// zeros and the loss would look finite.
+fn nan_input<A: Backend, B: Backend>(h: &mut Harness<A, B>) -> Result<()> {
+    let (rows, k, n) = (128, 64, 96);
+    let mut data: Vec<f32> = (0..rows * k).map(|_| h.rng.uniform(1.0)).collect();
+    data[5 * k + 3] = f32::from_bits(0x7fff_ffff);
+    let (inp, w, out) = (h.upload(&data)?, h.random(k * n)?, h.random(rows * n)?);
+    both_ok(both!(h, |bk, t| bk.matmul_forward(
+        t(out),
+        t(inp),
+        weight(t(w), InOut),
+        None,
+        rows,
+        k,
+        n
+    )))?;
+    let (a, b) = h.download(out)?;
+    let same_nans = a.iter().zip(&b).all(|(x, y)| x.is_nan() == y.is_nan());
+    let finite = |v: &[f32]| {
+        v.iter()
+            .map(|x| if x.is_nan() { 0.0 } else { *x })
+            .collect::<Vec<_>>()
+    };
+    let err = if same_nans && a.iter().any(|x| x.is_nan()) {
+        max_rel_err(&finite(&a), &finite(&b))
+    } else {
+        f64::INFINITY
+    };
+    h.push("matmul_forward with a NaN input: out".into(), "fp32", err);
     Ok(())
 }
 

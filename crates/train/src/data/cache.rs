@@ -400,10 +400,7 @@ fn tokenize(
         if warnings.is_empty() {
             bail!("--data {source_name}: no text to train on");
         }
-        bail!(
-            "--data {source_name}: nothing left to train on, every input was skipped:\n  {}",
-            warnings.join("\n  ")
-        );
+        return Err(corpus::nothing_left(source_name, &warnings));
     }
     Ok(Manifest {
         format: FORMAT.to_string(),

@@ -120,6 +120,22 @@ struct JsonLine {
     text: String,
 }
 
+/// The one-line error when no input gave any text: the first skip's reason (the warnings say
+/// the rest), and what to give instead.
+pub(crate) fn nothing_left(data: &str, warnings: &[String]) -> anyhow::Error {
+    let first = warnings
+        .first()
+        .map_or("", |w| w.trim_end_matches(", skipped"));
+    let more = match warnings.len() {
+        0 | 1 => String::new(),
+        n => format!(" (and {} more inputs skipped)", n - 1),
+    };
+    anyhow::anyhow!(
+        "--data {data}: nothing left to train on: {first}{more}; give UTF-8 text: .txt files, \
+         or .jsonl files whose lines are objects with a string field `text`"
+    )
+}
+
 /// The documents of one file: the whole text of a `.txt` file, or the `text` field of each line
 /// of a `.jsonl` file. Empty documents are dropped. Unreadable files are errors; binary and
 /// non-UTF-8 files are [`Read::Skipped`] with the warning to show.

@@ -264,10 +264,14 @@ pub fn train_bpe(inputs: &[PathBuf], vocab_size: usize, out: &Path) -> Result<Ve
     }
     let mut warnings = warnings.into_inner().unwrap();
     if docs.into_inner() == 0 {
-        bail!(
-            "--data: nothing to train on, every input file was skipped:\n  {}",
-            warnings.join("\n  ")
-        );
+        return Err(corpus::nothing_left(
+            &inputs
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            &warnings,
+        ));
     }
     let got = tok.get_vocab_size(true);
     if got < vocab_size {

@@ -10,10 +10,12 @@ typedef unsigned int u32;
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
-// x rounded to the nearest bf16 (ties to even), as its 16 bits. Infinities stay infinite; a NaN
-// stays a NaN unless its payload is only in the low 16 bits.
+// x rounded to the nearest bf16 (ties to even), as its 16 bits. Infinities stay infinite. A NaN
+// is kept a (quiet) NaN apart: rounding would carry the GPU's own NaN, 0x7fffffff (from 0 * inf
+// or inf - inf), into the sign bit and make it -0, so a diverged row would read as zeros.
 __device__ __forceinline__ u32 bf16_bits(float x) {
     const u32 b = __float_as_uint(x);
+    if ((b & 0x7fffffffu) > 0x7f800000u) return (b >> 16) | 0x40u;
     return (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
 }
 
