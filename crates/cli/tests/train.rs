@@ -342,6 +342,18 @@ fn generate_finds_the_run_tokenizer_from_another_folder() {
     train.extend(["--out", "run"]);
     succeeds(flint_in(&dir, &train));
     assert!(dir.join("run/model/tokenizer.json").is_file());
+    // HF `generate` stops at config.json's eos_token_id: the tokenizer's end-of-text id.
+    let json = |path: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(path)).unwrap()).unwrap()
+    };
+    let eot = json("tok.json")["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["content"] == "<|endoftext|>")
+        .unwrap()["id"]
+        .clone();
+    assert_eq!(json("run/model/config.json")["eos_token_id"], eot);
     let run = run_dir(&dir, "run");
     succeeds(flint(&[
         "generate",
@@ -351,4 +363,55 @@ fn generate_finds_the_run_tokenizer_from_another_folder() {
         "--max-new-tokens",
         "4",
     ]));
+}
+
+/// `{"step": N, "val_loss"}` of the model after step N's update (the one `RUN/model` holds after
+/// the last step), and step 0 of the initial model: a run started from another's final model
+/// logs, as its step 0, the other's last validation loss.
+#[test]
+fn validation_is_logged_for_the_initial_model_and_after_each_update() {
+    let dir = scratch("validation");
+    let val_losses = |run: &str| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(dir.join(run).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|v| v.get("val_loss").is_some())
+            .map(|v| (v["step"].as_u64().unwrap(), v["val_loss"].as_f64().unwrap()))
+            .collect()
+    };
+    let mut first = vec![
+        "train",
+        "--steps",
+        "2",
+        "--eval-every",
+        "1",
+        "--out",
+        "first",
+    ];
+    first.extend(SMALL);
+    let out = flint_in(&dir, &first);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut next = vec!["train", "--init-from", "first/model", "--steps", "1"];
+    next.extend(SMALL);
+    next.extend(["--out", "next"]);
+    let out = flint_in(&dir, &next);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let (first, next) = (val_losses("first"), val_losses("next"));
+    let steps: Vec<u64> = first.iter().map(|v| v.0).collect();
+    assert_eq!(steps, [0, 1, 2]);
+    assert!(
+        first[0].1 != first[1].1 && first[1].1 != first[2].1,
+        "{first:?}"
+    );
+    assert_eq!(next[0], (0, first[2].1), "{next:?} after {first:?}");
 }

@@ -129,7 +129,9 @@ fn as_written(x: f32) -> f64 {
 
 /// Writes `DIR/config.json` and `DIR/model.safetensors` so that
 /// `GPT2LMHeadModel.from_pretrained(DIR)` loads the model (the head is tied, as in GPT-2).
-pub fn save_gpt2(dir: &Path, config: &GptConfig, params: &[f32]) -> Result<()> {
+/// `eot` is the tokenizer's `<|endoftext|>` id, GPT-2's `bos_token_id` and `eos_token_id`;
+/// without one (`bytes`) both are null, so `generate` stops at no ordinary token.
+pub fn save_gpt2(dir: &Path, config: &GptConfig, params: &[f32], eot: Option<u32>) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let c = config;
     let hf = serde_json::json!({
@@ -151,8 +153,8 @@ pub fn save_gpt2(dir: &Path, config: &GptConfig, params: &[f32]) -> Result<()> {
         "scale_attn_weights": true,
         "tie_word_embeddings": true,
         "use_cache": true,
-        "bos_token_id": c.vocab_size - 1,
-        "eos_token_id": c.vocab_size - 1,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
         "torch_dtype": "float32",
     });
     let text = serde_json::to_string_pretty(&hf)? + "\n";

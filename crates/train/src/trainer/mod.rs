@@ -127,6 +127,36 @@ fn evaluate<B: Backend>(model: &mut Gpt<B>, val: &Tokens, batch: usize, seq: usi
     Ok((total / batches as f64) as f32)
 }
 
+/// The held-out split (when it holds more than one batch) and the losses logged on it.
+struct Validation<'a> {
+    val: Option<&'a Tokens>,
+    batch: (usize, usize),
+    /// The first loss logged: a resumed run's is the one it logged before it stopped.
+    first: Option<f32>,
+    last: Option<f32>,
+}
+
+impl Validation<'_> {
+    /// Evaluates `model` and logs the loss as `step`'s, everywhere the loss goes.
+    fn log<B: Backend>(
+        &mut self,
+        step: u64,
+        model: &mut Gpt<B>,
+        metrics: &mut MetricsWriter,
+        events: &mut EventWriter,
+        obs: &mut dyn Observer,
+    ) -> Result<()> {
+        let Some(val) = self.val else { return Ok(()) };
+        let v = evaluate(model, val, self.batch.0, self.batch.1)?;
+        self.first.get_or_insert(v);
+        self.last = Some(v);
+        metrics.write_eval(step, v)?;
+        events.add_scalar("val_loss", v, step as i64, wall_time_now())?;
+        obs.eval(step, v);
+        Ok(())
+    }
+}
+
 /// Trains from `options` (a new run) or continues `resume` (a run folder) until the last step
 /// or until `stop` is set (Ctrl-C), which checkpoints and returns.
 pub fn train(
@@ -406,8 +436,17 @@ fn train_on<B: Backend>(
 
     let accum = cfg.grad_accum_steps;
     let (mut x, mut y) = (vec![0i32; b * t], vec![0i32; b * t]);
-    // A resumed run's first validation loss is the one it logged before it stopped.
-    let (mut first_val, mut last_val) = (metrics.first_val_loss(), None);
+    // Evaluations log the model after that step's update (the one `checkpoints/step_N` holds),
+    // as llm.c does, and a new run first logs its initial model as step 0.
+    let mut validation = Validation {
+        val: dataset.val.as_ref().filter(|v| v.len() > b * t),
+        batch: (b, t),
+        first: metrics.first_val_loss(),
+        last: None,
+    };
+    if first_step == 1 {
+        validation.log(0, &mut model, &mut metrics, &mut events, obs)?;
+    }
     let started = Instant::now();
     let mut last_step = first_step - 1;
     let mut interrupted = false;
@@ -481,15 +520,8 @@ fn train_on<B: Backend>(
         });
 
         let last = step == cfg.steps;
-        if let Some(val) = &dataset.val {
-            if val.len() > b * t && (every(step, cfg.eval_every) || last || step == 1) {
-                let v = evaluate(&mut model, val, b, t)?;
-                first_val.get_or_insert(v);
-                last_val = Some(v);
-                metrics.write_eval(step, v)?;
-                events.add_scalar("val_loss", v, step as i64, wall_time_now())?;
-                obs.eval(step, v);
-            }
+        if every(step, cfg.eval_every) || last {
+            validation.log(step, &mut model, &mut metrics, &mut events, obs)?;
         }
         events.flush()?;
         interrupted = stop.load(Ordering::SeqCst);
@@ -504,7 +536,7 @@ fn train_on<B: Backend>(
 
     let mut params = vec![0.0; layout.total()];
     model.backend().download(model.params(), &mut params)?;
-    hf::save_gpt2(&run.join("model"), &model_cfg, &params)?;
+    hf::save_gpt2(&run.join("model"), &model_cfg, &params, tokenizer.eot())?;
     // Beside the weights, as `save_pretrained` users expect: `flint generate RUN/model` and
     // `AutoTokenizer.from_pretrained` find it there.
     if let Some(file) = tokenizer.file() {
@@ -529,8 +561,8 @@ fn train_on<B: Backend>(
         run,
         last_step,
         interrupted,
-        first_val_loss: first_val,
-        last_val_loss: last_val,
+        first_val_loss: validation.first,
+        last_val_loss: validation.last,
         sample,
     })
 }
