@@ -415,3 +415,19 @@ fn validation_is_logged_for_the_initial_model_and_after_each_update() {
     );
     assert_eq!(next[0], (0, first[2].1), "{next:?} after {first:?}");
 }
+
+/// A Hugging Face folder whose model is not a byte model and that has no `tokenizer.json` is
+/// refused with the fix, rather than sampled as bytes.
+#[test]
+fn generate_from_a_folder_without_its_tokenizer_says_which_flag_to_pass() {
+    let dir = scratch("no-tokenizer");
+    let config =
+        r#"{"vocab_size": 300, "n_positions": 16, "n_embd": 8, "n_layer": 1, "n_head": 2}"#;
+    std::fs::write(dir.join("config.json"), config).unwrap();
+    let path = dir.display().to_string();
+    let args = ["generate", path.as_str(), "--prompt", "hi"];
+    assert_rejected(&args, &["no tokenizer.json", "--tokenizer"]);
+    std::fs::write(dir.join("vocab.json"), "{}").unwrap();
+    std::fs::write(dir.join("merges.txt"), "").unwrap();
+    assert_rejected(&args, &["merges.txt", "save_pretrained", "--tokenizer"]);
+}

@@ -64,6 +64,31 @@ pub fn generate<B: Backend>(
     Ok(out)
 }
 
+/// A Hugging Face folder without a `tokenizer.json` is read with `bytes` only when its model has
+/// a byte vocabulary: GPT-2's 50257 ids read as bytes would sample nonsense without a word.
+fn no_tokenizer_file(dir: &Path) -> Result<()> {
+    let fix =
+        "pass --tokenizer PATH/tokenizer.json (or --tokenizer bytes for a model trained on bytes)";
+    if dir.join("vocab.json").exists() && dir.join("merges.txt").exists() {
+        bail!(
+            "{}: has vocab.json and merges.txt but no tokenizer.json: write one with `AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)`, or {fix}",
+            dir.display()
+        );
+    }
+    let config = dir.join("config.json");
+    let vocab = std::fs::read_to_string(&config)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|c| c["vocab_size"].as_u64());
+    match vocab {
+        Some(v) if v > 256 => bail!(
+            "{}: no tokenizer.json, and the model's {v} ids are not bytes: {fix}",
+            dir.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// `flint generate PATH`: PATH is a run folder (its `model/` and the tokenizer it trained with)
 /// or a Hugging Face GPT-2 folder (its `tokenizer.json` if present). `tokenizer` overrides.
 pub fn generate_text<B: Backend>(
@@ -92,6 +117,9 @@ pub fn generate_text<B: Backend>(
     } else {
         (path.to_path_buf(), "bytes".into())
     };
+    if tokenizer.is_none() && spec == "bytes" && model_dir == path {
+        no_tokenizer_file(path)?;
+    }
     let spec = tokenizer.map_or(spec, str::to_string);
     let tokenizer = Tokenizer::from_arg(&spec)?;
     let (config, params) = load_gpt2(&model_dir)?;
