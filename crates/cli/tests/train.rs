@@ -431,3 +431,182 @@ fn generate_from_a_folder_without_its_tokenizer_says_which_flag_to_pass() {
     std::fs::write(dir.join("merges.txt"), "").unwrap();
     assert_rejected(&args, &["merges.txt", "save_pretrained", "--tokenizer"]);
 }
+
+/// A new run refuses a folder that is not a run (it would write over the files there), and
+/// starts over in a run folder that died before its first checkpoint: its logs are the new
+/// run's alone, and half-written checkpoints of dead processes are removed.
+#[test]
+fn a_new_run_uses_only_empty_folders_or_runs_without_checkpoints() {
+    let dir = scratch("folders");
+    std::fs::create_dir_all(dir.join("site")).unwrap();
+    std::fs::write(dir.join("site/config.toml"), "title = \"mine\"\n").unwrap();
+    assert_rejected(
+        &["train", "--steps", "1", "--out", &run_dir(&dir, "site")],
+        &["site", "not a flint run", "--out"],
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("site/config.toml")).unwrap(),
+        "title = \"mine\"\n"
+    );
+
+    let run = dir.join("run");
+    let mut args = vec!["train", "--steps", "2", "--checkpoint-every", "0"];
+    args.extend(SMALL);
+    args.extend(["--out", run.to_str().unwrap()]);
+    assert!(flint(&args).status.success());
+    // As if killed before any checkpoint: no checkpoints, an extra log line, a dead temporary.
+    std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
+    let tmp = run.join("checkpoints/.tmp_step_00000001_4000000000");
+    std::fs::create_dir_all(&tmp).unwrap();
+    let metrics = run.join("metrics.jsonl");
+    let mut text = std::fs::read_to_string(&metrics).unwrap();
+    text.push_str("{\"step\":3,\"val_loss\":9.0}\n");
+    std::fs::write(&metrics, text).unwrap();
+    let events = |run: &Path| {
+        std::fs::read_dir(run)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("events.")
+            })
+            .count()
+    };
+    assert_eq!(events(&run), 1);
+
+    assert!(flint(&args).status.success());
+    let steps: Vec<String> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].to_string())
+        .collect();
+    assert_eq!(
+        steps,
+        ["0", "1", "2", "2"],
+        "train lines for 1 and 2, evals at 0 and 2"
+    );
+    assert_eq!(events(&run), 1, "the dead run's TensorBoard file is gone");
+    assert!(!tmp.exists());
+}
+
+/// A resume warns when the data it continues on is not what the checkpoint was trained on,
+/// and refuses a changed tokenizer file with the fix, even when the vocabulary size changed
+/// with it (which makes the checkpoint's tensors another shape).
+#[test]
+fn resuming_on_changed_data_warns_and_on_a_changed_tokenizer_fails() {
+    let dir = scratch("changed");
+    let text: String = (0..300)
+        .map(|i| format!("line {i} of some text\n"))
+        .collect();
+    std::fs::write(dir.join("a.txt"), &text).unwrap();
+    let tokenizer = |size: &str| {
+        let args = [
+            "tokenizer",
+            "train",
+            "--data",
+            "a.txt",
+            "--vocab-size",
+            size,
+            "--out",
+            "tok.json",
+        ];
+        assert!(flint_in(&dir, &args).status.success());
+    };
+    tokenizer("300");
+    let mut args = vec![
+        "train",
+        "--data",
+        "a.txt",
+        "--tokenizer",
+        "tok.json",
+        "--steps",
+        "2",
+    ];
+    args.extend(SMALL);
+    args.extend(["--out", "run"]);
+    assert!(flint_in(&dir, &args).status.success());
+    let resume = |steps: &str| flint_in(&dir, &["train", "--resume", "run", "--steps", steps]);
+
+    std::fs::write(dir.join("a.txt"), text.replace("line", "lime")).unwrap();
+    let out = resume("3");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("data changed"), "{stderr}");
+
+    tokenizer("280");
+    let out = resume("4");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("tokenizer file") && stderr.contains("put back"),
+        "{stderr}"
+    );
+}
+
+/// `--init-from` a folder with a `tokenizer.json` trains with it unless `--tokenizer` says
+/// otherwise; and a tokenizer that drops whitespace (word-level) still ends the run with a
+/// sample and exit status 0.
+#[test]
+fn init_from_reads_the_folders_tokenizer_and_any_tokenizer_samples() {
+    let dir = scratch("init-tokenizer");
+    let text: String = (0..300)
+        .map(|i| format!("one two three {}\n", i % 7))
+        .collect();
+    std::fs::write(dir.join("a.txt"), &text).unwrap();
+    let words = [
+        "[UNK]", "one", "two", "three", "0", "1", "2", "3", "4", "5", "6",
+    ];
+    let vocab: serde_json::Map<_, _> = words
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), serde_json::json!(i)))
+        .collect();
+    let word_level = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    std::fs::write(dir.join("words.json"), word_level.to_string()).unwrap();
+    let mut args = vec![
+        "train",
+        "--data",
+        "a.txt",
+        "--tokenizer",
+        "words.json",
+        "--steps",
+        "2",
+    ];
+    args.extend(SMALL);
+    args.extend(["--out", "first"]);
+    let out = flint_in(&dir, &args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("sample:"), "{stdout}");
+
+    let mut args = vec![
+        "train",
+        "--data",
+        "a.txt",
+        "--init-from",
+        "first/model",
+        "--steps",
+        "1",
+    ];
+    args.extend(["--batch-size", "4", "--seq-len", "32", "--out", "next"]);
+    let out = flint_in(&dir, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let config = std::fs::read_to_string(dir.join("next/config.toml")).unwrap();
+    assert!(config.contains("first/model/tokenizer.json"), "{config}");
+    assert!(dir.join("next/model/tokenizer.json").is_file());
+}

@@ -32,6 +32,10 @@ pub struct GptConfig {
     pub dropout: f32,
 }
 
+/// Far past any machine's memory (16 bytes each with gradients and AdamW's moments): a
+/// larger model is refused before any size is computed or allocated.
+const MAX_PARAMETERS: usize = 1 << 40;
+
 impl GptConfig {
     /// Named presets: `tiny` (byte vocabulary, trains in minutes on 2 cores) and the GPT-2
     /// family of OpenAI's release.
@@ -78,7 +82,37 @@ impl GptConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             bail!("dropout ({}) must be in [0, 1)", self.dropout);
         }
+        if self.parameters().is_none_or(|n| n > MAX_PARAMETERS) {
+            bail!(
+                "the model is too large: over {MAX_PARAMETERS} parameters (n_layer {}, n_embd {}, n_inner {}, n_positions {}, vocab_size {})",
+                self.n_layer,
+                self.n_embd,
+                self.inner(),
+                self.n_positions,
+                self.vocab_size
+            );
+        }
         Ok(())
+    }
+
+    /// The number of parameters (the tied head counted once), or `None` past `usize`: an
+    /// upper bound on GPT-2's (a few biases and layer norms over), computed without overflow.
+    pub fn parameters(&self) -> Option<usize> {
+        let d = self.n_embd;
+        let inner = self.n_inner.map_or(d.checked_mul(4), Some)?;
+        // Per block: qkv and output projections, the feed-forward pair, biases, two norms.
+        let block = d
+            .checked_mul(4 * d.checked_add(1)?)?
+            .checked_add(d.checked_mul(inner)?.checked_mul(2)?)?
+            .checked_add(inner.checked_add(5 * d)?)?;
+        let embeddings = self
+            .vocab_size
+            .checked_add(self.n_positions)?
+            .checked_mul(d)?;
+        block
+            .checked_mul(self.n_layer)?
+            .checked_add(embeddings)?
+            .checked_add(2 * d)
     }
 
     /// The feed-forward width.
@@ -560,5 +594,38 @@ impl<B: Backend> Gpt<B> {
         )?;
         self.weights.backward_done();
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parameter_count_is_the_layouts_and_never_overflows() {
+        for (preset, n_inner) in [("tiny", None), ("gpt2", None), ("tiny", Some(40))] {
+            let c = GptConfig {
+                n_inner,
+                ..GptConfig::preset(preset).unwrap()
+            };
+            assert_eq!(c.parameters(), Some(param_layout(&c).total()), "{preset}");
+        }
+        assert_eq!(
+            GptConfig::preset("gpt2").unwrap().parameters(),
+            Some(124_439_808)
+        );
+        let huge = GptConfig {
+            n_embd: 1 << 40,
+            ..GptConfig::preset("tiny").unwrap()
+        };
+        assert_eq!(huge.parameters(), None);
+        let err = GptConfig {
+            n_embd: 100_000_000,
+            ..huge
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("too large"), "{err}");
     }
 }

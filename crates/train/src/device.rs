@@ -149,3 +149,12 @@ macro_rules! on_backend {
         }
     };
 }
+
+/// The host memory available to a new allocation (Linux's `MemAvailable`), in bytes; `None`
+/// where the system does not say.
+pub fn host_memory_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

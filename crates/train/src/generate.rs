@@ -64,31 +64,6 @@ pub fn generate<B: Backend>(
     Ok(out)
 }
 
-/// A Hugging Face folder without a `tokenizer.json` is read with `bytes` only when its model has
-/// a byte vocabulary: GPT-2's 50257 ids read as bytes would sample nonsense without a word.
-fn no_tokenizer_file(dir: &Path) -> Result<()> {
-    let fix =
-        "pass --tokenizer PATH/tokenizer.json (or --tokenizer bytes for a model trained on bytes)";
-    if dir.join("vocab.json").exists() && dir.join("merges.txt").exists() {
-        bail!(
-            "{}: has vocab.json and merges.txt but no tokenizer.json: write one with `AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)`, or {fix}",
-            dir.display()
-        );
-    }
-    let config = dir.join("config.json");
-    let vocab = std::fs::read_to_string(&config)
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|c| c["vocab_size"].as_u64());
-    match vocab {
-        Some(v) if v > 256 => bail!(
-            "{}: no tokenizer.json, and the model's {v} ids are not bytes: {fix}",
-            dir.display()
-        ),
-        _ => Ok(()),
-    }
-}
-
 /// `flint generate PATH`: PATH is a run folder (its `model/` and the tokenizer it trained with)
 /// or a Hugging Face GPT-2 folder (its `tokenizer.json` if present). `tokenizer` overrides.
 pub fn generate_text<B: Backend>(
@@ -100,27 +75,31 @@ pub fn generate_text<B: Backend>(
 ) -> Result<String> {
     let run_config = path.join("config.toml");
     let (model_dir, spec) = if run_config.exists() {
+        let model = path.join("model");
+        if !model.join("config.json").is_file() {
+            bail!(
+                "{}: the run has no model/ yet (a run writes it when it ends); finish it with `flint train --resume {0}`, or stop it with Ctrl-C",
+                path.display()
+            );
+        }
         // The copy in RUN/model first: the path in config.toml may be relative to where the
         // run was started.
-        let copy = path.join("model/tokenizer.json");
-        let saved = TrainOptions::from_toml_file(&run_config)?;
-        let spec = match copy.is_file() {
-            true => copy.display().to_string(),
-            false => saved.tokenizer.unwrap_or_else(|| "bytes".into()),
+        let copy = model.join("tokenizer.json");
+        let spec = match (tokenizer, copy.is_file()) {
+            (Some(t), _) => t.to_string(),
+            (None, true) => copy.display().to_string(),
+            (None, false) => TrainOptions::from_toml_file(&run_config)?
+                .tokenizer
+                .unwrap_or_else(|| "bytes".into()),
         };
-        (path.join("model"), spec)
-    } else if path.join("tokenizer.json").exists() {
-        (
-            path.to_path_buf(),
-            path.join("tokenizer.json").display().to_string(),
-        )
+        (model, spec)
     } else {
-        (path.to_path_buf(), "bytes".into())
+        let spec = match tokenizer {
+            Some(t) => t.to_string(),
+            None => crate::hf::folder_tokenizer(path)?,
+        };
+        (path.to_path_buf(), spec)
     };
-    if tokenizer.is_none() && spec == "bytes" && model_dir == path {
-        no_tokenizer_file(path)?;
-    }
-    let spec = tokenizer.map_or(spec, str::to_string);
     let tokenizer = Tokenizer::from_arg(&spec)?;
     let (config, params) = load_gpt2(&model_dir)?;
     if tokenizer.vocab_size() > config.vocab_size {

@@ -122,6 +122,39 @@ pub fn load_gpt2(dir: &Path) -> Result<(GptConfig, Vec<f32>)> {
     Ok((config, params))
 }
 
+/// The tokenizer of a Hugging Face folder, as a `--tokenizer` value: its `tokenizer.json`, or
+/// `bytes` when there is none and its model has a byte vocabulary (at most 256 ids). Otherwise
+/// an error with the fix: GPT-2's 50257 ids read as bytes would be nonsense without a word.
+pub fn folder_tokenizer(dir: &Path) -> Result<String> {
+    let file = dir.join("tokenizer.json");
+    if file.is_file() {
+        return Ok(std::path::absolute(&file)
+            .unwrap_or(file)
+            .display()
+            .to_string());
+    }
+    let fix =
+        "pass --tokenizer PATH/tokenizer.json (or --tokenizer bytes for a model trained on bytes)";
+    if dir.join("vocab.json").exists() && dir.join("merges.txt").exists() {
+        bail!(
+            "{}: has vocab.json and merges.txt but no tokenizer.json: write one with `AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)`, or {fix}",
+            dir.display()
+        );
+    }
+    let config = dir.join("config.json");
+    let vocab = std::fs::read_to_string(&config)
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|c| c["vocab_size"].as_u64());
+    match vocab {
+        Some(v) if v > 256 => bail!(
+            "{}: no tokenizer.json, and the model's {v} ids are not bytes: {fix}",
+            dir.display()
+        ),
+        _ => Ok("bytes".into()),
+    }
+}
+
 /// The f64 that prints as `x` does (1e-5, not the f32's exact 9.999999747378752e-6), for JSON.
 fn as_written(x: f32) -> f64 {
     x.to_string().parse().expect("an f32 prints as a number")

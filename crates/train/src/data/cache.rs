@@ -22,7 +22,7 @@ pub const SHARD_TOKENS: usize = 1 << 26;
 const GROUP_PIECES: usize = 256;
 const PIECE_BYTES: usize = 64 << 10;
 
-const FORMAT: &str = "flint-tokens 1";
+const FORMAT: &str = "flint-tokens 2";
 
 /// A read-only run of token ids over memory-mapped shards; cheap to clone and to slice.
 #[derive(Clone)]
@@ -107,6 +107,9 @@ pub struct Dataset {
     pub reused: bool,
     /// The cache's manifest, `cache_dir/tokens-KEY.json`.
     pub manifest: PathBuf,
+    /// What the split holds: a hash of every token and the training length. A checkpoint
+    /// records it, so a resume on other data says so.
+    pub fingerprint: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -120,6 +123,8 @@ struct Manifest {
     /// "u16" or "u32", little-endian.
     dtype: String,
     tokens: u64,
+    /// FNV-1a 128 of the token stream as stored: what the data is, whatever the file times.
+    content: String,
     documents: u64,
     shard_tokens: u64,
     shards: Vec<String>,
@@ -204,6 +209,7 @@ fn prepare_with(
         bail!("--val-fraction {val_fraction} leaves no training tokens out of {n}");
     }
     Ok(Dataset {
+        fingerprint: format!("{} train {}", manifest.content, n - val_len),
         train: all.slice(0..n - val_len),
         val: (val_len > 0).then(|| all.slice(n - val_len..n)),
         warnings: manifest.warnings,
@@ -270,6 +276,7 @@ struct ShardWriter<'a> {
     in_buf: usize,
     names: Vec<String>,
     total: u64,
+    content: Fnv128,
 }
 
 impl ShardWriter<'_> {
@@ -300,6 +307,7 @@ impl ShardWriter<'_> {
             return Ok(());
         }
         let name = format!("tokens-{}-{:04}.bin", self.key, self.names.len());
+        self.content.write(&self.buf);
         write_atomic(&self.dir.join(&name), &self.buf)?;
         self.buf.clear();
         self.in_buf = 0;
@@ -331,6 +339,7 @@ fn tokenize(
         in_buf: 0,
         names: Vec::new(),
         total: 0,
+        content: Fnv128::new(),
     };
     let eot = tokenizer.eot();
     let sep = match eot {
@@ -411,6 +420,7 @@ fn tokenize(
         vocab_size: vocab,
         dtype: if wide { "u32" } else { "u16" }.to_string(),
         tokens: w.total,
+        content: w.content.hex(),
         documents,
         shard_tokens: shard_tokens as u64,
         shards: w.names,

@@ -98,9 +98,10 @@ impl EventWriter {
     }
 
     /// Marks the file as the continuation of a run resumed from its checkpoint at
-    /// `checkpoint_step`: a `SessionLog { status: START }` event at `checkpoint_step + 1`, on which
-    /// TensorBoard's Python reader drops every point of step > `checkpoint_step` read so far
-    /// (from the killed run's files). Call it right after [`create`](Self::create); flushed.
+    /// `checkpoint_step` (0 for a new run): a `SessionLog { status: START }` event at
+    /// `checkpoint_step + 1`, on which TensorBoard's Python reader drops every point of step >
+    /// `checkpoint_step` read so far (from the killed run's files). Call it right after
+    /// [`create`](Self::create); flushed.
     pub fn mark_resume(&mut self, checkpoint_step: i64, wall_time: f64) -> Result<()> {
         let mut session_log = Vec::new();
         put_varint_field(&mut session_log, 1, 1); // status = START

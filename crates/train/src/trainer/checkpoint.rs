@@ -33,6 +33,10 @@ pub struct State {
     pub device: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub precision: Option<String>,
+    /// The training data's [`Dataset::fingerprint`](crate::data::Dataset::fingerprint): a resume
+    /// on other data is allowed but not bit-identical, and says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
     /// File name -> (size in bytes, FNV-1a 64 checksum), checked before loading.
     pub files: BTreeMap<String, (u64, String)>,
 }
@@ -158,6 +162,14 @@ pub fn complete(run: &Path) -> Result<Vec<PathBuf>> {
         .collect();
     dirs.sort();
     Ok(dirs)
+}
+
+/// The `state.json` of the newest complete checkpoint, when it reads (a damaged one is left to
+/// [`latest`] to report).
+pub fn newest_state(run: &Path) -> Option<State> {
+    let dir = complete(run).ok()?.pop()?;
+    let text = std::fs::read_to_string(dir.join("state.json")).ok()?;
+    serde_json::from_str(&text).ok()
 }
 
 /// Loads one checkpoint folder, verifying every file against `state.json`.

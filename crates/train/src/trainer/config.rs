@@ -142,6 +142,12 @@ impl TrainOptions {
     /// paths become absolute, so that the saved config resumes from any folder.
     pub fn resolve(self) -> Result<TrainConfig> {
         let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+        // Fine-tuning a Hugging Face folder reads text with its tokenizer unless told otherwise.
+        let tokenizer = match (self.tokenizer, &self.init_from) {
+            (Some(t), _) if t != "bytes" => absolute(t.into()).display().to_string(),
+            (None, Some(dir)) => crate::hf::folder_tokenizer(dir)?,
+            _ => "bytes".into(),
+        };
         let c = TrainConfig {
             preset: match self.init_from {
                 Some(_) => self.preset,
@@ -149,10 +155,7 @@ impl TrainOptions {
             },
             init_from: self.init_from.map(absolute),
             data: self.data.map(absolute),
-            tokenizer: match self.tokenizer {
-                Some(t) if t != "bytes" => absolute(t.into()).display().to_string(),
-                _ => "bytes".into(),
-            },
+            tokenizer,
             data_order: self.data_order.unwrap_or(DataOrder::Sequential),
             batch_size: self.batch_size.unwrap_or(16),
             seq_len: self.seq_len.unwrap_or(128),

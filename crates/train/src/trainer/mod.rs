@@ -11,6 +11,7 @@ use crate::device::{self, DeviceRequest};
 use crate::generate::{generate, Sampling};
 use crate::hf;
 use crate::optim::{clip_grad_norm, AdamW, AdamWConfig};
+use crate::run::folder;
 use crate::run::metrics::{LossScaling, MetricsWriter};
 use crate::run::tensorboard::{wall_time_now, EventWriter};
 use crate::schedule::lr_at;
@@ -81,7 +82,46 @@ fn model_config(cfg: &TrainConfig, vocab: usize) -> Result<GptConfig> {
     m.n_inner = cfg.n_inner.or(m.n_inner);
     m.dropout = cfg.dropout as f32;
     m.validate()?;
+    fits_in_memory(&m)?;
     Ok(m)
+}
+
+/// Refuses a model whose parameters, gradients and AdamW moments (16 bytes per parameter, which
+/// a checkpoint also copies to the host from a GPU) exceed the memory available: allocating it
+/// would end in the kernel's out-of-memory kill rather than an error.
+fn fits_in_memory(m: &GptConfig) -> Result<()> {
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let need = m.parameters().map_or(f64::INFINITY, |n| n as f64 * 16.0);
+    match crate::device::host_memory_available() {
+        Some(free) if need > free as f64 => bail!(
+            "the model has {:.0} million parameters: with their gradients and AdamW's moments that is {:.1} GiB of memory, and {:.1} GiB are available; lower --n-layer, --n-embd or --n-positions, or choose a smaller --preset",
+            m.parameters().map_or(f64::INFINITY, |n| n as f64 / 1e6),
+            gib(need),
+            gib(free as f64)
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// A checkpoint continues only with the tokenizer it was trained with.
+fn same_tokenizer(state: &checkpoint::State, tokenizer: &Tokenizer, run: &Path) -> Result<()> {
+    if state.tokenizer_fingerprint == tokenizer.fingerprint() {
+        return Ok(());
+    }
+    if state.tokenizer == tokenizer.spec() {
+        bail!(
+            "{}: the tokenizer file {} has changed since the run's checkpoints were written; put back the one the run was trained with",
+            run.display(),
+            state.tokenizer
+        );
+    }
+    bail!(
+        "{}: the checkpoints were trained with tokenizer {}, not {}; restore `tokenizer` in {}",
+        run.display(),
+        state.tokenizer,
+        tokenizer.spec(),
+        run.join("config.toml").display()
+    )
 }
 
 /// `--resume` continues a run with its saved settings; only the number of steps, the device,
@@ -299,23 +339,13 @@ fn train_on<B: Backend>(
     let layout = gpt::param_layout(&model_cfg);
     let resumed = match resume {
         Some(_) => {
-            let ck = checkpoint::latest(&run, &layout, |w| obs.warn(&w))?;
-            if ck.state.tokenizer_fingerprint != tokenizer.fingerprint() {
-                if ck.state.tokenizer == tokenizer.spec() {
-                    bail!(
-                        "{}: the tokenizer file {} has changed since this checkpoint was written; put back the one the run was trained with",
-                        ck.dir.display(),
-                        ck.state.tokenizer
-                    );
-                }
-                bail!(
-                    "{}: the checkpoint was trained with tokenizer {}, not {}; restore `tokenizer` in {}",
-                    ck.dir.display(),
-                    ck.state.tokenizer,
-                    tokenizer.spec(),
-                    run.join("config.toml").display()
-                );
+            // The tokenizer first: one changed since the checkpoint also changes the model's
+            // vocabulary, and the checkpoint would look like another model's.
+            if let Some(state) = checkpoint::newest_state(&run) {
+                same_tokenizer(&state, &tokenizer, &run)?;
             }
+            let ck = checkpoint::latest(&run, &layout, |w| obs.warn(&w))?;
+            same_tokenizer(&ck.state, &tokenizer, &run)?;
             // Equal is a finished run, resumed again: nothing to do, and not an error.
             if cfg.steps < ck.state.step {
                 bail!(
@@ -332,6 +362,10 @@ fn train_on<B: Backend>(
     };
     // The run folder and its config, once the settings are known to make a model (and, on a
     // resume, to continue it).
+    match resume {
+        None => folder::prepare_new(&run)?,
+        Some(_) => folder::remove_stale_temporaries(&run),
+    }
     std::fs::create_dir_all(&run)
         .with_context(|| format!("--out {}: cannot create", run.display()))?;
     crate::tensors::write_atomic(&run.join("config.toml"), cfg.to_toml()?.as_bytes())?;
@@ -375,17 +409,29 @@ fn train_on<B: Backend>(
                     ));
                 }
             }
+            if ck
+                .state
+                .data
+                .as_ref()
+                .is_some_and(|d| *d != dataset.fingerprint)
+            {
+                obs.warn(&format!(
+                    "the training data changed since {} was written: the losses will not be bit-identical to an uninterrupted run",
+                    ck.dir.display()
+                ));
+            }
             ck.state.step + 1
         }
         None => 1,
     };
 
-    let mut metrics = MetricsWriter::open(&run.join("metrics.jsonl"), Some(first_step - 1))?;
+    let resume_at = resumed.as_ref().map(|ck| ck.state.step);
+    let mut metrics = MetricsWriter::open(&run.join("metrics.jsonl"), resume_at)?;
     let mut events = EventWriter::create(&run)?;
-    if first_step > 1 {
-        // Tells TensorBoard to drop the points the interrupted run logged past the checkpoint.
-        events.mark_resume(first_step as i64 - 1, wall_time_now())?;
-    }
+    // Tells TensorBoard to drop the points an interrupted run logged past the checkpoint. A new
+    // run marks its start too, as TensorFlow's writers do: TensorBoard's readers then take a
+    // later resume's mark as a restart.
+    events.mark_resume(first_step as i64 - 1, wall_time_now())?;
     obs.started(&Started {
         run: run.clone(),
         device: device.to_string(),
@@ -420,6 +466,7 @@ fn train_on<B: Backend>(
             grad_scaler: scaler,
             device: Some(model.backend().device()),
             precision: Some(model.backend().precision().name().to_string()),
+            data: Some(dataset.fingerprint.clone()),
             files: Default::default(),
         };
         let params = download(model.params())?;
@@ -544,18 +591,28 @@ fn train_on<B: Backend>(
             std::fs::read(file).with_context(|| format!("{}: cannot read", file.display()))?;
         crate::tensors::write_atomic(&run.join("model/tokenizer.json"), &bytes)?;
     }
+    // A short sample to end with. The run itself is done: a sample that fails is a warning.
     let sample = if interrupted {
         None
     } else {
-        let prompt = tokenizer.encode("\n")?;
-        let s = Sampling {
-            max_new_tokens: 200.min(model_cfg.n_positions - prompt.len()),
-            temperature: 0.8,
-            top_k: 40,
-            seed: cfg.seed,
+        let mut sample = || -> Result<String> {
+            // A newline starts a line of text; a tokenizer that drops whitespace (WordPiece,
+            // word-level) starts from its end-of-text token, or id 0.
+            let mut prompt = tokenizer.encode("\n")?;
+            if prompt.is_empty() {
+                prompt.push(tokenizer.eot().unwrap_or(0));
+            }
+            let s = Sampling {
+                max_new_tokens: 200.min(model_cfg.n_positions - prompt.len()),
+                temperature: 0.8,
+                top_k: 40,
+                seed: cfg.seed,
+            };
+            tokenizer.decode(&generate(&mut model, &prompt, tokenizer.vocab_size(), s)?)
         };
-        let ids = generate(&mut model, &prompt, tokenizer.vocab_size(), s)?;
-        Some(tokenizer.decode(&ids)?)
+        sample()
+            .map_err(|e| obs.warn(&format!("no sample: {e:#}")))
+            .ok()
     };
     Ok(Finished {
         run,
