@@ -35,9 +35,12 @@ pub fn run(a: Args, device: &Device) -> Result<()> {
         seed: a.seed,
     };
     let (path, tok) = (&a.path, a.tokenizer.as_deref());
-    let text = flint_train::on_backend!(device, Precision::Fp32, |backend| generate_text(
+    let out = flint_train::on_backend!(device, Precision::Fp32, |backend| generate_text(
         backend, path, &a.prompt, tok, s
     ))?;
-    println!("{}{text}", a.prompt);
+    println!("{}{}", a.prompt, out.text);
+    if let Some(why) = out.stopped_early {
+        eprintln!("note: {why}");
+    }
     Ok(())
 }

@@ -225,7 +225,8 @@ pub fn run(a: Args, device: Option<String>, threads: Option<usize>, verbose: boo
     crate::start_threads(threads.or(options.threads))?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    // Ctrl-C: finish the current step, write a checkpoint, exit.
+    // Ctrl-C, or SIGTERM (what Slurm and Kubernetes send before stopping a job) or SIGHUP: finish
+    // the current step, write a checkpoint, exit.
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
     let mut printer = Printer { bar: None, verbose };
     let done = trainer::train(options, a.resume.as_deref(), &stop, &mut printer)?;

@@ -146,11 +146,18 @@ fn start_training(run: &Path, steps: usize) -> std::process::Child {
 
 #[test]
 fn ctrl_c_writes_a_checkpoint_and_resume_continues_from_it() {
-    let dir = scratch("sigint");
+    // SIGTERM is what Slurm and Kubernetes send before they stop a job.
+    for (name, signal) in [("sigint", libc::SIGINT), ("sigterm", libc::SIGTERM)] {
+        stop_and_resume(name, signal);
+    }
+}
+
+fn stop_and_resume(name: &str, signal: i32) {
+    let dir = scratch(name);
     let run = dir.join("run");
     let child = start_training(&run, 3);
     // SAFETY: sending a signal to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(child.id() as i32, signal) };
     let out = child.wait_with_output().unwrap();
     // 130, as a shell reports an interrupted command: a script can tell it from a finished run.
     assert_eq!(
@@ -187,6 +194,13 @@ fn ctrl_c_writes_a_checkpoint_and_resume_continues_from_it() {
         String::from_utf8_lossy(&resumed.stderr)
     );
     assert_eq!(losses(&run).len(), stopped + 2);
+    // Training time goes on from the checkpoint's, not from 0.
+    let elapsed: Vec<f64> = std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["elapsed_s"].as_f64())
+        .collect();
+    assert!(elapsed.windows(2).all(|w| w[0] <= w[1]), "{elapsed:?}");
 }
 
 #[test]
@@ -299,6 +313,20 @@ fn generate_continues_a_prompt_from_a_run() {
         out.stdout, again.stdout,
         "the same seed gives the same text"
     );
+    // More tokens than the context holds (SMALL's is 128): all it holds, and a note why.
+    let run = run.to_str().unwrap();
+    let long = [
+        "generate",
+        run,
+        "--prompt",
+        "ROMEO:",
+        "--max-new-tokens",
+        "18446744073709551615",
+    ];
+    let out = flint(&long);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("stopped after 122 new tokens"), "{stderr}");
 }
 
 /// A run trained with a tokenizer file given by a relative path samples from anywhere: the

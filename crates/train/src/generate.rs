@@ -45,7 +45,7 @@ pub fn generate<B: Backend>(
             prompt.len()
         );
     }
-    let len = (prompt.len() + s.max_new_tokens).min(ctx);
+    let len = prompt.len().saturating_add(s.max_new_tokens).min(ctx);
     model.start_decoding(len)?;
     let mut logits = vec![0.0f32; vocab];
     for &t in prompt {
@@ -64,6 +64,14 @@ pub fn generate<B: Backend>(
     Ok(out)
 }
 
+/// What [`generate_text`] made.
+pub struct Generated {
+    /// The new text (the prompt's continuation).
+    pub text: String,
+    /// Set when the model's context ran out before `--max-new-tokens`: why there is less.
+    pub stopped_early: Option<String>,
+}
+
 /// `flint generate PATH`: PATH is a run folder (its `model/` and the tokenizer it trained with)
 /// or a Hugging Face GPT-2 folder (its `tokenizer.json` if present). `tokenizer` overrides.
 pub fn generate_text<B: Backend>(
@@ -72,7 +80,7 @@ pub fn generate_text<B: Backend>(
     prompt: &str,
     tokenizer: Option<&str>,
     s: Sampling,
-) -> Result<String> {
+) -> Result<Generated> {
     let run_config = path.join("config.toml");
     let (model_dir, spec) = if run_config.exists() {
         let model = path.join("model");
@@ -110,14 +118,21 @@ pub fn generate_text<B: Backend>(
             config.vocab_size
         );
     }
+    let ctx = config.n_positions;
     let mut model = Gpt::new(backend, config, &params)?;
-    let ids = generate(
-        &mut model,
-        &tokenizer.encode(prompt)?,
-        tokenizer.vocab_size(),
-        s,
-    )?;
-    tokenizer.decode(&ids)
+    let prompt = tokenizer.encode(prompt)?;
+    let ids = generate(&mut model, &prompt, tokenizer.vocab_size(), s)?;
+    let stopped_early = (ids.len() < s.max_new_tokens).then(|| {
+        format!(
+            "stopped after {} new tokens: the prompt's {} and they fill the model's context of {ctx} positions",
+            ids.len(),
+            prompt.len()
+        )
+    });
+    Ok(Generated {
+        text: tokenizer.decode(&ids)?,
+        stopped_early,
+    })
 }
 
 /// Draws a token from `logits` with temperature and top-k; draw `i` of the seed's stream.

@@ -596,3 +596,20 @@ fn a_vocab_above_65536_is_stored_as_u32() {
     assert_eq!(d.train.bytes_per_token(), 4);
     assert_eq!(ids(&d.train), [69_999, 1, 65_536]);
 }
+
+#[test]
+fn links_in_a_data_folder_are_followed_once() {
+    let tmp = Tmp::new("links");
+    tmp.write("data/x/a.txt", b"abc");
+    // A link back up the tree (a loop), and a second name for the same file.
+    std::os::unix::fs::symlink("..", tmp.path("data/x/back")).unwrap();
+    std::os::unix::fs::symlink("x/a.txt", tmp.path("data/alias.txt")).unwrap();
+    let d = prepare(
+        Source::Path(tmp.path("data")),
+        &Tokenizer::Bytes,
+        &tmp.path("cache"),
+        0.0,
+    )
+    .unwrap();
+    assert_eq!(text(&d.train, &Tokenizer::Bytes), "abc");
+}

@@ -66,7 +66,8 @@ fn input_file(path: PathBuf) -> Result<InputFile> {
 }
 
 /// The input files of `--data PATH`: the file itself, or the `.txt` / `.jsonl` files under the
-/// folder (recursively, symbolic links followed, hidden names skipped), sorted by path. Paths are
+/// folder (recursively, symbolic links followed, each folder and file once however many links
+/// reach it, hidden names skipped), sorted by path. Paths are
 /// canonical so that `data` and `./data` name the same cache. An empty folder is an error.
 pub(crate) fn list_files(path: &Path) -> Result<Vec<InputFile>> {
     let meta = std::fs::metadata(path)
@@ -76,6 +77,8 @@ pub(crate) fn list_files(path: &Path) -> Result<Vec<InputFile>> {
         return Ok(vec![input_file(root)?]);
     }
     let mut found = Vec::new();
+    // Folders by their canonical path: a link back up the tree is followed once, not forever.
+    let mut seen = std::collections::HashSet::from([root.clone()]);
     let mut stack = vec![root.clone()];
     while let Some(dir) = stack.pop() {
         let entries = std::fs::read_dir(&dir)
@@ -88,7 +91,10 @@ pub(crate) fn list_files(path: &Path) -> Result<Vec<InputFile>> {
             }
             // `metadata` follows symbolic links; a broken link is ignored like other non-files.
             match std::fs::metadata(&p) {
-                Ok(m) if m.is_dir() => stack.push(p),
+                Ok(m) if m.is_dir() && seen.insert(p.canonicalize().unwrap_or(p.clone())) => {
+                    stack.push(p)
+                }
+                Ok(m) if m.is_dir() => {}
                 Ok(m) if m.is_file() && is_input(&p) => found.push(p),
                 _ => {}
             }
@@ -100,7 +106,10 @@ pub(crate) fn list_files(path: &Path) -> Result<Vec<InputFile>> {
             path.display()
         );
     }
+    // A file reached through two links is one document, read under its first path.
     found.sort();
+    let mut files = std::collections::HashSet::new();
+    found.retain(|p| files.insert(p.canonicalize().unwrap_or_else(|_| p.clone())));
     found.into_iter().map(input_file).collect()
 }
 

@@ -37,6 +37,10 @@ pub struct State {
     /// on other data is allowed but not bit-identical, and says so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<String>,
+    /// Seconds of training up to this step (`metrics.jsonl`'s `elapsed_s`), which a resume
+    /// continues from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub elapsed_s: Option<f64>,
     /// File name -> (size in bytes, FNV-1a 64 checksum), checked before loading.
     pub files: BTreeMap<String, (u64, String)>,
 }

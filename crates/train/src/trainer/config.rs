@@ -93,7 +93,14 @@ impl TrainOptions {
     pub fn from_toml_file(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("{}: cannot read the config", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow!("{}: {}", path.display(), e.message()))
+        toml::from_str(&text).map_err(|e| {
+            // One line: where, then what (the parser's message may span lines).
+            let line = e.span().map_or(String::new(), |s| {
+                format!(" line {}", text[..s.start].matches('\n').count() + 1)
+            });
+            let what = e.message().trim().replace('\n', "; ");
+            anyhow!("{}{line}: {what}", path.display())
+        })
     }
 
     /// `self` where set, else `other`.
@@ -226,9 +233,38 @@ impl TrainConfig {
                 bail!("{flag} must be a finite number (got {v})");
             }
         }
-        // config.toml stores it, and TOML integers are signed 64-bit.
-        if self.seed > i64::MAX as u64 {
-            bail!("--seed must be below 2^63 (got {})", self.seed);
+        // config.toml stores them, and TOML integers are signed 64-bit.
+        let opt = |v: Option<usize>| v.unwrap_or(0) as u64;
+        let integers = [
+            ("--seed", self.seed),
+            ("--steps", self.steps),
+            ("--warmup-steps", self.warmup_steps),
+            ("--eval-every", self.eval_every),
+            ("--checkpoint-every", self.checkpoint_every),
+            ("--batch-size", self.batch_size as u64),
+            ("--seq-len", self.seq_len as u64),
+            ("--grad-accum-steps", self.grad_accum_steps as u64),
+            ("--keep-checkpoints", self.keep_checkpoints as u64),
+            ("--threads", opt(self.threads)),
+            ("--n-layer", opt(self.n_layer)),
+            ("--n-embd", opt(self.n_embd)),
+            ("--n-head", opt(self.n_head)),
+            ("--n-positions", opt(self.n_positions)),
+            ("--n-inner", opt(self.n_inner)),
+        ];
+        for (flag, v) in integers {
+            if v > i64::MAX as u64 {
+                bail!("{flag} must be below 2^63 (got {v})");
+            }
+        }
+        // The tokens of one step are counted in usize.
+        let tokens = self
+            .batch_size
+            .checked_mul(self.seq_len)
+            .and_then(|n| n.checked_mul(self.grad_accum_steps))
+            .and_then(|n| n.checked_add(1));
+        if tokens.is_none() {
+            bail!("--batch-size x --seq-len x --grad-accum-steps is too large to count");
         }
         if !(self.lr > 0.0 && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
             bail!(

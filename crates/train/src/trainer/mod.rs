@@ -208,15 +208,14 @@ pub fn train(
     let cfg = match resume {
         Some(run) => {
             let saved = run.join("config.toml");
-            let text = std::fs::read_to_string(&saved).with_context(|| {
-                format!(
+            if !saved.is_file() {
+                bail!(
                     "{}: cannot read; is {} a flint run folder?",
                     saved.display(),
                     run.display()
-                )
-            })?;
-            let base: TrainOptions = toml::from_str(&text)
-                .map_err(|e| anyhow!("{}: {}", saved.display(), e.message()))?;
+                );
+            }
+            let base = TrainOptions::from_toml_file(&saved)?;
             refuse_changes_on_resume(&options, &saved)?;
             // Flags given with --resume may extend the run or move it to another device or
             // precision (the loop warns that losses then stop being bit-identical).
@@ -448,7 +447,8 @@ fn train_on<B: Backend>(
                 opt: &AdamW<B>,
                 loader: &Loader,
                 scaler: Option<GradScaler>,
-                step: u64|
+                step: u64,
+                elapsed_s: f64|
      -> Result<PathBuf> {
         let download = |t: flint_backend::Tensor| -> Result<Vec<f32>> {
             let mut v = vec![0.0; t.len()];
@@ -467,6 +467,7 @@ fn train_on<B: Backend>(
             device: Some(model.backend().device()),
             precision: Some(model.backend().precision().name().to_string()),
             data: Some(dataset.fingerprint.clone()),
+            elapsed_s: Some(elapsed_s),
             files: Default::default(),
         };
         let params = download(model.params())?;
@@ -494,6 +495,11 @@ fn train_on<B: Backend>(
     if first_step == 1 {
         validation.log(0, &mut model, &mut metrics, &mut events, obs)?;
     }
+    // `elapsed_s` counts training time across resumes, from the checkpoint's.
+    let before = resumed
+        .as_ref()
+        .and_then(|ck| ck.state.elapsed_s)
+        .unwrap_or(0.0);
     let started = Instant::now();
     let mut last_step = first_step - 1;
     let mut interrupted = false;
@@ -550,7 +556,7 @@ fn train_on<B: Backend>(
         last_step = step;
 
         let tokens_per_s = (b * t * accum) as f64 / t0.elapsed().as_secs_f64();
-        let elapsed_s = started.elapsed().as_secs_f64();
+        let elapsed_s = before + started.elapsed().as_secs_f64();
         metrics.write_train(step, loss, lr as f32, grad_norm, tokens_per_s, elapsed_s)?;
         let now = wall_time_now();
         events.add_scalar("loss", loss, step as i64, now)?;
@@ -573,7 +579,7 @@ fn train_on<B: Backend>(
         events.flush()?;
         interrupted = stop.load(Ordering::SeqCst);
         if every(step, cfg.checkpoint_every) || last || interrupted {
-            let dir = save(&model, &opt, &loader, scaler, step)?;
+            let dir = save(&model, &opt, &loader, scaler, step, elapsed_s)?;
             obs.checkpoint(&dir);
         }
         if interrupted {
