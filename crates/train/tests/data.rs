@@ -613,3 +613,21 @@ fn links_in_a_data_folder_are_followed_once() {
     .unwrap();
     assert_eq!(text(&d.train, &Tokenizer::Bytes), "abc");
 }
+
+#[test]
+fn a_file_name_that_is_not_utf8_is_an_error_naming_it() {
+    use std::os::unix::ffi::OsStrExt;
+    let tmp = Tmp::new("utf8-name");
+    tmp.write("data/ok.txt", b"abc");
+    let name = std::ffi::OsStr::from_bytes(b"bad\xff.txt");
+    std::fs::write(tmp.path("data").join(name), b"def").unwrap();
+    let err = prepare(
+        Source::Path(tmp.path("data")),
+        &Tokenizer::Bytes,
+        &tmp.path("cache"),
+        0.0,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("not UTF-8") && err.contains("bad"), "{err}");
+}

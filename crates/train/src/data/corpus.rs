@@ -74,7 +74,7 @@ pub(crate) fn list_files(path: &Path) -> Result<Vec<InputFile>> {
         .with_context(|| format!("--data {}: no such file or folder", path.display()))?;
     let root = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     if !meta.is_dir() {
-        return Ok(vec![input_file(root)?]);
+        return Ok(vec![input_file(utf8_named(path, root)?)?]);
     }
     let mut found = Vec::new();
     // Folders by their canonical path: a link back up the tree is followed once, not forever.
@@ -106,11 +106,27 @@ pub(crate) fn list_files(path: &Path) -> Result<Vec<InputFile>> {
             path.display()
         );
     }
+    let mut found = found
+        .into_iter()
+        .map(|p| utf8_named(path, p))
+        .collect::<Result<Vec<_>>>()?;
     // A file reached through two links is one document, read under its first path.
     found.sort();
     let mut files = std::collections::HashSet::new();
     found.retain(|p| files.insert(p.canonicalize().unwrap_or_else(|_| p.clone())));
     found.into_iter().map(input_file).collect()
+}
+
+/// `file`, if its name is UTF-8: the cache's manifest and `config.toml` store paths as text.
+fn utf8_named(data: &Path, file: PathBuf) -> Result<PathBuf> {
+    if file.to_str().is_none() {
+        bail!(
+            "--data {}: the name of {} is not UTF-8; rename it",
+            data.display(),
+            file.display()
+        );
+    }
+    Ok(file)
 }
 
 /// Checks that `bytes` is text: UTF-8 without NUL bytes. Returns it as `&str` without a leading
