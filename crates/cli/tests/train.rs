@@ -127,8 +127,13 @@ fn small_run<'a>(run: &'a Path, steps: &'a str) -> Vec<&'a str> {
 
 /// Starts a long training run and waits until it has logged `steps` steps.
 fn start_training(run: &Path, steps: usize) -> std::process::Child {
+    start(&small_run(run, "100000"), run, steps)
+}
+
+/// Starts `flint args` training in `run` and waits until it has logged `steps` steps.
+fn start(args: &[&str], run: &Path, steps: usize) -> std::process::Child {
     let child = Command::new(env!("CARGO_BIN_EXE_flint"))
-        .args(small_run(run, "100000"))
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -637,4 +642,34 @@ fn init_from_reads_the_folders_tokenizer_and_any_tokenizer_samples() {
     let config = std::fs::read_to_string(dir.join("next/config.toml")).unwrap();
     assert!(config.contains("first/model/tokenizer.json"), "{config}");
     assert!(dir.join("next/model/tokenizer.json").is_file());
+}
+
+/// One process trains in a run folder at a time: a second, new or resumed, is refused (a new
+/// run would otherwise start the folder over under the first one).
+#[test]
+fn a_folder_being_trained_in_is_refused_to_a_second_process() {
+    let dir = scratch("locked");
+    let run = dir.join("run");
+    let path = run.to_str().unwrap();
+    // No checkpoint yet: a new run in the folder would otherwise start it over.
+    let mut args = vec![
+        "train",
+        "--steps",
+        "100000",
+        "--checkpoint-every",
+        "0",
+        "--out",
+        path,
+    ];
+    args.extend(SMALL);
+    let mut child = start(&args, &run, 2);
+    assert_rejected(&args, &["another flint process", "--out"]);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let resumable = dir.join("resumable");
+    let mut child = start_training(&resumable, 3);
+    let path = resumable.to_str().unwrap();
+    assert_rejected(&["train", "--resume", path], &["another flint process"]);
+    child.kill().unwrap();
+    child.wait().unwrap();
 }

@@ -1,8 +1,55 @@
-//! The run folder itself (`--out RUN`): which folders a new run may use, and what a run that
-//! died early left behind.
+//! The run folder itself (`--out RUN`): which folders a new run may use, one process at a time,
+//! and what a run that died early left behind.
 
 use anyhow::{bail, Context, Result};
+use std::fs::{File, TryLockError};
 use std::path::Path;
+
+/// Held while a process trains in the folder; released when dropped (or the process ends).
+const LOCK: &str = ".flint.lock";
+
+/// The run folder, locked for this process.
+pub struct Locked {
+    _file: File,
+}
+
+/// Opens `dir` for training: refuses a folder another flint process trains in, and, for a new
+/// run, one that is neither missing, empty, nor a run that died before its first checkpoint
+/// (the caller has refused a run with checkpoints), rather than write over it. A dead run is
+/// started over: its logs are removed, so neither `metrics.jsonl` nor TensorBoard shows its
+/// steps. Half-written checkpoints of dead processes are removed either way.
+pub fn open(dir: &Path, new_run: bool) -> Result<Locked> {
+    if new_run {
+        refuse_other_folders(dir)?;
+    }
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("--out {}: cannot create", dir.display()))?;
+    let path = dir.join(LOCK);
+    let file = File::create(&path).with_context(|| format!("{}: cannot create", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => bail!(
+            "{}: another flint process is training in this folder; wait for it to finish, or choose another --out",
+            dir.display()
+        ),
+        Err(TryLockError::Error(e)) => {
+            return Err(e).with_context(|| format!("{}: cannot lock", path.display()))
+        }
+    }
+    if new_run {
+        for e in std::fs::read_dir(dir)?.filter_map(|e| e.ok()) {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with("events.out.tfevents.")
+            {
+                std::fs::remove_file(e.path())
+                    .with_context(|| format!("{}: cannot remove", e.path().display()))?;
+            }
+        }
+    }
+    remove_stale_temporaries(dir);
+    Ok(Locked { _file: file })
+}
 
 /// Whether `dir` holds a flint run: a `config.toml` of training settings and a `metrics.jsonl`.
 fn is_run(dir: &Path) -> bool {
@@ -10,11 +57,7 @@ fn is_run(dir: &Path) -> bool {
         && crate::trainer::config::TrainOptions::from_toml_file(&dir.join("config.toml")).is_ok()
 }
 
-/// Makes `dir` ready for a new run (the caller has refused one that holds checkpoints): a
-/// missing or empty folder is used as it is; a run that died before its first checkpoint is
-/// started over, its logs removed (so neither `metrics.jsonl` nor TensorBoard shows the dead
-/// run's steps); anything else is refused rather than written over.
-pub fn prepare_new(dir: &Path) -> Result<()> {
+fn refuse_other_folders(dir: &Path) -> Result<()> {
     if !dir.exists() {
         return Ok(());
     }
@@ -24,34 +67,24 @@ pub fn prepare_new(dir: &Path) -> Result<()> {
             dir.display()
         );
     }
-    let entries: Vec<_> = std::fs::read_dir(dir)
+    let first = std::fs::read_dir(dir)
         .with_context(|| format!("--out {}: cannot read", dir.display()))?
         .filter_map(|e| e.ok())
-        .collect();
-    if entries.is_empty() {
-        return Ok(());
-    }
-    if !is_run(dir) {
-        bail!(
+        .map(|e| e.file_name())
+        .find(|n| n != LOCK);
+    match first {
+        Some(name) if !is_run(dir) => bail!(
             "--out {}: the folder exists and is not a flint run (it holds {}); choose another --out, or empty it",
             dir.display(),
-            entries[0].file_name().to_string_lossy()
-        );
+            name.to_string_lossy()
+        ),
+        _ => Ok(()),
     }
-    for e in entries {
-        let name = e.file_name();
-        if name.to_string_lossy().starts_with("events.out.tfevents.") {
-            std::fs::remove_file(e.path())
-                .with_context(|| format!("{}: cannot remove", e.path().display()))?;
-        }
-    }
-    remove_stale_temporaries(dir);
-    Ok(())
 }
 
 /// Removes the half-written checkpoints (`checkpoints/.tmp_step_N_PID`) of processes that are
 /// gone (killed mid-checkpoint): each can be the size of a model and its optimizer state.
-pub fn remove_stale_temporaries(dir: &Path) {
+fn remove_stale_temporaries(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir.join("checkpoints")) else {
         return;
     };

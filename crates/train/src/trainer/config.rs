@@ -202,7 +202,14 @@ fn default_out() -> PathBuf {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    PathBuf::from(format!("runs/run-{secs}"))
+    // Runs started in the same second get their own folders.
+    (1..)
+        .map(|n| match n {
+            1 => PathBuf::from(format!("runs/run-{secs}")),
+            n => PathBuf::from(format!("runs/run-{secs}-{n}")),
+        })
+        .find(|p| !p.exists())
+        .expect("some suffix is free")
 }
 
 impl TrainConfig {

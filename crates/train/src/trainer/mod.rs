@@ -361,12 +361,7 @@ fn train_on<B: Backend>(
     };
     // The run folder and its config, once the settings are known to make a model (and, on a
     // resume, to continue it).
-    match resume {
-        None => folder::prepare_new(&run)?,
-        Some(_) => folder::remove_stale_temporaries(&run),
-    }
-    std::fs::create_dir_all(&run)
-        .with_context(|| format!("--out {}: cannot create", run.display()))?;
+    let _lock = folder::open(&run, resume.is_none())?;
     crate::tensors::write_atomic(&run.join("config.toml"), cfg.to_toml()?.as_bytes())?;
     let params = resumed.as_ref().map_or(&init, |ck| &ck.params);
     let mut model = Gpt::new(backend, model_cfg.clone(), params)?;
