@@ -226,8 +226,14 @@ pub fn run(a: Args, device: Option<String>, threads: Option<usize>, verbose: boo
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // Ctrl-C, or SIGTERM (what Slurm and Kubernetes send before stopping a job) or SIGHUP: finish
-    // the current step, write a checkpoint, exit.
+    // the current step, write a checkpoint, exit. A hangup that `nohup` told us to ignore stays
+    // ignored: the handler would otherwise replace that.
+    let hangup_ignored = signal_ignored(libc::SIGHUP);
     ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))?;
+    if hangup_ignored {
+        // SAFETY: setting a signal's disposition to "ignore" has no preconditions.
+        unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
+    }
     let mut printer = Printer { bar: None, verbose };
     let done = trainer::train(options, a.resume.as_deref(), &stop, &mut printer)?;
     if let Some(bar) = &printer.bar {
@@ -252,4 +258,14 @@ pub fn run(a: Args, device: Option<String>, threads: Option<usize>, verbose: boo
         println!("sample:\n{sample}");
     }
     Ok(false)
+}
+
+/// Whether `signal` is ignored (as `nohup` leaves SIGHUP).
+fn signal_ignored(signal: i32) -> bool {
+    // SAFETY: reading the current disposition into a zeroed struct; no handler is changed.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_IGN
+    }
 }

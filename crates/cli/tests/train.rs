@@ -487,8 +487,12 @@ fn a_new_run_uses_only_empty_folders_or_runs_without_checkpoints() {
     args.extend(SMALL);
     args.extend(["--out", run.to_str().unwrap()]);
     assert!(flint(&args).status.success());
-    // As if killed before any checkpoint: no checkpoints, an extra log line, a dead temporary.
+    // A finished run is not started over, even with its checkpoints deleted.
     std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
+    assert_rejected(&args, &["has finished", "--out"]);
+    // As if killed before any checkpoint: no checkpoints or model, an extra log line, a dead
+    // temporary.
+    std::fs::remove_dir_all(run.join("model")).unwrap();
     let tmp = run.join("checkpoints/.tmp_step_00000001_4000000000");
     std::fs::create_dir_all(&tmp).unwrap();
     let metrics = run.join("metrics.jsonl");
@@ -672,4 +676,33 @@ fn a_folder_being_trained_in_is_refused_to_a_second_process() {
     assert_rejected(&["train", "--resume", path], &["another flint process"]);
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+/// `--out .` trains in the current folder (the data cache goes beside it, not into it), and a
+/// run that failed before it logged anything (only its `config.toml`) can be run again.
+#[test]
+fn a_run_in_the_current_folder_and_one_that_failed_at_once() {
+    let dir = scratch("dot");
+    let here = dir.join("here");
+    std::fs::create_dir_all(&here).unwrap();
+    let mut args = vec!["train", "--steps", "1", "--out", "."];
+    args.extend(SMALL);
+    let out = flint_in(&here, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(here.join("model/config.json").is_file());
+    assert!(dir.join(".flint-data-cache").is_dir());
+
+    let failed = dir.join("failed");
+    std::fs::create_dir_all(&failed).unwrap();
+    std::fs::copy(here.join("config.toml"), failed.join("config.toml")).unwrap();
+    let out = flint_in(&failed, &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -84,10 +84,10 @@ impl GptConfig {
         }
         if self.parameters().is_none_or(|n| n > MAX_PARAMETERS) {
             bail!(
-                "the model is too large: over {MAX_PARAMETERS} parameters (n_layer {}, n_embd {}, n_inner {}, n_positions {}, vocab_size {})",
+                "the model is too large: over {MAX_PARAMETERS} parameters (n_layer {}, n_embd {}, n_inner {:?}, n_positions {}, vocab_size {})",
                 self.n_layer,
                 self.n_embd,
-                self.inner(),
+                self.n_inner,
                 self.n_positions,
                 self.vocab_size
             );
@@ -95,16 +95,20 @@ impl GptConfig {
         Ok(())
     }
 
-    /// The number of parameters (the tied head counted once), or `None` past `usize`: an
-    /// upper bound on GPT-2's (a few biases and layer norms over), computed without overflow.
+    /// The number of parameters (the tied head counted once, as the layout holds them), or
+    /// `None` past `usize`: computed without overflow, for any sizes.
     pub fn parameters(&self) -> Option<usize> {
         let d = self.n_embd;
         let inner = self.n_inner.map_or(d.checked_mul(4), Some)?;
-        // Per block: qkv and output projections, the feed-forward pair, biases, two norms.
+        // Per block: qkv and output projections with biases (4d(d+1)), the feed-forward pair
+        // (2 d inner, biases inner + d), two norms (4d).
         let block = d
-            .checked_mul(4 * d.checked_add(1)?)?
+            .checked_add(1)?
+            .checked_mul(d)?
+            .checked_mul(4)?
             .checked_add(d.checked_mul(inner)?.checked_mul(2)?)?
-            .checked_add(inner.checked_add(5 * d)?)?;
+            .checked_add(inner)?
+            .checked_add(d.checked_mul(5)?)?;
         let embeddings = self
             .vocab_size
             .checked_add(self.n_positions)?
@@ -112,7 +116,7 @@ impl GptConfig {
         block
             .checked_mul(self.n_layer)?
             .checked_add(embeddings)?
-            .checked_add(2 * d)
+            .checked_add(d.checked_mul(2)?)
     }
 
     /// The feed-forward width.
@@ -619,6 +623,12 @@ mod tests {
             ..GptConfig::preset("tiny").unwrap()
         };
         assert_eq!(huge.parameters(), None);
+        let wrapping = GptConfig {
+            n_embd: 1 << 62,
+            n_head: 1,
+            ..huge
+        };
+        assert_eq!(wrapping.parameters(), None);
         let err = GptConfig {
             n_embd: 100_000_000,
             ..huge

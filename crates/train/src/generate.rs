@@ -82,7 +82,7 @@ pub fn generate_text<B: Backend>(
     s: Sampling,
 ) -> Result<Generated> {
     let run_config = path.join("config.toml");
-    let (model_dir, spec) = if run_config.exists() {
+    let (model_dir, spec) = if crate::run::folder::is_run(path) {
         let model = path.join("model");
         if !model.join("config.json").is_file() {
             bail!(

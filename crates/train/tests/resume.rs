@@ -76,7 +76,7 @@ fn resumed_run_logs_the_same_losses_as_an_uninterrupted_one() {
 
     assert_eq!(losses(&full).len(), 7);
     assert_eq!(losses(&full), losses(&part));
-    // The summary's first validation loss is step 1's, logged before the stop.
+    // The summary's first validation loss is step 0's (the initial model), logged before the stop.
     assert!(whole.first_val_loss.is_some());
     assert_eq!(resumed.first_val_loss, whole.first_val_loss);
     assert_eq!(resumed.last_val_loss, whole.last_val_loss);

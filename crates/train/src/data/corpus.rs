@@ -66,9 +66,9 @@ fn input_file(path: PathBuf) -> Result<InputFile> {
 }
 
 /// The input files of `--data PATH`: the file itself, or the `.txt` / `.jsonl` files under the
-/// folder (recursively, symbolic links followed, each folder and file once however many links
-/// reach it, hidden names skipped), sorted by path. Paths are
-/// canonical so that `data` and `./data` name the same cache. An empty folder is an error.
+/// folder (recursively, symbolic links followed except back up the tree, each file once under
+/// its first path however many links reach it, hidden names skipped), sorted by path. Paths
+/// are canonical so that `data` and `./data` name the same cache. An empty folder is an error.
 pub(crate) fn list_files(path: &Path) -> Result<Vec<InputFile>> {
     let meta = std::fs::metadata(path)
         .with_context(|| format!("--data {}: no such file or folder", path.display()))?;
@@ -76,11 +76,13 @@ pub(crate) fn list_files(path: &Path) -> Result<Vec<InputFile>> {
     if !meta.is_dir() {
         return Ok(vec![input_file(utf8_named(path, root)?)?]);
     }
+    // Every file path with its (device, inode); each folder with the canonical paths of the
+    // folders above it, so that a link back up the tree is not followed into a loop. Which
+    // folders are read does not depend on the order the file system lists them in.
+    use std::os::unix::fs::MetadataExt;
     let mut found = Vec::new();
-    // Folders by their canonical path: a link back up the tree is followed once, not forever.
-    let mut seen = std::collections::HashSet::from([root.clone()]);
-    let mut stack = vec![root.clone()];
-    while let Some(dir) = stack.pop() {
+    let mut stack = vec![(root.clone(), vec![root.clone()])];
+    while let Some((dir, above)) = stack.pop() {
         let entries = std::fs::read_dir(&dir)
             .with_context(|| format!("--data {}: cannot list the folder", dir.display()))?;
         for entry in entries {
@@ -91,11 +93,15 @@ pub(crate) fn list_files(path: &Path) -> Result<Vec<InputFile>> {
             }
             // `metadata` follows symbolic links; a broken link is ignored like other non-files.
             match std::fs::metadata(&p) {
-                Ok(m) if m.is_dir() && seen.insert(p.canonicalize().unwrap_or(p.clone())) => {
-                    stack.push(p)
+                Ok(m) if m.is_dir() => {
+                    let real = p.canonicalize().unwrap_or_else(|_| p.clone());
+                    if !above.contains(&real) {
+                        let mut path = above.clone();
+                        path.push(real);
+                        stack.push((p, path));
+                    }
                 }
-                Ok(m) if m.is_dir() => {}
-                Ok(m) if m.is_file() && is_input(&p) => found.push(p),
+                Ok(m) if m.is_file() && is_input(&p) => found.push((p, (m.dev(), m.ino()))),
                 _ => {}
             }
         }
@@ -106,14 +112,14 @@ pub(crate) fn list_files(path: &Path) -> Result<Vec<InputFile>> {
             path.display()
         );
     }
-    let mut found = found
-        .into_iter()
-        .map(|p| utf8_named(path, p))
-        .collect::<Result<Vec<_>>>()?;
-    // A file reached through two links is one document, read under its first path.
+    // A file reached through several links is one document, read under its first path.
     found.sort();
     let mut files = std::collections::HashSet::new();
-    found.retain(|p| files.insert(p.canonicalize().unwrap_or_else(|_| p.clone())));
+    found.retain(|(_, id)| files.insert(*id));
+    let found = found
+        .into_iter()
+        .map(|(p, _)| utf8_named(path, p))
+        .collect::<Result<Vec<_>>>()?;
     found.into_iter().map(input_file).collect()
 }
 

@@ -1,6 +1,8 @@
 //! The run folder itself (`--out RUN`): which folders a new run may use, one process at a time,
 //! and what a run that died early left behind.
 
+use crate::trainer::checkpoint;
+use crate::trainer::config::TrainOptions;
 use anyhow::{bail, Context, Result};
 use std::fs::{File, TryLockError};
 use std::path::Path;
@@ -8,17 +10,25 @@ use std::path::Path;
 /// Held while a process trains in the folder; released when dropped (or the process ends).
 const LOCK: &str = ".flint.lock";
 
-/// The run folder, locked for this process.
+/// The run folder, locked for this process (where the file system has locks).
 pub struct Locked {
     _file: File,
 }
 
-/// Opens `dir` for training: refuses a folder another flint process trains in, and, for a new
-/// run, one that is neither missing, empty, nor a run that died before its first checkpoint
-/// (the caller has refused a run with checkpoints), rather than write over it. A dead run is
-/// started over: its logs are removed, so neither `metrics.jsonl` nor TensorBoard shows its
-/// steps. Half-written checkpoints of dead processes are removed either way.
-pub fn open(dir: &Path, new_run: bool) -> Result<Locked> {
+/// Whether `dir` holds a flint run: a `config.toml` of training settings (written first, so a
+/// run that failed at once is one too).
+pub fn is_run(dir: &Path) -> bool {
+    TrainOptions::from_toml_file(&dir.join("config.toml"))
+        .is_ok_and(|o| o.steps.is_some() && o.seed.is_some())
+}
+
+/// Opens `dir` for training and locks it: a folder another flint process trains in is refused.
+/// A new run takes a missing or empty folder, or starts over in a run that stopped before its
+/// first checkpoint (its logs are removed, so neither `metrics.jsonl` nor TensorBoard shows the
+/// dead run's steps); it refuses a run with checkpoints or a model, and any other folder, rather
+/// than write over it. Half-written checkpoints, which only a dead process can have left once
+/// the lock is held, are removed.
+pub fn open(dir: &Path, new_run: bool, warn: &mut dyn FnMut(&str)) -> Result<Locked> {
     if new_run {
         refuse_other_folders(dir)?;
     }
@@ -32,11 +42,16 @@ pub fn open(dir: &Path, new_run: bool) -> Result<Locked> {
             "{}: another flint process is training in this folder; wait for it to finish, or choose another --out",
             dir.display()
         ),
-        Err(TryLockError::Error(e)) => {
-            return Err(e).with_context(|| format!("{}: cannot lock", path.display()))
-        }
+        // Some cluster file systems (Lustre without flock, some NFS and FUSE mounts) have no
+        // locks (flock's only other failures are bad arguments): train anyway, as before.
+        Err(TryLockError::Error(e)) => warn(&format!(
+            "{}: the file system does not lock files ({e}); make sure no other flint trains in this folder",
+            dir.display()
+        )),
     }
     if new_run {
+        // Checked again under the lock: another process may have finished a run here since.
+        refuse_finished_run(dir)?;
         for e in std::fs::read_dir(dir)?.filter_map(|e| e.ok()) {
             if e.file_name()
                 .to_string_lossy()
@@ -47,14 +62,8 @@ pub fn open(dir: &Path, new_run: bool) -> Result<Locked> {
             }
         }
     }
-    remove_stale_temporaries(dir);
+    remove_temporaries(dir);
     Ok(Locked { _file: file })
-}
-
-/// Whether `dir` holds a flint run: a `config.toml` of training settings and a `metrics.jsonl`.
-fn is_run(dir: &Path) -> bool {
-    dir.join("metrics.jsonl").is_file()
-        && crate::trainer::config::TrainOptions::from_toml_file(&dir.join("config.toml")).is_ok()
 }
 
 fn refuse_other_folders(dir: &Path) -> Result<()> {
@@ -78,27 +87,36 @@ fn refuse_other_folders(dir: &Path) -> Result<()> {
             dir.display(),
             name.to_string_lossy()
         ),
-        _ => Ok(()),
+        _ => refuse_finished_run(dir),
     }
 }
 
-/// Removes the half-written checkpoints (`checkpoints/.tmp_step_N_PID`) of processes that are
-/// gone (killed mid-checkpoint): each can be the size of a model and its optimizer state.
-fn remove_stale_temporaries(dir: &Path) {
+/// A run with checkpoints continues with `--resume`; one with a model (its checkpoints deleted
+/// to save space) is finished. Neither is started over.
+fn refuse_finished_run(dir: &Path) -> Result<()> {
+    if !checkpoint::complete(dir)?.is_empty() {
+        bail!(
+            "--out {}: this run already has checkpoints; continue it with --resume {0} or choose another --out",
+            dir.display()
+        );
+    }
+    if dir.join("model/config.json").exists() {
+        bail!(
+            "--out {}: this run has finished (it holds model/); choose another --out",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Removes the half-written checkpoints (`checkpoints/.tmp_step_N_PID`) left by a kill
+/// mid-checkpoint: each can be the size of a model and its optimizer state.
+fn remove_temporaries(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir.join("checkpoints")) else {
         return;
     };
     for e in entries.filter_map(|e| e.ok()) {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(".tmp_step_")
-            .and_then(|rest| rest.rsplit('_').next())
-            .and_then(|pid| pid.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let alive = pid != std::process::id() && Path::new(&format!("/proc/{pid}")).exists();
-        if !alive {
+        if e.file_name().to_string_lossy().starts_with(".tmp_step_") {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }

@@ -7,9 +7,10 @@
 //! {"step":100,"val_loss":2.25}
 //! ```
 //!
-//! `step` counts from 1. A non-finite value (a diverged loss) is written as `null`. Runs with
-//! `--precision fp16` add `"loss_scale"` (the GradScaler's scale the step used) and
-//! `"skipped"` (true when the step's gradients overflowed and the update was skipped).
+//! Training lines count `step` from 1; evaluation lines start at 0, the initial model. A
+//! non-finite value (a diverged loss) is written as `null`. Runs with `--precision fp16` add
+//! `"loss_scale"` (the GradScaler's scale the step used) and `"skipped"` (true when the step's
+//! gradients overflowed and the update was skipped).
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;

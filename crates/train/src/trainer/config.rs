@@ -202,13 +202,18 @@ fn default_out() -> PathBuf {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    // Runs started in the same second get their own folders.
+    // Runs started in the same second get their own folders: each is made here, and only one
+    // process can make it. (Where `runs/` cannot be written, the run's own error says so.)
+    let _ = std::fs::create_dir_all("runs");
     (1..)
         .map(|n| match n {
             1 => PathBuf::from(format!("runs/run-{secs}")),
             n => PathBuf::from(format!("runs/run-{secs}-{n}")),
         })
-        .find(|p| !p.exists())
+        .find(|p| match std::fs::create_dir(p) {
+            Ok(()) => true,
+            Err(e) => e.kind() != std::io::ErrorKind::AlreadyExists,
+        })
         .expect("some suffix is free")
 }
 
@@ -240,7 +245,6 @@ impl TrainConfig {
                 bail!("{flag} must be a finite number (got {v})");
             }
         }
-        // config.toml stores them, and TOML integers are signed 64-bit.
         let opt = |v: Option<usize>| v.unwrap_or(0) as u64;
         let integers = [
             ("--seed", self.seed),
@@ -260,9 +264,7 @@ impl TrainConfig {
             ("--n-inner", opt(self.n_inner)),
         ];
         for (flag, v) in integers {
-            if v > i64::MAX as u64 {
-                bail!("{flag} must be below 2^63 (got {v})");
-            }
+            below_2_63(flag, v)?;
         }
         // The tokens of one step are counted in usize.
         let tokens = self
@@ -305,4 +307,12 @@ impl TrainConfig {
     pub fn to_toml(&self) -> Result<String> {
         Ok(toml::to_string(self)?)
     }
+}
+
+/// config.toml stores integer settings, and TOML integers are signed 64-bit.
+pub(crate) fn below_2_63(flag: &str, v: u64) -> Result<()> {
+    if v > i64::MAX as u64 {
+        bail!("{flag} must be below 2^63 (got {v})");
+    }
+    Ok(())
 }

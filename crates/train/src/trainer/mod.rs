@@ -86,17 +86,18 @@ fn model_config(cfg: &TrainConfig, vocab: usize) -> Result<GptConfig> {
     Ok(m)
 }
 
-/// Refuses a model whose parameters, gradients and AdamW moments (16 bytes per parameter, which
-/// a checkpoint also copies to the host from a GPU) exceed the memory available: allocating it
-/// would end in the kernel's out-of-memory kill rather than an error.
+/// Refuses a model whose parameters and AdamW moments cannot fit in the memory available:
+/// allocating it would end in the kernel's out-of-memory kill rather than an error. 16 bytes per
+/// parameter is a floor, not the whole need: on the CPU the gradients, and on a GPU the copies a
+/// checkpoint downloads (parameters and both moments), come on top of the initial values.
 fn fits_in_memory(m: &GptConfig) -> Result<()> {
     let gib = |b: f64| b / (1u64 << 30) as f64;
-    let need = m.parameters().map_or(f64::INFINITY, |n| n as f64 * 16.0);
+    let parameters = m.parameters().map_or(f64::INFINITY, |n| n as f64);
     match crate::device::host_memory_available() {
-        Some(free) if need > free as f64 => bail!(
-            "the model has {:.0} million parameters: with their gradients and AdamW's moments that is {:.1} GiB of memory, and {:.1} GiB are available; lower --n-layer, --n-embd or --n-positions, or choose a smaller --preset",
-            m.parameters().map_or(f64::INFINITY, |n| n as f64 / 1e6),
-            gib(need),
+        Some(free) if parameters * 16.0 > free as f64 => bail!(
+            "the model has {:.0} million parameters, which with AdamW's state need at least {:.1} GiB of memory, and {:.1} GiB are available; lower --n-layer, --n-embd or --n-positions, or choose a smaller --preset",
+            parameters / 1e6,
+            gib(parameters * 16.0),
             gib(free as f64)
         ),
         _ => Ok(()),
@@ -128,6 +129,7 @@ fn same_tokenizer(state: &checkpoint::State, tokenizer: &Tokenizer, run: &Path) 
 /// the precision and the threads may change. Any other setting given is an error rather than
 /// silently ignored.
 fn refuse_changes_on_resume(options: &TrainOptions, saved: &Path) -> Result<()> {
+    config::below_2_63("--steps", options.steps.unwrap_or(0))?;
     let given = toml::Value::try_from(options)?;
     let changed: Vec<String> = given
         .as_table()
@@ -261,9 +263,6 @@ fn train_on<B: Backend>(
     obs: &mut dyn Observer,
 ) -> Result<Finished> {
     let run = cfg.out.clone();
-    if resume.is_none() && !checkpoint::complete(&run)?.is_empty() {
-        bail!("--out {}: this run already has checkpoints; continue it with --resume {0} or choose another --out", run.display());
-    }
     let tokenizer = Tokenizer::from_arg(&cfg.tokenizer)?;
     let (model_cfg, init) = match &cfg.init_from {
         Some(dir) => {
@@ -316,9 +315,10 @@ fn train_on<B: Backend>(
             text: DEFAULT_CORPUS,
         },
     };
-    let cache = run
+    // Beside the run folder (`--out .` included), not in it.
+    let cache = std::path::absolute(&run)?
         .parent()
-        .unwrap_or(Path::new("."))
+        .unwrap_or(Path::new("/"))
         .join(".flint-data-cache");
     let dataset = data::prepare(source, &tokenizer, &cache, cfg.val_fraction)?;
     for w in &dataset.warnings {
@@ -336,6 +336,9 @@ fn train_on<B: Backend>(
 
     // Resume: parameters, moments, step and data position from the newest good checkpoint.
     let layout = gpt::param_layout(&model_cfg);
+    // The folder is locked before any checkpoint is read (another process could be writing
+    // or pruning them).
+    let _lock = folder::open(&run, resume.is_none(), &mut |w| obs.warn(w))?;
     let resumed = match resume {
         Some(_) => {
             // The tokenizer first: one changed since the checkpoint also changes the model's
@@ -361,7 +364,6 @@ fn train_on<B: Backend>(
     };
     // The run folder and its config, once the settings are known to make a model (and, on a
     // resume, to continue it).
-    let _lock = folder::open(&run, resume.is_none())?;
     crate::tensors::write_atomic(&run.join("config.toml"), cfg.to_toml()?.as_bytes())?;
     let params = resumed.as_ref().map_or(&init, |ck| &ck.params);
     let mut model = Gpt::new(backend, model_cfg.clone(), params)?;
