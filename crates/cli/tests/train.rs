@@ -98,16 +98,32 @@ fn bad_training_flags_are_one_line_errors() {
     );
 }
 
-fn losses(run: &Path) -> Vec<String> {
+/// The lines of `RUN/metrics.jsonl`, parsed (none before the file exists).
+fn metric_lines(run: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(run.join("metrics.jsonl"))
         .unwrap_or_default()
         .lines()
-        .filter(|l| l.contains("\"loss\""))
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            format!("{} {}", v["step"], v["loss"])
-        })
+        .map(|l| serde_json::from_str(l).unwrap())
         .collect()
+}
+
+/// `step loss` of each training line.
+fn losses(run: &Path) -> Vec<String> {
+    metric_lines(run)
+        .iter()
+        .filter(|v| v.get("loss").is_some())
+        .map(|v| format!("{} {}", v["step"], v["loss"]))
+        .collect()
+}
+
+/// `out`, asserted to be a success (its stderr shown otherwise).
+fn succeeds(out: Output) -> Output {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// `flint train` args for a SMALL run of `steps` steps in `run`, checkpointing every 2 steps.
@@ -200,10 +216,9 @@ fn stop_and_resume(name: &str, signal: i32) {
     );
     assert_eq!(losses(&run).len(), stopped + 2);
     // Training time goes on from the checkpoint's, not from 0.
-    let elapsed: Vec<f64> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["elapsed_s"].as_f64())
+    let elapsed: Vec<f64> = metric_lines(&run)
+        .iter()
+        .filter_map(|v| v["elapsed_s"].as_f64())
         .collect();
     assert!(elapsed.windows(2).all(|w| w[0] <= w[1]), "{elapsed:?}");
 }
@@ -344,13 +359,6 @@ fn generate_finds_the_run_tokenizer_from_another_folder() {
         .map(|i| format!("line {i} of the little corpus\n"))
         .collect();
     std::fs::write(dir.join("text/a.txt"), text).unwrap();
-    let succeeds = |out: Output| {
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    };
     let tokenizer = [
         "tokenizer",
         "train",
@@ -405,10 +413,8 @@ fn generate_finds_the_run_tokenizer_from_another_folder() {
 fn validation_is_logged_for_the_initial_model_and_after_each_update() {
     let dir = scratch("validation");
     let val_losses = |run: &str| -> Vec<(u64, f64)> {
-        std::fs::read_to_string(dir.join(run).join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        metric_lines(&dir.join(run))
+            .into_iter()
             .filter(|v| v.get("val_loss").is_some())
             .map(|v| (v["step"].as_u64().unwrap(), v["val_loss"].as_f64().unwrap()))
             .collect()
@@ -423,21 +429,11 @@ fn validation_is_logged_for_the_initial_model_and_after_each_update() {
         "first",
     ];
     first.extend(SMALL);
-    let out = flint_in(&dir, &first);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(flint_in(&dir, &first));
     let mut next = vec!["train", "--init-from", "first/model", "--steps", "1"];
     next.extend(SMALL);
     next.extend(["--out", "next"]);
-    let out = flint_in(&dir, &next);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(flint_in(&dir, &next));
 
     let (first, next) = (val_losses("first"), val_losses("next"));
     let steps: Vec<u64> = first.iter().map(|v| v.0).collect();
@@ -486,7 +482,7 @@ fn a_new_run_uses_only_empty_folders_or_runs_without_checkpoints() {
     let mut args = vec!["train", "--steps", "2", "--checkpoint-every", "0"];
     args.extend(SMALL);
     args.extend(["--out", run.to_str().unwrap()]);
-    assert!(flint(&args).status.success());
+    succeeds(flint(&args));
     // A finished run is not started over, even with its checkpoints deleted.
     std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
     assert_rejected(&args, &["has finished", "--out"]);
@@ -513,11 +509,10 @@ fn a_new_run_uses_only_empty_folders_or_runs_without_checkpoints() {
     };
     assert_eq!(events(&run), 1);
 
-    assert!(flint(&args).status.success());
-    let steps: Vec<String> = std::fs::read_to_string(&metrics)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].to_string())
+    succeeds(flint(&args));
+    let steps: Vec<String> = metric_lines(&run)
+        .iter()
+        .map(|v| v["step"].to_string())
         .collect();
     assert_eq!(
         steps,
@@ -549,7 +544,7 @@ fn resuming_on_changed_data_warns_and_on_a_changed_tokenizer_fails() {
             "--out",
             "tok.json",
         ];
-        assert!(flint_in(&dir, &args).status.success());
+        succeeds(flint_in(&dir, &args));
     };
     tokenizer("300");
     let mut args = vec![
@@ -563,7 +558,7 @@ fn resuming_on_changed_data_warns_and_on_a_changed_tokenizer_fails() {
     ];
     args.extend(SMALL);
     args.extend(["--out", "run"]);
-    assert!(flint_in(&dir, &args).status.success());
+    succeeds(flint_in(&dir, &args));
     let resume = |steps: &str| flint_in(&dir, &["train", "--resume", "run", "--steps", steps]);
 
     std::fs::write(dir.join("a.txt"), text.replace("line", "lime")).unwrap();
@@ -618,13 +613,8 @@ fn init_from_reads_the_folders_tokenizer_and_any_tokenizer_samples() {
     ];
     args.extend(SMALL);
     args.extend(["--out", "first"]);
-    let out = flint_in(&dir, &args);
+    let out = succeeds(flint_in(&dir, &args));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(stdout.contains("sample:"), "{stdout}");
 
     let mut args = vec![
@@ -637,12 +627,7 @@ fn init_from_reads_the_folders_tokenizer_and_any_tokenizer_samples() {
         "1",
     ];
     args.extend(["--batch-size", "4", "--seq-len", "32", "--out", "next"]);
-    let out = flint_in(&dir, &args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(flint_in(&dir, &args));
     let config = std::fs::read_to_string(dir.join("next/config.toml")).unwrap();
     assert!(config.contains("first/model/tokenizer.json"), "{config}");
     assert!(dir.join("next/model/tokenizer.json").is_file());
@@ -687,22 +672,12 @@ fn a_run_in_the_current_folder_and_one_that_failed_at_once() {
     std::fs::create_dir_all(&here).unwrap();
     let mut args = vec!["train", "--steps", "1", "--out", "."];
     args.extend(SMALL);
-    let out = flint_in(&here, &args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(flint_in(&here, &args));
     assert!(here.join("model/config.json").is_file());
     assert!(dir.join(".flint-data-cache").is_dir());
 
     let failed = dir.join("failed");
     std::fs::create_dir_all(&failed).unwrap();
     std::fs::copy(here.join("config.toml"), failed.join("config.toml")).unwrap();
-    let out = flint_in(&failed, &args);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeds(flint_in(&failed, &args));
 }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use flint_train::data::{
-    prepare, train_bpe, DataOrder, Loader, LoaderState, Source, Tokenizer, Tokens,
+    prepare, train_bpe, DataOrder, Dataset, Loader, LoaderState, Source, Tokenizer, Tokens,
 };
 
 /// A fresh folder under the system temp dir, removed on drop.
@@ -26,6 +26,16 @@ impl Tmp {
 
     fn path(&self, rel: &str) -> PathBuf {
         self.0.join(rel)
+    }
+
+    /// `data/` read with the byte tokenizer, cached in `cache/`, nothing held out.
+    fn prepare_bytes(&self) -> anyhow::Result<Dataset> {
+        prepare(
+            Source::Path(self.path("data")),
+            &Tokenizer::Bytes,
+            &self.path("cache"),
+            0.0,
+        )
     }
 }
 
@@ -322,13 +332,7 @@ fn folder_files_are_read_recursively_in_path_order_and_joined_by_blank_lines() {
     tmp.write("data/c.jsonl", "{\"text\": \"three\"}\n");
     tmp.write("data/notes.md", "ignored");
     tmp.write("data/.hidden.txt", "ignored");
-    let d = prepare(
-        Source::Path(tmp.path("data")),
-        &Tokenizer::Bytes,
-        &tmp.path("cache"),
-        0.0,
-    )
-    .unwrap();
+    let d = tmp.prepare_bytes().unwrap();
     assert_eq!(text(&d.train, &Tokenizer::Bytes), "one\n\ntwo\n\nthree");
     assert!(d.val.is_none());
     assert!(d.warnings.is_empty(), "{:?}", d.warnings);
@@ -478,13 +482,7 @@ fn a_non_utf8_file_is_skipped_with_a_warning() {
     tmp.write("data/good.txt", "good text");
     tmp.write("data/latin1.txt", b"caf\xe9 cr\xe8me");
     tmp.write("data/image.txt", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR");
-    let d = prepare(
-        Source::Path(tmp.path("data")),
-        &Tokenizer::Bytes,
-        &tmp.path("cache"),
-        0.0,
-    )
-    .unwrap();
+    let d = tmp.prepare_bytes().unwrap();
     assert_eq!(text(&d.train, &Tokenizer::Bytes), "good text");
     assert_eq!(d.warnings.len(), 2, "{:?}", d.warnings);
     assert!(d
@@ -499,14 +497,7 @@ fn a_folder_of_only_binary_files_is_an_error() {
     let tmp = Tmp::new("binary");
     tmp.write("data/a.txt", b"\0\x01\x02");
     tmp.write("data/b.jsonl", b"\xff\xfe");
-    let err = prepare(
-        Source::Path(tmp.path("data")),
-        &Tokenizer::Bytes,
-        &tmp.path("cache"),
-        0.0,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = tmp.prepare_bytes().unwrap_err().to_string();
     assert!(err.contains("skipped") && err.contains("a.txt"), "{err}");
 }
 
@@ -515,14 +506,7 @@ fn an_empty_folder_is_an_error_naming_the_folder() {
     let tmp = Tmp::new("empty");
     std::fs::create_dir_all(tmp.path("data/sub")).unwrap();
     tmp.write("data/readme.md", "not an input");
-    let err = prepare(
-        Source::Path(tmp.path("data")),
-        &Tokenizer::Bytes,
-        &tmp.path("cache"),
-        0.0,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = tmp.prepare_bytes().unwrap_err().to_string();
     assert!(
         err.contains(&tmp.path("data").display().to_string()),
         "{err}"
@@ -604,13 +588,7 @@ fn links_in_a_data_folder_are_followed_once() {
     // A link back up the tree (a loop), and a second name for the same file.
     std::os::unix::fs::symlink("..", tmp.path("data/x/back")).unwrap();
     std::os::unix::fs::symlink("x/a.txt", tmp.path("data/alias.txt")).unwrap();
-    let d = prepare(
-        Source::Path(tmp.path("data")),
-        &Tokenizer::Bytes,
-        &tmp.path("cache"),
-        0.0,
-    )
-    .unwrap();
+    let d = tmp.prepare_bytes().unwrap();
     assert_eq!(text(&d.train, &Tokenizer::Bytes), "abc");
 }
 
@@ -621,13 +599,6 @@ fn a_file_name_that_is_not_utf8_is_an_error_naming_it() {
     tmp.write("data/ok.txt", b"abc");
     let name = std::ffi::OsStr::from_bytes(b"bad\xff.txt");
     std::fs::write(tmp.path("data").join(name), b"def").unwrap();
-    let err = prepare(
-        Source::Path(tmp.path("data")),
-        &Tokenizer::Bytes,
-        &tmp.path("cache"),
-        0.0,
-    )
-    .unwrap_err()
-    .to_string();
+    let err = tmp.prepare_bytes().unwrap_err().to_string();
     assert!(err.contains("not UTF-8") && err.contains("bad"), "{err}");
 }
