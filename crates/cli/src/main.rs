@@ -98,9 +98,15 @@ fn main() -> ExitCode {
         Command::Generate(args) => {
             select().and_then(|(d, why)| generate::run(args, &d).map(|()| why))
         }
-        // Tokenizers run on the CPU whatever `--device` says, but a wrong one is still refused.
+        // Tokenizers run on the CPU whatever `--device` says, but a malformed one, or a GPU that
+        // cannot train, is refused as by every other command.
         Command::Tokenizer(t) => DeviceRequest::parse(device.unwrap_or("auto"))
-            .and_then(|_| tokenizer::run(t))
+            .and_then(|request| {
+                if matches!(request, DeviceRequest::Cuda(_)) {
+                    device::select(request)?;
+                }
+                tokenizer::run(t)
+            })
             .map(|()| None),
         Command::Doctor(args) => match doctor::run(args, device) {
             Ok(true) => return ExitCode::SUCCESS,

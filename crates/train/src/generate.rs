@@ -41,9 +41,12 @@ pub fn generate<B: Backend>(
     }
     if prompt.len() >= ctx {
         bail!(
-            "the prompt has {} tokens; the model's context is {ctx}",
+            "--prompt has {} tokens and the model's context is {ctx} positions: shorten the prompt",
             prompt.len()
         );
+    }
+    if let Some(t) = prompt.iter().find(|&&t| t as usize >= vocab) {
+        bail!("--prompt: token {t} is outside the model's vocabulary of {vocab} ids");
     }
     let len = prompt.len().saturating_add(s.max_new_tokens).min(ctx);
     model.start_decoding(len)?;
@@ -110,7 +113,9 @@ pub fn generate_text<B: Backend>(
     };
     let tokenizer = Tokenizer::from_arg(&spec)?;
     let (config, params) = load_gpt2(&model_dir)?;
-    if tokenizer.vocab_size() > config.vocab_size {
+    // A byte model may have fewer ids than 256 (ASCII text): the prompt must then fit, and
+    // only the model's ids are drawn.
+    if tokenizer.vocab_size() > config.vocab_size && !matches!(tokenizer, Tokenizer::Bytes) {
         bail!(
             "the tokenizer ({spec}) has {} tokens but the model in {} has {}; pass the model's tokenizer with --tokenizer",
             tokenizer.vocab_size(),

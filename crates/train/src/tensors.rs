@@ -228,8 +228,16 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
+        let fix = match e.kind() {
+            std::io::ErrorKind::NotFound => "create its folder first",
+            std::io::ErrorKind::IsADirectory => "it is a folder: give a file path",
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+                "fix the folder's permissions, or write elsewhere"
+            }
+            _ => "free space on its disk (or fix the folder's permissions)",
+        };
         bail!(
-            "{}: cannot write ({e}); free space on its disk (or fix the folder's permissions) and run again",
+            "{}: cannot write ({e}); {fix}, and run again",
             path.display()
         );
     }

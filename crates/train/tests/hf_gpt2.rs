@@ -269,3 +269,31 @@ fn architecture_variants_flint_does_not_compute_are_refused_by_name() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A byte model may have fewer than 256 ids (ASCII text): a folder without a tokenizer is read
+/// as bytes, a prompt within its ids continues, and one past them is an error naming `--prompt`.
+#[test]
+fn a_byte_model_smaller_than_256_ids_generates_from_ascii() {
+    use flint_train::generate::{generate_text, Sampling};
+    let config = gpt::GptConfig {
+        vocab_size: 128,
+        ..gpt::GptConfig::preset("tiny").unwrap()
+    };
+    let params = gpt::init_params(&config, &gpt::param_layout(&config), 7);
+    let dir = std::env::temp_dir().join(format!("flint-hf-ascii-{}", std::process::id()));
+    flint_train::hf::save_gpt2(&dir, &config, &params, None).unwrap();
+    let s = Sampling {
+        max_new_tokens: 5,
+        temperature: 1.0,
+        top_k: 0,
+        seed: 1,
+    };
+    let out = generate_text(Cpu, &dir, "hi", None, s).unwrap();
+    assert!(out.text.bytes().all(|b| b < 128), "{:?}", out.text);
+    let err = generate_text(Cpu, &dir, "é", None, s)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("--prompt") && err.contains("128"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

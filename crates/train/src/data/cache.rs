@@ -406,9 +406,6 @@ fn tokenize(
     }
     w.flush()?;
     if w.total == 0 {
-        if warnings.is_empty() {
-            bail!("--data {source_name}: no text to train on");
-        }
         return Err(corpus::nothing_left(source_name, &warnings));
     }
     Ok(Manifest {

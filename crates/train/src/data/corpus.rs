@@ -154,9 +154,9 @@ struct JsonLine {
 /// The one-line error when no input gave any text: the first skip's reason (the warnings say
 /// the rest), and what to give instead.
 pub(crate) fn nothing_left(data: &str, warnings: &[String]) -> anyhow::Error {
-    let first = warnings
-        .first()
-        .map_or("", |w| w.trim_end_matches(", skipped"));
+    let first = warnings.first().map_or("the inputs hold no text", |w| {
+        w.trim_end_matches(", skipped")
+    });
     let more = match warnings.len() {
         0 | 1 => String::new(),
         n => format!(" (and {} more inputs skipped)", n - 1),

@@ -212,7 +212,10 @@ pub fn train_bpe(inputs: &[PathBuf], vocab_size: usize, out: &Path) -> Result<Ve
         bail!("--vocab-size {vocab_size} is too small: the 256 byte symbols and {EOT} need {MIN}");
     }
     if vocab_size > u32::MAX as usize {
-        bail!("--vocab-size {vocab_size} is too large");
+        bail!(
+            "--vocab-size {vocab_size} is too large: at most {}",
+            u32::MAX
+        );
     }
     if inputs.is_empty() {
         bail!("--data: no input given");
