@@ -126,19 +126,18 @@ fn succeeds(out: Output) -> Output {
     out
 }
 
+/// `flint train ARGS` with the SMALL model.
+fn small<'a>(args: &[&'a str]) -> Vec<&'a str> {
+    let mut all = vec!["train"];
+    all.extend_from_slice(args);
+    all.extend(SMALL);
+    all
+}
+
 /// `flint train` args for a SMALL run of `steps` steps in `run`, checkpointing every 2 steps.
 fn small_run<'a>(run: &'a Path, steps: &'a str) -> Vec<&'a str> {
-    let mut args = vec![
-        "train",
-        "--steps",
-        steps,
-        "--checkpoint-every",
-        "2",
-        "--out",
-        run.to_str().unwrap(),
-    ];
-    args.extend(SMALL);
-    args
+    let out = run.to_str().unwrap();
+    small(&["--steps", steps, "--checkpoint-every", "2", "--out", out])
 }
 
 /// Starts a long training run and waits until it has logged `steps` steps.
@@ -299,8 +298,7 @@ fn a_full_disk_during_a_checkpoint_is_an_error_that_keeps_the_previous_checkpoin
 fn generate_continues_a_prompt_from_a_run() {
     let dir = scratch("generate");
     let run = dir.join("run");
-    let mut args = vec!["train", "--steps", "3", "--out", run.to_str().unwrap()];
-    args.extend(SMALL);
+    let args = small(&["--steps", "3", "--out", run.to_str().unwrap()]);
     assert_eq!(flint(&args).status.code(), Some(0));
     let out = flint(&[
         "generate",
@@ -370,17 +368,16 @@ fn generate_finds_the_run_tokenizer_from_another_folder() {
         "tok.json",
     ];
     succeeds(flint_in(&dir, &tokenizer));
-    let mut train = vec![
-        "train",
+    let train = small(&[
         "--tokenizer",
         "tok.json",
         "--data",
         "text",
         "--steps",
         "2",
-    ];
-    train.extend(SMALL);
-    train.extend(["--out", "run"]);
+        "--out",
+        "run",
+    ]);
     succeeds(flint_in(&dir, &train));
     assert!(dir.join("run/model/tokenizer.json").is_file());
     // HF `generate` stops at config.json's eos_token_id: the tokenizer's end-of-text id.
@@ -419,20 +416,16 @@ fn validation_is_logged_for_the_initial_model_and_after_each_update() {
             .map(|v| (v["step"].as_u64().unwrap(), v["val_loss"].as_f64().unwrap()))
             .collect()
     };
-    let mut first = vec![
-        "train",
+    let first = small(&["--steps", "2", "--eval-every", "1", "--out", "first"]);
+    succeeds(flint_in(&dir, &first));
+    let next = small(&[
+        "--init-from",
+        "first/model",
         "--steps",
-        "2",
-        "--eval-every",
         "1",
         "--out",
-        "first",
-    ];
-    first.extend(SMALL);
-    succeeds(flint_in(&dir, &first));
-    let mut next = vec!["train", "--init-from", "first/model", "--steps", "1"];
-    next.extend(SMALL);
-    next.extend(["--out", "next"]);
+        "next",
+    ]);
     succeeds(flint_in(&dir, &next));
 
     let (first, next) = (val_losses("first"), val_losses("next"));
@@ -479,9 +472,14 @@ fn a_new_run_uses_only_empty_folders_or_runs_without_checkpoints() {
     );
 
     let run = dir.join("run");
-    let mut args = vec!["train", "--steps", "2", "--checkpoint-every", "0"];
-    args.extend(SMALL);
-    args.extend(["--out", run.to_str().unwrap()]);
+    let args = small(&[
+        "--steps",
+        "2",
+        "--checkpoint-every",
+        "0",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
     succeeds(flint(&args));
     // A finished run is not started over, even with its checkpoints deleted.
     std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
@@ -547,17 +545,16 @@ fn resuming_on_changed_data_warns_and_on_a_changed_tokenizer_fails() {
         succeeds(flint_in(&dir, &args));
     };
     tokenizer("300");
-    let mut args = vec![
-        "train",
+    let args = small(&[
         "--data",
         "a.txt",
         "--tokenizer",
         "tok.json",
         "--steps",
         "2",
-    ];
-    args.extend(SMALL);
-    args.extend(["--out", "run"]);
+        "--out",
+        "run",
+    ]);
     succeeds(flint_in(&dir, &args));
     let resume = |steps: &str| flint_in(&dir, &["train", "--resume", "run", "--steps", steps]);
 
@@ -602,17 +599,16 @@ fn init_from_reads_the_folders_tokenizer_and_any_tokenizer_samples() {
         "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
     });
     std::fs::write(dir.join("words.json"), word_level.to_string()).unwrap();
-    let mut args = vec![
-        "train",
+    let args = small(&[
         "--data",
         "a.txt",
         "--tokenizer",
         "words.json",
         "--steps",
         "2",
-    ];
-    args.extend(SMALL);
-    args.extend(["--out", "first"]);
+        "--out",
+        "first",
+    ]);
     let out = succeeds(flint_in(&dir, &args));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("sample:"), "{stdout}");
@@ -641,16 +637,14 @@ fn a_folder_being_trained_in_is_refused_to_a_second_process() {
     let run = dir.join("run");
     let path = run.to_str().unwrap();
     // No checkpoint yet: a new run in the folder would otherwise start it over.
-    let mut args = vec![
-        "train",
+    let args = small(&[
         "--steps",
         "100000",
         "--checkpoint-every",
         "0",
         "--out",
         path,
-    ];
-    args.extend(SMALL);
+    ]);
     let mut child = start(&args, &run, 2);
     assert_rejected(&args, &["another flint process", "--out"]);
     child.kill().unwrap();
@@ -670,8 +664,7 @@ fn a_run_in_the_current_folder_and_one_that_failed_at_once() {
     let dir = scratch("dot");
     let here = dir.join("here");
     std::fs::create_dir_all(&here).unwrap();
-    let mut args = vec!["train", "--steps", "1", "--out", "."];
-    args.extend(SMALL);
+    let args = small(&["--steps", "1", "--out", "."]);
     succeeds(flint_in(&here, &args));
     assert!(here.join("model/config.json").is_file());
     assert!(dir.join(".flint-data-cache").is_dir());

@@ -121,10 +121,11 @@ fn resume_cuts_back_to_step_and_appends() {
         before.starts_with(&after),
         "{after:?} is not a prefix of {before:?}"
     );
-    assert!(
-        !dir.join("metrics.jsonl.tmp").exists(),
-        "temp file left behind"
-    );
+    let left: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(left, ["metrics.jsonl"], "temp file left behind");
 
     w.write_train(4, 9.0, 5e-4, 2.0, 50.0, 40.0).unwrap();
     w.write_eval(4, 8.5).unwrap();

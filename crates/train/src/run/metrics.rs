@@ -177,29 +177,7 @@ fn cut_back(path: &Path, k: u64) -> Result<()> {
         }
     }
 
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let mut tmp_name = path
-        .file_name()
-        .context("metrics path has no file name")?
-        .to_os_string();
-    tmp_name.push(".tmp");
-    let tmp = dir.join(tmp_name);
-    let write_tmp = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(&kept)?;
-        f.sync_all()
-    };
-    write_tmp().with_context(|| format!("{}: cannot write", tmp.display()))?;
-    fs::rename(&tmp, path)
-        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-    // Make the rename itself durable; not every platform can fsync a directory, so best effort.
-    if let Ok(d) = File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    crate::tensors::write_atomic(path, &kept)
 }
 
 /// The `step` of a metrics line, if it is a JSON object with a non-negative integer `step`.
