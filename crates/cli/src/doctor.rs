@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use flint_backend::cpu::{cpu_info, Cpu, CpuInfo};
-use flint_backend::cuda::probe::{nvrtc_trial, probe, GpuProbe};
+use flint_backend::cuda::probe::{nvrtc_trial, probe, GpuProbe, Problem};
 use flint_backend::cuda::Cuda;
 use flint_backend::parity::ParityRow;
 use flint_train::device::{Device, DeviceRequest};
@@ -35,6 +35,22 @@ pub fn run(a: Args, device: Option<&str>) -> Result<bool> {
             .map_or(Device::Cpu, |g| Device::Cuda(g.clone()))),
         DeviceRequest::Cuda(n) => gpus.usable(n).map(|g| Device::Cuda(g.clone())),
     };
+    // A request no probe problem explains (a GPU index this machine lacks, no GPU at all) is a
+    // problem of its own, so the report says how to fix it too.
+    if let Err(why) = &chosen {
+        if !gpus.problems.iter().any(|p| &p.what == why) {
+            let fix = if gpus.gpus.is_empty() {
+                "train on the CPU with --device cpu, or on a machine with an NVIDIA GPU"
+            } else {
+                "choose a GPU listed above with --device cuda:N (CUDA_VISIBLE_DEVICES numbers the GPUs a process sees from 0)"
+            };
+            gpus.problems.push(Problem {
+                what: why.clone(),
+                fix: fix.into(),
+                blocking: true,
+            });
+        }
+    }
     let reason = match (&chosen, request) {
         (Ok(Device::Cpu), DeviceRequest::Auto) => gpus.usable(0).err(),
         (Ok(Device::Cpu), _) => Some("--device cpu".to_string()),

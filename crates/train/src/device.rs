@@ -20,7 +20,12 @@ impl DeviceRequest {
             "auto" => DeviceRequest::Auto,
             "cpu" => DeviceRequest::Cpu,
             "cuda" => DeviceRequest::Cuda(0),
-            _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            // Digits only: `usize::from_str` would also take `cuda:+1`.
+            _ => match s
+                .strip_prefix("cuda:")
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+                .map(str::parse::<usize>)
+            {
                 Some(Ok(n)) => DeviceRequest::Cuda(n),
                 _ => bail!("--device {s}: expected auto, cpu, cuda or cuda:N (N = 0, 1, ...)"),
             },

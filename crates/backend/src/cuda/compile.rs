@@ -5,9 +5,9 @@
 //! the architecture and the NVRTC version, so only the first run on a machine pays the compile.
 
 use super::libs::{self, Lib};
+use super::raw;
 use anyhow::{anyhow, bail, Context, Result};
-use cudarc::nvrtc::{result as nvrtc, sys};
-use std::ffi::CString;
+use std::ffi::{c_char, c_void, CString};
 use std::path::PathBuf;
 
 /// Every kernel file, in the order they are concatenated into one translation unit (the shared
@@ -34,13 +34,106 @@ pub fn source() -> String {
 
 /// NVRTC's version, e.g. `(12, 8)`. Fails when NVRTC was not found or did not load.
 pub fn nvrtc_version() -> Result<(i32, i32)> {
-    require_nvrtc()?;
+    let nvrtc = Nvrtc::load()?;
     let (mut major, mut minor) = (0, 0);
-    // SAFETY: NVRTC is loaded; the call writes two ints.
-    unsafe { sys::nvrtcVersion(&mut major, &mut minor) }
-        .result()
-        .map_err(|e| anyhow!("nvrtcVersion failed: {e:?}"))?;
+    // SAFETY: the call writes two ints.
+    nvrtc.check("nvrtcVersion", unsafe {
+        (nvrtc.version)(&mut major, &mut minor)
+    })?;
     Ok((major, minor))
+}
+
+/// NVRTC's entry points, with status codes as plain integers (see `raw`).
+struct Nvrtc {
+    version: unsafe extern "C" fn(*mut i32, *mut i32) -> i32,
+    create: unsafe extern "C" fn(
+        *mut *mut c_void,
+        *const c_char,
+        *const c_char,
+        i32,
+        *const *const c_char,
+        *const *const c_char,
+    ) -> i32,
+    compile: unsafe extern "C" fn(*mut c_void, i32, *const *const c_char) -> i32,
+    log_size: unsafe extern "C" fn(*mut c_void, *mut usize) -> i32,
+    log: unsafe extern "C" fn(*mut c_void, *mut c_char) -> i32,
+    cubin_size: unsafe extern "C" fn(*mut c_void, *mut usize) -> i32,
+    cubin: unsafe extern "C" fn(*mut c_void, *mut c_char) -> i32,
+    destroy: unsafe extern "C" fn(*mut *mut c_void) -> i32,
+    error_string: unsafe extern "C" fn(i32) -> *const c_char,
+}
+
+impl Nvrtc {
+    fn load() -> Result<Nvrtc> {
+        require_nvrtc()?;
+        // SAFETY: each type is the entry point's C signature in NVRTC 12 and 13.
+        let bind = || unsafe {
+            Ok::<_, String>(Nvrtc {
+                version: raw::entry(Lib::Nvrtc, "nvrtcVersion")?,
+                create: raw::entry(Lib::Nvrtc, "nvrtcCreateProgram")?,
+                compile: raw::entry(Lib::Nvrtc, "nvrtcCompileProgram")?,
+                log_size: raw::entry(Lib::Nvrtc, "nvrtcGetProgramLogSize")?,
+                log: raw::entry(Lib::Nvrtc, "nvrtcGetProgramLog")?,
+                cubin_size: raw::entry(Lib::Nvrtc, "nvrtcGetCUBINSize")?,
+                cubin: raw::entry(Lib::Nvrtc, "nvrtcGetCUBIN")?,
+                destroy: raw::entry(Lib::Nvrtc, "nvrtcDestroyProgram")?,
+                error_string: raw::entry(Lib::Nvrtc, "nvrtcGetErrorString")?,
+            })
+        };
+        bind().map_err(|e| {
+            anyhow!(
+                "NVRTC is not usable ({e}); fix: {}",
+                Lib::Nvrtc.install_hint()
+            )
+        })
+    }
+
+    /// `Ok` for NVRTC_SUCCESS, else an error naming the call and NVRTC's name for `code`.
+    fn check(&self, call: &str, code: i32) -> Result<()> {
+        if code == 0 {
+            return Ok(());
+        }
+        // SAFETY: nvrtcGetErrorString takes any code and returns a static string (or null).
+        let name = unsafe { raw::c_str((self.error_string)(code)) };
+        bail!(
+            "{call} failed: {} ({code})",
+            name.unwrap_or_else(|| "unknown NVRTC error".into())
+        )
+    }
+
+    /// The program's compiler log (empty when NVRTC has none).
+    ///
+    /// SAFETY: `prog` must be a live program.
+    unsafe fn program_log(&self, prog: *mut c_void) -> String {
+        let mut size = 0usize;
+        if (self.log_size)(prog, &mut size) != 0 || size == 0 || size > 1 << 30 {
+            return String::new();
+        }
+        let mut log = vec![0u8; size];
+        if (self.log)(prog, log.as_mut_ptr().cast()) != 0 {
+            return String::new();
+        }
+        String::from_utf8_lossy(&log)
+            .trim_end_matches('\0')
+            .to_string()
+    }
+
+    /// The compiled program's cubin.
+    ///
+    /// SAFETY: `prog` must be a live, successfully compiled program.
+    unsafe fn program_cubin(&self, prog: *mut c_void) -> Result<Vec<u8>> {
+        let mut size = 0usize;
+        self.check("nvrtcGetCUBINSize", (self.cubin_size)(prog, &mut size))?;
+        if size > 1 << 30 {
+            bail!("nvrtcGetCUBINSize reported {size} bytes: NVRTC is not working");
+        }
+        let mut cubin = vec![0u8; size];
+        self.check(
+            "nvrtcGetCUBIN",
+            (self.cubin)(prog, cubin.as_mut_ptr().cast()),
+        )?;
+        Ok(cubin)
+    }
 }
 
 fn require_nvrtc() -> Result<()> {
@@ -75,51 +168,40 @@ fn options(arch: (i32, i32)) -> [String; 5] {
 /// Compiles `src` to a cubin for compute capability `arch` (e.g. `(9, 0)`); the error carries
 /// NVRTC's log.
 pub fn compile(src: &str, arch: (i32, i32)) -> Result<Vec<u8>> {
-    require_nvrtc()?;
+    let nvrtc = Nvrtc::load()?;
     let csrc = CString::new(src).context("kernel source contains a NUL byte")?;
     let name = CString::new("flint_kernels.cu").expect("no NUL");
-    let prog = nvrtc::create_program(&csrc, Some(&name))
-        .map_err(|e| anyhow!("nvrtcCreateProgram: {e:?}"))?;
-    let opts = options(arch);
+    let opts = options(arch).map(|o| CString::new(o).expect("no NUL"));
+    let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
+    let mut prog = std::ptr::null_mut();
+    // SAFETY: the strings outlive the calls; no headers are passed.
+    let created = unsafe {
+        (nvrtc.create)(
+            &mut prog,
+            csrc.as_ptr(),
+            name.as_ptr(),
+            0,
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    nvrtc.check("nvrtcCreateProgram", created)?;
     // SAFETY: `prog` was just created and is destroyed exactly once below.
-    let compiled = unsafe { nvrtc::compile_program(prog, &opts) };
-    let result = match compiled {
-        Ok(()) => get_cubin(prog),
-        Err(e) => {
+    let compiled = unsafe { (nvrtc.compile)(prog, opt_ptrs.len() as i32, opt_ptrs.as_ptr()) };
+    let result = match nvrtc.check("nvrtcCompileProgram", compiled) {
+        // SAFETY: as above.
+        Ok(()) => unsafe { nvrtc.program_cubin(prog) },
+        Err(e) => Err(anyhow!(
+            "NVRTC failed to compile flint's kernels for sm_{}{} ({e}):\n{}",
+            arch.0,
+            arch.1,
             // SAFETY: as above.
-            let log = unsafe { nvrtc::get_program_log(prog) }
-                .map(|l| {
-                    let bytes: Vec<u8> = l.iter().map(|&c| c as u8).collect();
-                    String::from_utf8_lossy(&bytes)
-                        .trim_end_matches('\0')
-                        .to_string()
-                })
-                .unwrap_or_default();
-            Err(anyhow!(
-                "NVRTC failed to compile flint's kernels for sm_{}{} ({e:?}):\n{log}",
-                arch.0,
-                arch.1
-            ))
-        }
+            unsafe { nvrtc.program_log(prog) }
+        )),
     };
     // SAFETY: as above.
-    unsafe { nvrtc::destroy_program(prog) }.map_err(|e| anyhow!("nvrtcDestroyProgram: {e:?}"))?;
+    nvrtc.check("nvrtcDestroyProgram", unsafe { (nvrtc.destroy)(&mut prog) })?;
     result
-}
-
-fn get_cubin(prog: sys::nvrtcProgram) -> Result<Vec<u8>> {
-    let mut size = 0usize;
-    // SAFETY: `prog` compiled successfully; the buffer is sized from NVRTC's answer.
-    unsafe {
-        sys::nvrtcGetCUBINSize(prog, &mut size)
-            .result()
-            .map_err(|e| anyhow!("nvrtcGetCUBINSize: {e:?}"))?;
-        let mut cubin = vec![0u8; size];
-        sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
-            .result()
-            .map_err(|e| anyhow!("nvrtcGetCUBIN: {e:?}"))?;
-        Ok(cubin)
-    }
 }
 
 /// flint's kernels for `arch`, from the disk cache or freshly compiled (and then cached).
@@ -142,12 +224,17 @@ pub fn kernels_cubin(arch: (i32, i32)) -> Result<Vec<u8>> {
     Ok(cubin)
 }
 
-/// `$FLINT_CACHE_DIR`, else `$XDG_CACHE_HOME/flint`, else `~/.cache/flint`, plus `kernels`.
+/// `$FLINT_CACHE_DIR`, else `$XDG_CACHE_HOME/flint`, else `~/.cache/flint`, plus `kernels`. An
+/// empty variable counts as unset (as the XDG specification says), not as the current folder.
 fn cache_dir() -> Option<PathBuf> {
-    let base = std::env::var_os("FLINT_CACHE_DIR")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("flint")))
-        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/flint")))?;
+    let var = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let base = var("FLINT_CACHE_DIR")
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| d.join("flint")))
+        .or_else(|| var("HOME").map(|d| d.join(".cache/flint")))?;
     Some(base.join("kernels"))
 }
 

@@ -43,8 +43,8 @@ impl Lib {
 
     /// The entry points flint calls, beyond the version query doctor makes itself. cudarc binds
     /// each on first use and panics when one is missing, so a library that lacks one (a wrong
-    /// file under the right name, a stub) is refused when it is loaded instead. The driver's
-    /// calls run behind `catch_unwind` in the probe.
+    /// file under the right name, a stub) is refused when it is loaded instead. The probe binds
+    /// the driver's entry points itself (see `driver`) and reports a missing one.
     fn symbols(self) -> &'static [&'static str] {
         match self {
             Lib::Driver | Lib::Nccl => &[],
@@ -57,6 +57,7 @@ impl Lib {
                 "nvrtcGetCUBINSize",
                 "nvrtcGetCUBIN",
                 "nvrtcDestroyProgram",
+                "nvrtcGetErrorString",
             ],
             Lib::CublasLt => &[
                 "cublasLtCreate",
@@ -107,6 +108,9 @@ pub struct Found {
     /// `Err` holds the loader's message: a wrong architecture, a truncated file, a missing
     /// dependency. Such a library is reported, never used.
     pub loaded: Result<(), String>,
+    /// Files earlier in the search that did not load (with the loader's message), passed over
+    /// for this one.
+    pub skipped: Vec<(PathBuf, String)>,
 }
 
 /// The search result for every library.
@@ -161,24 +165,33 @@ fn find(lib: Lib, dirs: &[PathBuf]) -> Option<Found> {
         (Some(d), Some(major)) => major.parse::<i32>().is_ok_and(|m| m <= d),
         _ => true,
     };
-    // The first candidate file wins, in search order; a broken one is still the one reported,
-    // since it is what the user's setup points at.
+    // The first candidate file that loads wins, in search order; the broken ones before it are
+    // passed over (and reported), so a damaged copy in one environment does not hide a good one
+    // in another.
+    let mut skipped: Vec<(PathBuf, String)> = Vec::new();
     for only_runnable in [true, false] {
         for dir in dirs {
             for &soname in lib.sonames() {
                 let path = dir.join(soname);
-                if (runs(soname) || !only_runnable) && path.exists() {
-                    return Some(Found {
-                        lib,
-                        loaded: open(&path),
-                        path,
-                    });
+                let tried = skipped.iter().any(|(p, _)| *p == path);
+                if (runs(soname) || !only_runnable) && !tried && path.exists() {
+                    match open(&path) {
+                        Ok(()) => {
+                            return Some(Found {
+                                lib,
+                                path,
+                                loaded: Ok(()),
+                                skipped,
+                            })
+                        }
+                        Err(e) => skipped.push((path, e)),
+                    }
                 }
             }
         }
     }
     // Then the loader's own paths (/etc/ld.so.cache, the default folders); the file it picked
-    // is read back from the process's memory map. One it found but could not load is reported.
+    // is read back from the process's memory map.
     for soname in lib.sonames() {
         match open(Path::new(soname)) {
             Ok(()) => {
@@ -187,19 +200,27 @@ fn find(lib: Lib, dirs: &[PathBuf]) -> Option<Found> {
                     path: mapped_path(&format!("{}.so", lib.name()))
                         .unwrap_or_else(|| PathBuf::from(soname)),
                     loaded: Ok(()),
+                    skipped,
                 })
             }
             Err(e) if !e.contains("No such file or directory") => {
-                return Some(Found {
-                    lib,
-                    path: PathBuf::from(soname),
-                    loaded: Err(e),
-                })
+                skipped.push((PathBuf::from(soname), e))
             }
             Err(_) => {}
         }
     }
-    None
+    // Nothing loads: the first broken file is the one reported, since it is what the user's
+    // setup points at.
+    if skipped.is_empty() {
+        return None;
+    }
+    let (path, e) = skipped.remove(0);
+    Some(Found {
+        lib,
+        path,
+        loaded: Err(e),
+        skipped,
+    })
 }
 
 /// The file a loaded library whose name starts with `stem` (`libcuda.so`) was mapped from, from
@@ -221,7 +242,7 @@ fn mapped_path(stem: &str) -> Option<PathBuf> {
 fn open(lib: Lib, path: &Path) -> Result<(), String> {
     use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
     if path.parent().is_some_and(|d| !d.as_os_str().is_empty()) {
-        segments_present(path)?;
+        check_elf(path)?;
     }
     // SAFETY: loading a shared library runs its initialisers; NVIDIA's libraries are meant to be
     // loaded this way, and a file that is not a valid library is refused by the loader.
@@ -241,11 +262,18 @@ fn open(lib: Lib, path: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// Checks that the file holds every segment its ELF header says the loader maps: the loader
-/// maps a truncated library (a partial download, a full disk) anyway, and the process dies with
-/// SIGBUS on the first touch of the missing pages. Files that are not 64-bit little-endian ELF
-/// are left to the loader, which refuses them with its own message.
-fn segments_present(path: &Path) -> Result<(), String> {
+/// This CPU's ELF `e_machine`: EM_AARCH64 or EM_X86_64.
+const MACHINE: u16 = if cfg!(target_arch = "aarch64") {
+    183
+} else {
+    62
+};
+
+/// Checks that the file is built for this CPU and holds every segment its ELF header says the
+/// loader maps: the loader maps a truncated library (a partial download, a full disk) anyway,
+/// and the process dies with SIGBUS on the first touch of the missing pages. Files that are not
+/// 64-bit little-endian ELF are left to the loader, which refuses them with its own message.
+fn check_elf(path: &Path) -> Result<(), String> {
     use std::os::unix::fs::FileExt;
     let file = std::fs::File::open(path).map_err(|e| format!("cannot read: {e}"))?;
     let len = file
@@ -263,6 +291,15 @@ fn segments_present(path: &Path) -> Result<(), String> {
     };
     if header[..4] != *b"\x7fELF" || header[4] != 2 || header[5] != 1 {
         return Ok(());
+    }
+    // The loader says "No such file or directory" for a library built for another CPU.
+    let machine = u16_at(&header, 18);
+    if machine != MACHINE {
+        return Err(format!(
+            "is built for another CPU (ELF machine {machine}; this one is {}): install the {} build",
+            std::env::consts::ARCH,
+            std::env::consts::ARCH
+        ));
     }
     let (table, entry, count) = (
         u64_at(&header, 32),
@@ -296,6 +333,9 @@ fn segments_present(path: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// What the toolkit's link-only `lib64/stubs/libcuda.so` returns from every call.
+pub const STUB_LIBRARY: i32 = 34;
+
 /// The CUDA version the driver library at `path` supports, as `cuDriverGetVersion` gives it
 /// (12040 for 12.4); an error names a missing entry point (a wrong or stub library).
 pub fn driver_cuda_version(path: &Path) -> Result<i32, String> {
@@ -310,6 +350,9 @@ pub fn driver_cuda_version(path: &Path) -> Result<i32, String> {
         let mut v = 0;
         match f(&mut v) {
             0 => Ok(v),
+            STUB_LIBRARY => Err(format!(
+                "a stub: cuDriverGetVersion failed with CUDA_ERROR_STUB_LIBRARY ({STUB_LIBRARY})"
+            )),
             code => Err(format!("cuDriverGetVersion failed ({code})")),
         }
     }
@@ -447,7 +490,7 @@ mod tests {
     #[test]
     fn a_truncated_library_is_refused_before_the_loader_maps_it() {
         let libc = libc_path();
-        assert_eq!(segments_present(&libc), Ok(()));
+        assert_eq!(check_elf(&libc), Ok(()));
         let dir = std::env::temp_dir().join(format!("flint-libs-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let cut = dir.join("libcuda.so.1");
@@ -455,9 +498,15 @@ mod tests {
         std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
         let err = open(Lib::Driver, &cut).unwrap_err();
         assert!(err.contains("truncated"), "{err}");
+        // Whole, but for another CPU (the loader would say "No such file or directory").
+        let mut other = bytes.clone();
+        other[18..20].copy_from_slice(&(MACHINE ^ 1).to_le_bytes());
+        std::fs::write(&cut, &other).unwrap();
+        let err = open(Lib::Driver, &cut).unwrap_err();
+        assert!(err.contains("another CPU"), "{err}");
         // Not ELF at all: left to the loader, which refuses it with its reason.
         std::fs::write(&cut, b"not a library").unwrap();
-        assert_eq!(segments_present(&cut), Ok(()));
+        assert_eq!(check_elf(&cut), Ok(()));
         assert!(open(Lib::Driver, &cut).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
@@ -471,6 +520,7 @@ mod tests {
         let header = |table: u64, entry: u16, count: u16| {
             let mut h = vec![0u8; 64];
             h[..6].copy_from_slice(b"\x7fELF\x02\x01");
+            h[18..20].copy_from_slice(&MACHINE.to_le_bytes());
             h[32..40].copy_from_slice(&table.to_le_bytes());
             h[54..56].copy_from_slice(&entry.to_le_bytes());
             h[56..58].copy_from_slice(&count.to_le_bytes());
@@ -478,12 +528,12 @@ mod tests {
         };
         // A 4 GiB table of unusual entries: left to the loader.
         std::fs::write(&file, header(64, 0xffff, 0xfffe)).unwrap();
-        assert_eq!(segments_present(&file), Ok(()));
+        assert_eq!(check_elf(&file), Ok(()));
         // A table past the end, at an offset that would overflow when its size is added.
         std::fs::write(&file, header(u64::MAX - 8, 56, 2)).unwrap();
-        assert!(segments_present(&file).unwrap_err().contains("truncated"));
+        assert!(check_elf(&file).unwrap_err().contains("truncated"));
         std::fs::write(&file, header(64, 56, 1)).unwrap();
-        assert!(segments_present(&file).unwrap_err().contains("truncated"));
+        assert!(check_elf(&file).unwrap_err().contains("truncated"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

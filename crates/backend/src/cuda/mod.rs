@@ -3,9 +3,11 @@
 mod backend;
 mod blas;
 pub mod compile;
+pub mod driver;
 mod launch;
 pub mod libs;
 pub mod probe;
+mod raw;
 mod self_test;
 
 pub use backend::{Cuda, CudaBuffer};

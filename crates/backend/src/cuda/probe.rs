@@ -3,8 +3,8 @@
 //! library becomes a [`Problem`] with its cause and a fix.
 
 use super::compile;
+use super::driver::{self, Driver, DriverError};
 use super::libs::{self, Lib};
-use cudarc::driver::{result as cu, sys};
 
 /// A CUDA library: where it is and which version, or why not.
 #[derive(Clone, Debug)]
@@ -104,27 +104,13 @@ pub fn probe() -> GpuProbe {
     }
     let driver_ok = library_problems(&mut p);
     if driver_ok {
-        // cudarc panics on a library that lacks a symbol it binds; a wrong libcuda must be
-        // reported, not crash doctor, so the driver calls run behind catch_unwind, silently.
-        let hook = std::panic::take_hook();
-        std::panic::set_hook(Box::new(|_| {}));
-        let result = std::panic::catch_unwind(probe_driver);
-        std::panic::set_hook(hook);
-        match result {
-            Ok(Ok((cuda, gpus))) => {
+        match probe_driver() {
+            Ok((cuda, gpus, problems)) => {
                 p.driver_cuda = Some(cuda);
                 p.gpus = gpus;
+                p.problems.extend(problems);
             }
-            Ok(Err(problem)) => p.problems.push(problem),
-            Err(panic) => p.problems.push(Problem {
-                what: format!(
-                    "the CUDA driver library {} is not one flint can use: {}",
-                    found_path(Lib::Driver),
-                    panic_message(&panic)
-                ),
-                fix: "reinstall the NVIDIA driver; make sure LD_LIBRARY_PATH does not point at a stub libcuda.so.1 (e.g. the toolkit's lib64/stubs)".into(),
-                blocking: true,
-            }),
+            Err(problem) => p.problems.push(problem),
         }
     }
     driver_too_old(&mut p);
@@ -150,7 +136,7 @@ pub fn nvrtc_trial(p: &mut GpuProbe) {
             what: format!(
                 "NVRTC ({}) cannot compile flint's kernels: {}",
                 found_path(Lib::Nvrtc),
-                e.lines().next().unwrap_or_default()
+                compile_summary(e)
             ),
             fix: format!(
                 "install a complete NVRTC (it needs its libnvrtc-builtins next to it): {}",
@@ -162,18 +148,21 @@ pub fn nvrtc_trial(p: &mut GpuProbe) {
     p.nvrtc_trial = Some(trial);
 }
 
+/// A failed compile in one line: NVRTC's verdict, then the first line of its log (which says
+/// what it refused).
+fn compile_summary(error: &str) -> String {
+    let lines: Vec<&str> = error
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(2)
+        .collect();
+    lines.join(" ")
+}
+
 fn found_path(lib: Lib) -> String {
     libs::found(lib)
         .map(|f| f.path.display().to_string())
         .unwrap_or_else(|| format!("{}.so", lib.name()))
-}
-
-fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "unknown error".into())
 }
 
 fn library_status(lib: Lib, found: Option<&libs::Found>) -> LibraryStatus {
@@ -252,6 +241,25 @@ fn library_problems(p: &mut GpuProbe) -> bool {
     // A driver library that does not load keeps the others unloaded (they would open it): its
     // problem is the one to fix.
     let driver_broken = libs::found(Lib::Driver).is_some_and(|d| d.loaded.is_err());
+    // Broken copies passed over for one that loads are worth knowing, not blocking.
+    for (lib, found) in libs::libraries() {
+        let loaded = found.filter(|f| f.loaded.is_ok());
+        for (path, err) in loaded.map_or(&[][..], |f| &f.skipped[..]) {
+            let file = path.display().to_string();
+            let err = err.replace(&format!("{file}: "), "");
+            p.problems.push(Problem {
+                what: format!(
+                    "{file} does not load ({err}); flint uses {} instead",
+                    found_path(lib)
+                ),
+                fix: format!(
+                    "that file is damaged or not NVIDIA's: {}",
+                    remove_hint(&file)
+                ),
+                blocking: false,
+            });
+        }
+    }
     for s in &p.libraries {
         let Some(err) = &s.error else { continue };
         let lib = Lib::ALL
@@ -268,13 +276,20 @@ fn library_problems(p: &mut GpuProbe) -> bool {
                 if std::path::Path::new("/dev/nvidia0").exists() {
                     "a GPU device node exists but not its driver library: in a container, start it with `--gpus all` (NVIDIA Container Toolkit); otherwise reinstall the NVIDIA driver".to_string()
                 } else {
-                    format!("no NVIDIA driver on this machine (no /dev/nvidia0): {}", lib.install_hint())
+                    format!(
+                        "no NVIDIA driver on this machine (no /dev/nvidia0): {}",
+                        lib.install_hint()
+                    )
                 },
             ),
+            Lib::Driver if err.contains("stub") || file.contains("/stubs/") => {
+                (format!("{file} {err}"), STUB_FIX.to_string())
+            }
             _ if s.path.is_some() => (
                 format!("{file} {err}"),
                 format!(
-                    "that file is damaged or not NVIDIA's: take its folder out of LD_LIBRARY_PATH or replace the file; {}",
+                    "that file is damaged or not NVIDIA's: {}; {}",
+                    remove_hint(&file),
                     lib.install_hint()
                 ),
             ),
@@ -294,83 +309,149 @@ fn library_problems(p: &mut GpuProbe) -> bool {
     driver_ok
 }
 
-/// Initialises the driver and lists the GPUs.
-fn probe_driver() -> Result<((i32, i32), Vec<Gpu>), Problem> {
-    let mut v = 0;
-    // SAFETY: writes one int.
-    unsafe { sys::cuDriverGetVersion(&mut v) };
-    let cuda = (v / 1000, (v % 1000) / 10);
-    if let Err(e) = cu::init() {
-        let fix = match e.0 {
-            sys::CUresult::CUDA_ERROR_NO_DEVICE => "no GPU is visible to this process: check `nvidia-smi`, and that CUDA_VISIBLE_DEVICES (if set) names existing GPUs",
-            sys::CUresult::CUDA_ERROR_SYSTEM_DRIVER_MISMATCH => "the kernel module and libcuda.so.1 belong to different driver versions: reboot after a driver update, or reinstall the driver",
-            _ => "check `nvidia-smi`; if it fails too, reinstall the NVIDIA driver",
-        };
-        return Err(Problem {
-            what: format!("the CUDA driver does not initialise: {e:?}"),
-            fix: fix.into(),
-            blocking: true,
-        });
+/// How to get a bad library file out of the way: its folder is in LD_LIBRARY_PATH, or it
+/// belongs to whatever installed it there (a wheel, a conda package, a toolkit).
+fn remove_hint(file: &str) -> String {
+    let dir = std::path::Path::new(file).parent();
+    let in_ld_path = std::env::var_os("LD_LIBRARY_PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|p| Some(p.as_path()) == dir));
+    if in_ld_path {
+        "take its folder out of LD_LIBRARY_PATH or replace the file".into()
+    } else {
+        format!(
+            "reinstall the package that put it in {} (or delete the file)",
+            dir.map_or(".".into(), |d| d.display().to_string())
+        )
     }
-    let count = cu::device::get_count().map_err(|e| Problem {
-        what: format!("cannot count GPUs: {e:?}"),
-        fix: "check `nvidia-smi`".into(),
-        blocking: true,
-    })?;
-    let gpus = (0..count as usize).filter_map(|i| gpu(i).ok()).collect();
-    Ok((cuda, gpus))
 }
 
-fn gpu(index: usize) -> Result<Gpu, cu::DriverError> {
-    use sys::CUdevice_attribute as A;
-    let dev = cu::device::get(index as i32)?;
-    // SAFETY: `dev` came from cuDeviceGet.
-    let attr = |a| unsafe { cu::device::get_attribute(dev, a) };
-    let cc = (
-        attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
-        attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
-    );
-    // Free memory needs a context; the primary context is the one training will use.
-    let memory_free = cudarc::driver::CudaContext::new(index)
-        .and_then(|ctx| ctx.mem_get_info())
-        .ok()
-        .map(|(free, _)| free as u64);
+/// Initialises the driver and lists the GPUs, with a problem for each that cannot be opened.
+type DriverFacts = ((i32, i32), Vec<Gpu>, Vec<Problem>);
+
+fn probe_driver() -> Result<DriverFacts, Problem> {
+    let driver = Driver::load().map_err(|e| Problem {
+        what: format!(
+            "the CUDA driver library {} is not one flint can use ({e})",
+            found_path(Lib::Driver)
+        ),
+        fix: format!("reinstall the NVIDIA driver; {STUB_FIX}"),
+        blocking: true,
+    })?;
+    let failed = |e: DriverError| {
+        let fix = match e.code {
+            driver::NO_DEVICE => "no GPU is visible to this process: check `nvidia-smi`, and that CUDA_VISIBLE_DEVICES (if set) names existing GPUs".to_string(),
+            driver::SYSTEM_DRIVER_MISMATCH => "the kernel module and libcuda.so.1 belong to different driver versions: reboot after a driver update, or reinstall the driver".to_string(),
+            driver::STUB_LIBRARY => STUB_FIX.to_string(),
+            _ => "check `nvidia-smi`; if it fails too, reinstall the NVIDIA driver".to_string(),
+        };
+        Problem {
+            what: format!(
+                "the CUDA driver ({}) does not work: {e}",
+                found_path(Lib::Driver)
+            ),
+            fix,
+            blocking: true,
+        }
+    };
+    let cuda = driver.cuda_version().map_err(failed)?;
+    driver.init().map_err(failed)?;
+    let count = driver.device_count().map_err(failed)?;
+    let mut problems = Vec::new();
+    let gpus = (0..count)
+        .filter_map(|i| gpu(&driver, i, &mut problems).ok())
+        .collect();
+    Ok((cuda, gpus, problems))
+}
+
+/// What to do about a stub `libcuda.so.1`.
+const STUB_FIX: &str = "make sure LD_LIBRARY_PATH does not point at the CUDA toolkit's stub libcuda.so.1 (lib64/stubs, which only serves linking); the real one comes with the NVIDIA driver";
+
+fn gpu(driver: &Driver, index: usize, problems: &mut Vec<Problem>) -> Result<Gpu, DriverError> {
+    let d = driver.device(index)?;
+    // A GPU whose context cannot be opened (exclusive to another process, out of memory) is
+    // listed, but unusable, with the reason.
+    let (memory_free, unusable) = match driver.free_memory(index) {
+        Ok(free) => (Some(free), None),
+        Err(e) => {
+            let problem = context_failure(index, &e);
+            let what = problem.what.clone();
+            problems.push(problem);
+            (None, Some(what))
+        }
+    };
     Ok(Gpu {
         index,
-        name: cu::device::get_name(dev)?,
-        compute_capability: cc,
-        // SAFETY: as above.
-        memory_total: unsafe { cu::device::total_mem(dev)? } as u64,
+        name: d.name,
+        compute_capability: d.compute_capability,
+        memory_total: d.memory_total,
         memory_free,
-        sm_count: attr(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
-        clock_mhz: attr(A::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)? / 1000,
-        kernels: Ok(()),
-        unusable: None,
+        sm_count: d.sm_count,
+        clock_mhz: d.clock_khz / 1000,
+        kernels: match unusable {
+            Some(_) => Err("not compiled: the GPU cannot be opened".into()),
+            None => Ok(()),
+        },
+        unusable,
     })
 }
 
-/// The driver must support the CUDA major version of the libraries it runs.
+/// Why `cuda:index` cannot be used when its context does not open, and the fix.
+fn context_failure(index: usize, e: &DriverError) -> Problem {
+    let fix = match e.code {
+        driver::DEVICE_UNAVAILABLE => "another process holds it in exclusive-process mode: `nvidia-smi` shows the compute mode and the processes; stop that process, choose another GPU with --device cuda:N, or set the compute mode to Default (`sudo nvidia-smi -c 0`)",
+        driver::OUT_OF_MEMORY => "its memory is full: `nvidia-smi` lists the processes using it; stop them or choose another GPU with --device cuda:N",
+        _ => "check `nvidia-smi`; choose another GPU with --device cuda:N, or train on the CPU with --device cpu",
+    };
+    Problem {
+        what: format!("cannot open cuda:{index}: {e}"),
+        fix: fix.into(),
+        blocking: false,
+    }
+}
+
+/// The driver must support CUDA 12 or newer, and the CUDA major version of the libraries.
 fn driver_too_old(p: &mut GpuProbe) {
     let Some((driver_major, driver_minor)) = p.driver_cuda else {
         return;
     };
+    let driver = format!("the driver supports CUDA {driver_major}.{driver_minor} at most");
+    if driver_major < 12 {
+        p.problems.push(Problem {
+            what: format!("{driver}, and flint needs CUDA 12 or 13"),
+            fix: "upgrade the NVIDIA driver to 525 or newer (580 or newer for CUDA 13)".into(),
+            blocking: true,
+        });
+        return;
+    }
     for s in &p.libraries {
         let Some(major) = library_cuda_major(s) else {
             continue;
         };
         if major > driver_major {
             let needed = if major >= 13 { "580" } else { "525" };
+            let older = match cuda_wheels(driver_major) {
+                Some(wheels) => format!(", or use CUDA {driver_major} libraries ({wheels}) and put their folders first in LD_LIBRARY_PATH"),
+                None => String::new(),
+            };
             p.problems.push(Problem {
                 what: format!(
-                    "{} is CUDA {major}.x but the driver supports CUDA {driver_major}.{driver_minor} at most",
+                    "{} is CUDA {major}.x but {driver}",
                     s.path.as_deref().unwrap_or(s.name)
                 ),
-                fix: format!(
-                    "upgrade the NVIDIA driver to {needed} or newer, or use CUDA {driver_major} libraries (e.g. `pip install nvidia-cuda-nvrtc-cu{driver_major} nvidia-cublas-cu{driver_major}`) and put them first in LD_LIBRARY_PATH"
-                ),
+                fix: format!("upgrade the NVIDIA driver to {needed} or newer{older}"),
                 blocking: true,
             });
         }
+    }
+}
+
+/// The pip command that installs NVRTC and cuBLASLt for CUDA `major`: NVIDIA's CUDA 13 wheels
+/// dropped the `-cuXX` suffix (the `-cu13` names are empty placeholders).
+fn cuda_wheels(major: i32) -> Option<&'static str> {
+    match major {
+        12 => Some("`pip install nvidia-cuda-nvrtc-cu12 nvidia-cublas-cu12`"),
+        13 => Some("`pip install nvidia-cuda-nvrtc nvidia-cublas`"),
+        _ => None,
     }
 }
 
@@ -386,7 +467,15 @@ fn library_cuda_major(s: &LibraryStatus) -> Option<i32> {
 fn check_gpus(p: &mut GpuProbe) {
     const MIN_CC: (i32, i32) = (7, 0);
     let compiler_ok = !p.problems.iter().any(|x| x.blocking);
+    let nvrtc_major = p.libraries.iter().find_map(|s| {
+        (s.name == Lib::Nvrtc.name())
+            .then(|| library_cuda_major(s))
+            .flatten()
+    });
     for g in &mut p.gpus {
+        if g.unusable.is_some() {
+            continue; // its context does not open: reported where it was found
+        }
         if g.compute_capability < MIN_CC {
             g.unusable = Some(format!(
                 "cuda:{} ({}, {}) is older than flint's kernels support (sm_70)",
@@ -407,14 +496,24 @@ fn check_gpus(p: &mut GpuProbe) {
                 .map(|_| ())
                 .map_err(|e| format!("{e:#}"));
             if let Err(e) = &g.kernels {
-                let first = e.lines().next().unwrap_or_default().to_string();
                 g.unusable = Some(format!(
-                    "flint's kernels do not compile for {}: {first}",
-                    g.arch()
+                    "flint's kernels do not compile for {}: {}",
+                    g.arch(),
+                    compile_summary(e)
                 ));
+                let fix = if g.compute_capability < (7, 5) && nvrtc_major >= Some(13) {
+                    format!(
+                        "CUDA 13 no longer compiles for {} (Volta and older): use CUDA 12's NVRTC and cuBLASLt ({}) and put their folders first in LD_LIBRARY_PATH",
+                        g.arch(),
+                        cuda_wheels(12).expect("CUDA 12 has wheels")
+                    )
+                } else {
+                    "use an NVRTC that knows this GPU (a newer nvidia-cuda-nvrtc wheel or toolkit)"
+                        .into()
+                };
                 p.problems.push(Problem {
                     what: g.unusable.clone().expect("just set"),
-                    fix: "use an NVRTC that knows this GPU (a newer nvidia-cuda-nvrtc wheel or toolkit); `flint doctor --json` has the whole compiler log (gpus[].kernels_error)".into(),
+                    fix: format!("{fix}; `flint doctor --json` has the whole compiler log (gpus[].kernels_error)"),
                     blocking: false,
                 });
             }
