@@ -196,6 +196,20 @@ pub fn save_f32(path: &Path, tensors: &[Named], metadata: HashMap<String, String
     write_atomic(path, &out)
 }
 
+/// Whether `name` is one of [`write_atomic`]'s temporary files (`.NAME.tmpPID.N`), which a kill
+/// mid-write leaves behind.
+pub fn is_atomic_temporary(name: &str) -> bool {
+    let Some((head, n)) = name.rsplit_once('.') else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    name.starts_with('.')
+        && digits(n)
+        && head
+            .rsplit_once(".tmp")
+            .is_some_and(|(file, pid)| file.len() > 1 && digits(pid))
+}
+
 /// Writes `bytes` to a temporary file next to `path`, syncs it, and renames it over `path`:
 /// readers see the old file or the new one, never a torn one.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -226,20 +240,24 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         }
         Ok(())
     })();
-    if let Err(e) = result {
+    result.map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
-        let fix = match e.kind() {
-            std::io::ErrorKind::NotFound => "create its folder first",
-            std::io::ErrorKind::IsADirectory => "it is a folder: give a file path",
-            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
-                "fix the folder's permissions, or write elsewhere"
-            }
-            _ => "free space on its disk (or fix the folder's permissions)",
-        };
-        bail!(
-            "{}: cannot write ({e}); {fix}, and run again",
-            path.display()
-        );
-    }
-    Ok(())
+        cannot_write(path, e)
+    })
+}
+
+/// The error for a failed write of `path`, with the fix that fits the cause.
+pub fn cannot_write(path: &Path, e: std::io::Error) -> anyhow::Error {
+    let fix = match e.kind() {
+        std::io::ErrorKind::NotFound => "create its folder first",
+        std::io::ErrorKind::IsADirectory => "it is a folder: give a file path",
+        std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+            "fix the folder's permissions, or write elsewhere"
+        }
+        _ => "free space on its disk (or fix the folder's permissions)",
+    };
+    anyhow!(
+        "{}: cannot write ({e}); {fix}, and run again",
+        path.display()
+    )
 }

@@ -136,12 +136,12 @@ fn a_checkpoint_of_another_model_stops_the_resume() {
     train(options(&run, 3), None, &stop, &mut Quiet::default()).unwrap();
     let wider = TrainOptions {
         n_embd: Some(48),
-        ..options(&other, 3)
+        ..options(&other, 9)
     };
     train(wider, None, &stop, &mut Quiet::default()).unwrap();
     // The other model's checkpoint, intact, as the newest of this run.
     let foreign = run.join("checkpoints/step_00000009");
-    std::fs::rename(other.join("checkpoints/step_00000003"), &foreign).unwrap();
+    std::fs::rename(other.join("checkpoints/step_00000009"), &foreign).unwrap();
     let more = TrainOptions {
         steps: Some(12),
         ..TrainOptions::default()
@@ -270,4 +270,139 @@ fn a_saved_config_of_an_init_from_run_can_be_given_back() {
     };
     train(given_back, None, &stop, &mut Quiet::default()).unwrap();
     assert_eq!(losses(&first), losses(&again));
+}
+
+/// `state.json` is checked like the tensor files: an edited data position or update count (or
+/// a step that is not its folder's) would parse and silently change the training, so it is
+/// damage, and the previous checkpoint loads; the losses then match an uninterrupted run.
+#[test]
+fn an_altered_state_json_is_damage_and_the_previous_checkpoint_loads() {
+    let stop = AtomicBool::new(false);
+    let full = scratch("state-full");
+    train(options(&full, 7), None, &stop, &mut Quiet::default()).unwrap();
+    for (name, from, to) in [
+        ("updates", "\"adam_updates\": 6", "\"adam_updates\": 5"),
+        ("step", "\"step\": 6", "\"step\": 3"),
+    ] {
+        let run = scratch(&format!("state-{name}"));
+        train(options(&run, 6), None, &stop, &mut Quiet::default()).unwrap();
+        let state = run.join("checkpoints/step_00000006/state.json");
+        let text = std::fs::read_to_string(&state).unwrap();
+        assert_eq!(text.matches(from).count(), 1, "{text}");
+        std::fs::write(&state, text.replace(from, to)).unwrap();
+        let mut quiet = Quiet::default();
+        let more = TrainOptions {
+            steps: Some(7),
+            ..TrainOptions::default()
+        };
+        train(more, Some(&run), &stop, &mut quiet).unwrap();
+        assert!(
+            quiet
+                .warnings
+                .iter()
+                .any(|w| w.contains("step_00000006") && w.contains("state.json: corrupted")),
+            "{name}: {:?}",
+            quiet.warnings
+        );
+        assert_eq!(losses(&run), losses(&full), "{name}");
+    }
+}
+
+/// A finished run resumed with nothing left to do is refused (with the flag that trains it
+/// further) instead of rewriting its model; one cut short with `--steps` at its checkpoint
+/// still ends with that step's evaluation and the model.
+#[test]
+fn a_resume_with_no_step_left_finishes_or_says_how_to_go_on() {
+    let stop = AtomicBool::new(false);
+    let run = scratch("finished");
+    train(options(&run, 3), None, &stop, &mut Quiet::default()).unwrap();
+    let again = TrainOptions::default();
+    let err = train(again, Some(&run), &stop, &mut Quiet::default())
+        .err()
+        .unwrap();
+    assert!(format!("{err:#}").contains("--steps 6"), "{err:#}");
+
+    let cut = scratch("cut");
+    train(options(&cut, 6), None, &stop, &mut Quiet::default()).unwrap();
+    // As if stopped at step 3 of 6: the later checkpoint, lines and model gone.
+    std::fs::remove_dir_all(cut.join("checkpoints/step_00000006")).unwrap();
+    std::fs::remove_dir_all(cut.join("model")).unwrap();
+    let at_three = TrainOptions {
+        steps: Some(3),
+        ..TrainOptions::default()
+    };
+    let done = train(at_three, Some(&cut), &stop, &mut Quiet::default()).unwrap();
+    assert!(done.last_val_loss.is_some());
+    let evals: Vec<u64> = std::fs::read_to_string(cut.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("val_loss").is_some())
+        .map(|v| v["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(evals, [0, 3]);
+    assert!(cut.join("model/model.safetensors").exists());
+}
+
+/// `config.toml` edited by hand between runs: another architecture with the same tensor shapes
+/// (`n_head`) is refused, a changed setting (`lr`) is named in a warning.
+#[test]
+fn a_hand_edited_config_toml_is_refused_or_reported() {
+    let stop = AtomicBool::new(false);
+    for (name, from, to) in [
+        ("heads", "n_head = 2", "n_head = 4"),
+        ("lr", "lr = 0.002", "lr = 0.001"),
+    ] {
+        let run = scratch(&format!("edited-{name}"));
+        train(options(&run, 3), None, &stop, &mut Quiet::default()).unwrap();
+        let config = run.join("config.toml");
+        let text = std::fs::read_to_string(&config).unwrap();
+        assert_eq!(text.matches(from).count(), 1, "{text}");
+        std::fs::write(&config, text.replace(from, to)).unwrap();
+        let more = TrainOptions {
+            steps: Some(4),
+            ..TrainOptions::default()
+        };
+        let mut quiet = Quiet::default();
+        let result = train(more, Some(&run), &stop, &mut quiet);
+        if name == "heads" {
+            let err = format!("{:#}", result.err().unwrap());
+            assert!(err.contains("its model is not the one"), "{err}");
+            assert_eq!(losses(&run).len(), 3);
+        } else {
+            result.unwrap();
+            assert!(
+                quiet
+                    .warnings
+                    .iter()
+                    .any(|w| w.contains("changed since") && w.contains("(lr)")),
+                "{:?}",
+                quiet.warnings
+            );
+        }
+    }
+}
+
+/// The temporary files of atomic writes that a kill leaves (`.NAME.tmpPID.N`) are removed when
+/// the run is next opened; other files are not touched.
+#[test]
+fn a_resume_removes_the_temporary_files_a_kill_left() {
+    let stop = AtomicBool::new(false);
+    let run = scratch("temporaries");
+    train(options(&run, 3), None, &stop, &mut Quiet::default()).unwrap();
+    let left = [
+        run.join(".config.toml.tmp4242.0"),
+        run.join("model/.model.safetensors.tmp17.3"),
+    ];
+    let kept = [run.join(".notes.tmp"), run.join("model/.x.tmp1.y")];
+    for f in left.iter().chain(&kept) {
+        std::fs::write(f, b"x").unwrap();
+    }
+    let more = TrainOptions {
+        steps: Some(4),
+        ..TrainOptions::default()
+    };
+    train(more, Some(&run), &stop, &mut Quiet::default()).unwrap();
+    assert!(left.iter().all(|f| !f.exists()));
+    assert!(kept.iter().all(|f| f.exists()));
 }

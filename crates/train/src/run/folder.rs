@@ -1,11 +1,12 @@
 //! The run folder itself (`--out RUN`): which folders a new run may use, one process at a time,
 //! and what a run that died early left behind.
 
+use crate::tensors::is_atomic_temporary;
 use crate::trainer::checkpoint;
 use crate::trainer::config::TrainOptions;
 use anyhow::{bail, Context, Result};
 use std::fs::{File, TryLockError};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Held while a process trains in the folder; released when dropped (or the process ends).
 const LOCK: &str = ".flint.lock";
@@ -109,15 +110,26 @@ fn refuse_finished_run(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Removes the half-written checkpoints (`checkpoints/.tmp_step_N_PID`) left by a kill
-/// mid-checkpoint: each can be the size of a model and its optimizer state.
+/// Removes what a kill mid-write leaves: half-written checkpoints (`checkpoints/.tmp_step_N_PID`,
+/// each the size of a model and its optimizer state) and the temporary files of atomic writes
+/// (`.config.toml.tmpPID.N`, in the run folder and `model/`). The lock is held, so no other
+/// process is writing them.
 fn remove_temporaries(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir.join("checkpoints")) else {
-        return;
+    let entries = |d: PathBuf| {
+        std::fs::read_dir(d)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
     };
-    for e in entries.filter_map(|e| e.ok()) {
+    for e in entries(dir.join("checkpoints")) {
         if e.file_name().to_string_lossy().starts_with(".tmp_step_") {
             let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    for e in entries(dir.to_path_buf()).chain(entries(dir.join("model"))) {
+        let is_file = e.file_type().is_ok_and(|t| t.is_file());
+        if is_file && is_atomic_temporary(&e.file_name().to_string_lossy()) {
+            let _ = std::fs::remove_file(e.path());
         }
     }
 }

@@ -12,6 +12,7 @@
 //! `"loss_scale"` (the GradScaler's scale the step used) and `"skipped"` (true when the step's
 //! gradients overflowed and the update was skipped).
 
+use crate::tensors::cannot_write;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::fs::{self, File, OpenOptions};
@@ -118,6 +119,14 @@ impl MetricsWriter {
             .next()
     }
 
+    /// Whether the file holds a `val_loss` of `step`.
+    pub fn has_val_loss(&self, step: u64) -> bool {
+        let text = fs::read_to_string(&self.path).unwrap_or_default();
+        text.lines()
+            .filter_map(|l| serde_json::from_str::<EvalLine>(l).ok())
+            .any(|l| l.step == step)
+    }
+
     /// Appends an eval line: `{"step", "val_loss"}`.
     pub fn write_eval(&mut self, step: u64, val_loss: f32) -> Result<()> {
         self.write_line(&EvalLine { step, val_loss })
@@ -126,11 +135,20 @@ impl MetricsWriter {
     fn write_line<T: Serialize>(&mut self, line: &T) -> Result<()> {
         let mut buf = serde_json::to_vec(line)?;
         buf.push(b'\n');
-        // One write for the whole line (a regular file takes it whole), then flush; no fsync.
+        // One write for the whole line (a regular file takes it whole), then flush; synced with
+        // each checkpoint (see `sync`).
         self.file
             .write_all(&buf)
             .and_then(|()| self.file.flush())
-            .with_context(|| format!("{}: cannot write", self.path.display()))
+            .map_err(|e| cannot_write(&self.path, e))
+    }
+
+    /// Makes every line written so far durable: called before a checkpoint is committed, so a
+    /// power loss cannot keep the checkpoint of a step and lose that step's lines.
+    pub fn sync(&mut self) -> Result<()> {
+        self.file
+            .sync_data()
+            .map_err(|e| cannot_write(&self.path, e))
     }
 }
 

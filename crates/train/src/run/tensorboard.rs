@@ -11,6 +11,7 @@
 //! `summary` (message: repeated field 1 `Value { 1: tag (string), 2: simple_value (float) }`),
 //! field 7 `session_log` (message: field 1 `status`, 1 = START; written on resume only).
 
+use crate::tensors::cannot_write;
 use anyhow::{Context, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
@@ -115,9 +116,16 @@ impl EventWriter {
 
     /// Hands the buffered records to the OS (no fsync).
     pub fn flush(&mut self) -> Result<()> {
+        self.file.flush().map_err(|e| cannot_write(&self.path, e))
+    }
+
+    /// Flushes and makes the records durable (before a checkpoint is committed).
+    pub fn sync(&mut self) -> Result<()> {
+        self.flush()?;
         self.file
-            .flush()
-            .with_context(|| format!("{}: cannot write", self.path.display()))
+            .get_ref()
+            .sync_data()
+            .map_err(|e| cannot_write(&self.path, e))
     }
 
     fn write_record(&mut self, data: &[u8]) -> Result<()> {
@@ -129,7 +137,7 @@ impl EventWriter {
         rec.extend_from_slice(&masked_crc32c(data).to_le_bytes());
         self.file
             .write_all(&rec)
-            .with_context(|| format!("{}: cannot write", self.path.display()))
+            .map_err(|e| cannot_write(&self.path, e))
     }
 }
 

@@ -41,8 +41,37 @@ pub struct State {
     /// continues from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elapsed_s: Option<f64>,
+    /// The run's settings (`config.toml`) when it was written: a resume after `config.toml`
+    /// was edited by hand says what changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
     /// File name -> (size in bytes, FNV-1a 64 checksum), checked before loading.
     pub files: BTreeMap<String, (u64, String)>,
+    /// FNV-1a 64 of this state as written with `checksum` empty: a damaged `state.json` (a
+    /// flipped step or data position would parse, and silently change the training) is refused
+    /// like a damaged tensor file, and the previous checkpoint loads.
+    #[serde(default)]
+    pub checksum: String,
+}
+
+impl State {
+    /// The text `state.json` holds, its checksum set.
+    fn to_json(&self) -> Result<String> {
+        let mut sealed = self.clone();
+        sealed.checksum = String::new();
+        sealed.checksum = fnv1a64(serde_json::to_string_pretty(&sealed)?.as_bytes());
+        Ok(serde_json::to_string_pretty(&sealed)?)
+    }
+
+    /// Parses `state.json`, refusing text whose checksum does not match (serialisation is
+    /// deterministic: fields in order, maps sorted, floats in their shortest exact form).
+    fn from_json(text: &str) -> Result<State> {
+        let state: State = serde_json::from_str(text)?;
+        if state.to_json()? != text {
+            bail!("its checksum does not match its contents");
+        }
+        Ok(state)
+    }
 }
 
 pub struct Loaded {
@@ -63,7 +92,11 @@ fn fnv1a64(bytes: &[u8]) -> String {
 }
 
 fn dir_of(run: &Path, step: u64) -> PathBuf {
-    run.join("checkpoints").join(format!("step_{step:08}"))
+    run.join("checkpoints").join(folder_name(step))
+}
+
+fn folder_name(step: u64) -> String {
+    format!("step_{step:08}")
 }
 
 fn named<'a>(layout: &Layout, data: &'a [f32]) -> Vec<Named<'a>> {
@@ -119,10 +152,7 @@ pub fn save(
                 .files
                 .insert(name.into(), (bytes.len() as u64, fnv1a64(&bytes)));
         }
-        write_atomic(
-            &tmp.join("state.json"),
-            serde_json::to_string_pretty(&state)?.as_bytes(),
-        )?;
+        write_atomic(&tmp.join("state.json"), state.to_json()?.as_bytes())?;
         let dst = dir_of(run, state.step);
         let _ = std::fs::remove_dir_all(&dst);
         std::fs::rename(&tmp, &dst)?;
@@ -173,7 +203,7 @@ pub fn complete(run: &Path) -> Result<Vec<PathBuf>> {
 pub fn newest_state(run: &Path) -> Option<State> {
     let dir = complete(run).ok()?.pop()?;
     let text = std::fs::read_to_string(dir.join("state.json")).ok()?;
-    serde_json::from_str(&text).ok()
+    State::from_json(&text).ok()
 }
 
 /// Loads one checkpoint folder, verifying every file against `state.json`.
@@ -181,8 +211,15 @@ pub fn load(dir: &Path, layout: &Layout) -> Result<Loaded> {
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path)
         .with_context(|| format!("{}: cannot read", state_path.display()))?;
-    let state: State = serde_json::from_str(&text)
+    let state = State::from_json(&text)
         .map_err(|e| anyhow!("{}: corrupted ({e})", state_path.display()))?;
+    if dir.file_name() != Some(folder_name(state.step).as_ref()) {
+        bail!(
+            "{}: corrupted (it says step {}, its folder another)",
+            state_path.display(),
+            state.step
+        );
+    }
     for (name, (size, sum)) in &state.files {
         let path = dir.join(name);
         let bytes =

@@ -105,6 +105,58 @@ fn fits_in_memory(m: &GptConfig) -> Result<()> {
 }
 
 /// A checkpoint continues only with the tokenizer it was trained with.
+/// The checkpoint's model must be the one `config.toml` describes: a hand-edited architecture
+/// (`n_head`, say, which keeps every tensor's shape) would load and silently compute another
+/// model. Dropout is a setting, not the architecture (see [`changed_settings`]).
+fn same_model(ck: &checkpoint::Loaded, model: &GptConfig, run: &Path) -> Result<()> {
+    let architecture = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        if let Some(fields) = v.as_object_mut() {
+            fields.remove("dropout");
+        }
+        v
+    };
+    if architecture(&ck.state.model) != architecture(&serde_json::to_value(model)?) {
+        bail!(
+            "{}: its model is not the one {} describes (it was edited since): restore it, or start a new run with another --out",
+            ck.dir.display(),
+            run.join("config.toml").display()
+        );
+    }
+    Ok(())
+}
+
+/// Whether the checkpoint is its run's last step (the steps it was written with), rather than
+/// that of an interrupted run.
+fn finished(state: &checkpoint::State) -> bool {
+    let steps = state
+        .config
+        .as_deref()
+        .and_then(|c| c.parse::<toml::Table>().ok())
+        .and_then(|c| c.get("steps").and_then(toml::Value::as_integer));
+    steps == Some(state.step as i64)
+}
+
+/// The settings of `config.toml` that differ from those the checkpoint was written with (it was
+/// edited by hand), other than those a resume may change; `None` when none do, or the
+/// checkpoint predates recording them.
+fn changed_settings(state: &checkpoint::State, cfg: &TrainConfig) -> Result<Option<String>> {
+    let Some(then) = &state.config else {
+        return Ok(None);
+    };
+    let parse = |text: &str| text.parse::<toml::Table>();
+    let (Ok(then), now) = (parse(then), parse(&cfg.to_toml()?)?) else {
+        return Ok(None);
+    };
+    let keys: std::collections::BTreeSet<&String> = then.keys().chain(now.keys()).collect();
+    let changed: Vec<&str> = keys
+        .into_iter()
+        .filter(|k| !RESUME_MAY_CHANGE.contains(&k.as_str()) && then.get(*k) != now.get(*k))
+        .map(String::as_str)
+        .collect();
+    Ok((!changed.is_empty()).then(|| changed.join(", ")))
+}
+
 fn same_tokenizer(state: &checkpoint::State, tokenizer: &Tokenizer, run: &Path) -> Result<()> {
     if state.tokenizer_fingerprint == tokenizer.fingerprint() {
         return Ok(());
@@ -125,6 +177,9 @@ fn same_tokenizer(state: &checkpoint::State, tokenizer: &Tokenizer, run: &Path) 
     )
 }
 
+/// The settings a resume may change.
+const RESUME_MAY_CHANGE: [&str; 4] = ["steps", "device", "precision", "threads"];
+
 /// `--resume` continues a run with its saved settings; only the number of steps, the device,
 /// the precision and the threads may change. Any other setting given is an error rather than
 /// silently ignored.
@@ -135,7 +190,7 @@ fn refuse_changes_on_resume(options: &TrainOptions, saved: &Path) -> Result<()> 
         .as_table()
         .into_iter()
         .flat_map(|t| t.keys())
-        .filter(|k| !["steps", "device", "precision", "threads"].contains(&k.as_str()))
+        .filter(|k| !RESUME_MAY_CHANGE.contains(&k.as_str()))
         .map(|k| format!("--{}", k.replace('_', "-")))
         .collect();
     if !changed.is_empty() {
@@ -348,7 +403,25 @@ fn train_on<B: Backend>(
             }
             let ck = checkpoint::latest(&run, &layout, |w| obs.warn(&w))?;
             same_tokenizer(&ck.state, &tokenizer, &run)?;
-            // Equal is a finished run, resumed again: nothing to do, and not an error.
+            same_model(&ck, &model_cfg, &run)?;
+            if let Some(changed) = changed_settings(&ck.state, &cfg)? {
+                obs.warn(&format!(
+                    "{} changed since {} was written ({changed}): the losses will not be bit-identical to an uninterrupted run",
+                    run.join("config.toml").display(),
+                    ck.dir.display()
+                ));
+            }
+            if cfg.steps == ck.state.step && finished(&ck.state) {
+                bail!(
+                    "{}: this run finished at its last step, {}; to train it further give a larger --steps, e.g. flint train --resume {} --steps {}",
+                    run.display(),
+                    cfg.steps,
+                    run.display(),
+                    cfg.steps.saturating_mul(2)
+                );
+            }
+            // Equal otherwise: killed between the last checkpoint and the model, or cut short
+            // with --steps: what is left is the last evaluation and the model.
             if cfg.steps < ck.state.step {
                 bail!(
                     "--steps {} is below the checkpoint's step {}: the run is past it; give a larger --steps",
@@ -465,7 +538,9 @@ fn train_on<B: Backend>(
             precision: Some(model.backend().precision().name().to_string()),
             data: Some(dataset.fingerprint.clone()),
             elapsed_s: Some(elapsed_s),
+            config: Some(cfg.to_toml()?),
             files: Default::default(),
+            checksum: String::new(),
         };
         let params = download(model.params())?;
         checkpoint::save(
@@ -576,6 +651,8 @@ fn train_on<B: Backend>(
         events.flush()?;
         interrupted = stop.load(Ordering::SeqCst);
         if every(step, cfg.checkpoint_every) || last || interrupted {
+            metrics.sync()?;
+            events.sync()?;
             let dir = save(&model, &opt, &loader, scaler, step, elapsed_s)?;
             obs.checkpoint(&dir);
         }
@@ -584,6 +661,10 @@ fn train_on<B: Backend>(
         }
     }
 
+    // A resume with no step left still ends with the last step's evaluation.
+    if first_step > cfg.steps && !metrics.has_val_loss(cfg.steps) {
+        validation.log(cfg.steps, &mut model, &mut metrics, &mut events, obs)?;
+    }
     let mut params = vec![0.0; layout.total()];
     model.backend().download(model.params(), &mut params)?;
     hf::save_gpt2(&run.join("model"), &model_cfg, &params, tokenizer.eot())?;
