@@ -44,10 +44,11 @@ pub fn run(a: Args, device: Option<&str>) -> Result<bool> {
             } else {
                 "choose a GPU listed above with --device cuda:N (CUDA_VISIBLE_DEVICES numbers the GPUs a process sees from 0)"
             };
+            // Not blocking: it keeps this request, not flint, off the GPU.
             gpus.problems.push(Problem {
                 what: why.clone(),
                 fix: fix.into(),
-                blocking: true,
+                blocking: false,
             });
         }
     }

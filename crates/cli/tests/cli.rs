@@ -965,9 +965,10 @@ fn doctor_reports_unknown_driver_codes_and_gpus_that_do_not_open() {
     let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", &driver)], &[]);
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["device"], "cpu");
-    let what = v["problems"][0]["what"].as_str().unwrap();
     assert!(
-        what.contains("cuInit failed") && what.contains("(1001)"),
+        problem_whats(&v)
+            .iter()
+            .any(|w| w.contains("cuInit failed") && w.contains("(1001)")),
         "{v}"
     );
 
@@ -996,7 +997,75 @@ fn doctor_reports_unknown_driver_codes_and_gpus_that_do_not_open() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("cannot open cuda:0"), "{stderr}");
+    // The first blocking problem is the one named: a machine without cuBLASLt names that.
+    let blocked = v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["blocking"] == true);
+    assert!(blocked || stderr.contains("cannot open cuda:0"), "{stderr}");
+}
+
+/// Every problem's `what` of a doctor report.
+fn problem_whats(v: &Value) -> Vec<String> {
+    v["problems"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["what"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A truncated driver library (a partial download) is refused before the loader maps it (which
+/// dies with SIGBUS), also where the loader's own search would find it again; a stub driver is
+/// passed over for a real one later in the search; a driver older than CUDA 12 is told so.
+#[test]
+fn doctor_survives_truncated_and_stub_drivers_and_names_old_ones() {
+    let libm = [
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/usr/lib64/libm.so.6",
+        "/lib64/libm.so.6",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists())
+    .expect("libm.so.6 on this machine");
+    let bytes = std::fs::read(libm).unwrap();
+    let dir = fake_driver(&bytes[..bytes.len() / 2]);
+    let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", &dir.0)], &[]);
+    assert_eq!(code, Some(0), "{v}");
+    let err = v["libraries"][0]["error"].as_str().unwrap();
+    assert!(err.contains("truncated"), "{v}");
+
+    let stub = dir.path("stub");
+    std::fs::create_dir_all(&stub).unwrap();
+    shared_library(
+        &stub.join("libcuda.so.1"),
+        "int cuDriverGetVersion(int *v) { return 34; }\nint cuInit(unsigned f) { return 34; }\n",
+    );
+    let real = driver_returning(&dir, 0, 46);
+    let path = std::env::join_paths([&stub, &real]).unwrap();
+    let (_, v) = doctor_json(&[("LD_LIBRARY_PATH", Path::new(&path))], &[]);
+    let driver = &v["libraries"][0];
+    assert_eq!(
+        driver["path"],
+        real.join("libcuda.so.1").display().to_string(),
+        "{v}"
+    );
+    assert!(problem_whats(&v).iter().any(|w| w.contains("stub")), "{v}");
+
+    let old = dir.path("old");
+    std::fs::create_dir_all(&old).unwrap();
+    shared_library(
+        &old.join("libcuda.so.1"),
+        "int cuDriverGetVersion(int *v) { *v = 10020; return 0; }\nint cuInit(unsigned f) { return 0; }\n",
+    );
+    let (_, v) = doctor_json(&[("LD_LIBRARY_PATH", &old)], &[]);
+    assert!(
+        problem_whats(&v)
+            .iter()
+            .any(|w| w.contains("CUDA 10.2") && w.contains("flint needs CUDA 12")),
+        "{v}"
+    );
 }
 
 /// A damaged copy of a library earlier in the search (a venv's broken wheel) no longer hides a
@@ -1076,6 +1145,7 @@ fn doctor_reports_unknown_nvrtc_codes() {
 fn device_flag_errors_are_one_line_with_exit_2() {
     for (device, expect) in [
         ("gpu", "expected auto, cpu, cuda or cuda:N"),
+        ("cuda:+1", "expected auto, cpu, cuda or cuda:N"),
         ("cuda:7", "cuda:7"),
     ] {
         let out = flint(["--device", device, "demo"]);

@@ -59,6 +59,8 @@ pub struct Driver {
 
 /// What the driver says about one GPU.
 pub struct Device {
+    /// The driver's handle (`CUdevice`).
+    pub handle: i32,
     pub name: String,
     pub compute_capability: (i32, i32),
     pub memory_total: u64,
@@ -147,6 +149,7 @@ impl Driver {
             (self.total_mem)(&mut total, dev)
         })?;
         Ok(Device {
+            handle: dev,
             // SAFETY: the array is NUL-terminated (its last byte is never written).
             name: unsafe { raw::c_str(name.as_ptr()) }.unwrap_or_default(),
             compute_capability: (
@@ -159,10 +162,10 @@ impl Driver {
         })
     }
 
-    /// The GPU's free memory, through its primary context (the one training will use): an
-    /// error here (the GPU is exclusive to another process, or full) means flint cannot use it.
-    pub fn free_memory(&self, index: usize) -> Result<u64, DriverError> {
-        let dev = index as i32;
+    /// The free memory of the GPU with handle `dev`, through its primary context (the one
+    /// training will use): an error here (the GPU is exclusive to another process, or full)
+    /// means flint cannot use it.
+    pub fn free_memory(&self, dev: i32) -> Result<u64, DriverError> {
         let mut ctx = std::ptr::null_mut();
         // SAFETY: retains the device's primary context, released below on every path.
         self.check("cuDevicePrimaryCtxRetain", unsafe {

@@ -169,11 +169,15 @@ fn find(lib: Lib, dirs: &[PathBuf]) -> Option<Found> {
     // passed over (and reported), so a damaged copy in one environment does not hide a good one
     // in another.
     let mut skipped: Vec<(PathBuf, String)> = Vec::new();
+    // One folder may be on the list under two names (`/lib` and `/usr/lib` on a merged /usr).
+    let canonical = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
     for only_runnable in [true, false] {
         for dir in dirs {
             for &soname in lib.sonames() {
                 let path = dir.join(soname);
-                let tried = skipped.iter().any(|(p, _)| *p == path);
+                let tried = skipped
+                    .iter()
+                    .any(|(p, _)| canonical(p) == canonical(&path));
                 if (runs(soname) || !only_runnable) && !tried && path.exists() {
                     match open(&path) {
                         Ok(()) => {
@@ -191,8 +195,15 @@ fn find(lib: Lib, dirs: &[PathBuf]) -> Option<Found> {
         }
     }
     // Then the loader's own paths (/etc/ld.so.cache, the default folders); the file it picked
-    // is read back from the process's memory map.
+    // is read back from the process's memory map. Not for a name refused above: the loader
+    // would find that same file through LD_LIBRARY_PATH, and map a truncated one (SIGBUS).
     for soname in lib.sonames() {
+        if skipped
+            .iter()
+            .any(|(p, _)| p.file_name() == Some(soname.as_ref()))
+        {
+            continue;
+        }
         match open(Path::new(soname)) {
             Ok(()) => {
                 return Some(Found {
@@ -258,15 +269,26 @@ fn open(lib: Lib, path: &Path) -> Result<(), String> {
             ));
         }
     }
+    // The toolkit's link-time stub loads like the driver but does nothing: refused (and
+    // unloaded), so the search goes on to the real one.
+    if lib == Lib::Driver {
+        if let Err(e) = driver_cuda_version(path) {
+            if e.contains("stub") {
+                return Err(e);
+            }
+        }
+    }
     std::mem::forget(library);
     Ok(())
 }
 
-/// This CPU's ELF `e_machine`: EM_AARCH64 or EM_X86_64.
-const MACHINE: u16 = if cfg!(target_arch = "aarch64") {
-    183
+/// This CPU's ELF `e_machine` (EM_X86_64, EM_AARCH64), where flint knows it.
+const MACHINE: Option<u16> = if cfg!(target_arch = "x86_64") {
+    Some(62)
+} else if cfg!(target_arch = "aarch64") {
+    Some(183)
 } else {
-    62
+    None
 };
 
 /// Checks that the file is built for this CPU and holds every segment its ELF header says the
@@ -294,7 +316,7 @@ fn check_elf(path: &Path) -> Result<(), String> {
     }
     // The loader says "No such file or directory" for a library built for another CPU.
     let machine = u16_at(&header, 18);
-    if machine != MACHINE {
+    if MACHINE.is_some_and(|m| m != machine) {
         return Err(format!(
             "is built for another CPU (ELF machine {machine}; this one is {}): install the {} build",
             std::env::consts::ARCH,
@@ -500,10 +522,12 @@ mod tests {
         assert!(err.contains("truncated"), "{err}");
         // Whole, but for another CPU (the loader would say "No such file or directory").
         let mut other = bytes.clone();
-        other[18..20].copy_from_slice(&(MACHINE ^ 1).to_le_bytes());
-        std::fs::write(&cut, &other).unwrap();
-        let err = open(Lib::Driver, &cut).unwrap_err();
-        assert!(err.contains("another CPU"), "{err}");
+        if let Some(m) = MACHINE {
+            other[18..20].copy_from_slice(&(m ^ 1).to_le_bytes());
+            std::fs::write(&cut, &other).unwrap();
+            let err = open(Lib::Driver, &cut).unwrap_err();
+            assert!(err.contains("another CPU"), "{err}");
+        }
         // Not ELF at all: left to the loader, which refuses it with its reason.
         std::fs::write(&cut, b"not a library").unwrap();
         assert_eq!(check_elf(&cut), Ok(()));
@@ -520,7 +544,7 @@ mod tests {
         let header = |table: u64, entry: u16, count: u16| {
             let mut h = vec![0u8; 64];
             h[..6].copy_from_slice(b"\x7fELF\x02\x01");
-            h[18..20].copy_from_slice(&MACHINE.to_le_bytes());
+            h[18..20].copy_from_slice(&MACHINE.unwrap_or(0).to_le_bytes());
             h[32..40].copy_from_slice(&table.to_le_bytes());
             h[54..56].copy_from_slice(&entry.to_le_bytes());
             h[56..58].copy_from_slice(&count.to_le_bytes());

@@ -312,7 +312,12 @@ fn library_problems(p: &mut GpuProbe) -> bool {
 /// How to get a bad library file out of the way: its folder is in LD_LIBRARY_PATH, or it
 /// belongs to whatever installed it there (a wheel, a conda package, a toolkit).
 fn remove_hint(file: &str) -> String {
-    let dir = std::path::Path::new(file).parent();
+    let dir = std::path::Path::new(file)
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty());
+    let Some(folder) = dir else {
+        return "the system loader found it (/etc/ld.so.cache): remove or replace that file, then run `sudo ldconfig`".into();
+    };
     let in_ld_path = std::env::var_os("LD_LIBRARY_PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|p| Some(p.as_path()) == dir));
     if in_ld_path {
@@ -320,7 +325,7 @@ fn remove_hint(file: &str) -> String {
     } else {
         format!(
             "reinstall the package that put it in {} (or delete the file)",
-            dir.map_or(".".into(), |d| d.display().to_string())
+            folder.display()
         )
     }
 }
@@ -329,6 +334,12 @@ fn remove_hint(file: &str) -> String {
 type DriverFacts = ((i32, i32), Vec<Gpu>, Vec<Problem>);
 
 fn probe_driver() -> Result<DriverFacts, Problem> {
+    // A driver older than CUDA 12 lacks entry points flint binds (and cannot run its
+    // libraries): its version alone decides, and `driver_too_old` says what to do.
+    let version = libs::loaded(Lib::Driver).and_then(|d| libs::driver_cuda_version(&d.path).ok());
+    if let Some(v) = version.filter(|v| *v < 12000) {
+        return Ok(((v / 1000, (v % 1000) / 10), Vec::new(), Vec::new()));
+    }
     let driver = Driver::load().map_err(|e| Problem {
         what: format!(
             "the CUDA driver library {} is not one flint can use ({e})",
@@ -370,7 +381,7 @@ fn gpu(driver: &Driver, index: usize, problems: &mut Vec<Problem>) -> Result<Gpu
     let d = driver.device(index)?;
     // A GPU whose context cannot be opened (exclusive to another process, out of memory) is
     // listed, but unusable, with the reason.
-    let (memory_free, unusable) = match driver.free_memory(index) {
+    let (memory_free, unusable) = match driver.free_memory(d.handle) {
         Ok(free) => (Some(free), None),
         Err(e) => {
             let problem = context_failure(index, &e);
