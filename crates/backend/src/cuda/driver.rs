@@ -158,7 +158,9 @@ impl Driver {
             ),
             memory_total: total as u64,
             sm_count: attr(MULTIPROCESSOR_COUNT)?,
-            clock_khz: attr(CLOCK_RATE)?,
+            // Deprecated in CUDA 13's headers: a driver that stops answering it must not hide
+            // the GPU (0 = unknown).
+            clock_khz: attr(CLOCK_RATE).unwrap_or(0),
         })
     }
 

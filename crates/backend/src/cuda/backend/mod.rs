@@ -110,7 +110,8 @@ impl Cuda {
         };
         use cudarc::driver::sys::CUdevice_attribute as A;
         let sm_count = attribute(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, "SM count")?;
-        let clock_khz = attribute(A::CU_DEVICE_ATTRIBUTE_CLOCK_RATE, "clock rate")?;
+        // Deprecated in CUDA 13's headers: without it only the MFU is unknown (0 = unknown).
+        let clock_khz = attribute(A::CU_DEVICE_ATTRIBUTE_CLOCK_RATE, "clock rate").unwrap_or(0);
         let workspace = DeviceMemory::zeroed(&stream, blas::WORKSPACE_BYTES)?;
         let blas = Blas::new(workspace)?;
         let scratch = Scratch {
@@ -322,6 +323,9 @@ impl Backend for Cuda {
 
     fn peak_flops(&self) -> Option<f64> {
         let per_sm = self.precision().flops_per_clock_per_sm(self.arch)?;
+        if self.clock_khz <= 0 {
+            return None;
+        }
         Some(per_sm * self.sm_count as f64 * self.clock_khz as f64 * 1e3)
     }
 
