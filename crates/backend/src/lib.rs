@@ -7,8 +7,9 @@
 //! and a stream (`synchronize` waits for it).
 //!
 //! Conventions, as in llm.c: shapes in the doc comment of each call; `rows` are tokens;
-//! parameter gradients always accumulate (`+=`, the optimizer zeroes them), input gradients
-//! accumulate only where the call says so.
+//! parameter gradients are written or accumulated as the call's [`GradStore`] says (the first
+//! micro-batch of a step writes, the others add), input gradients accumulate only where the
+//! call says so.
 
 pub mod cpu;
 pub mod cuda;

@@ -1,21 +1,16 @@
 //! Views into backend memory.
 
-/// Element type of a buffer. f32 is what every backend computes in today; the low-precision
-/// types are here so that storage can be chosen per buffer when a backend supports them.
+/// Element type of a buffer: f32 values (low-precision operand copies are a backend's own
+/// business) and i32 token ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
     F32,
-    BF16,
-    F16,
     I32,
 }
 
 impl DType {
     pub fn size(self) -> usize {
-        match self {
-            DType::F32 | DType::I32 => 4,
-            DType::BF16 | DType::F16 => 2,
-        }
+        4
     }
 }
 

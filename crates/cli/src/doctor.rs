@@ -176,7 +176,7 @@ fn print_text(cpu: &CpuInfo, p: &GpuProbe, chosen: &Result<Device, String>, reas
             g.memory_free
                 .map_or("?".to_string(), |f| format!("{:.1} GiB", f as f64 / GIB)),
             g.sm_count,
-            g.clock_mhz,
+            g.clock_mhz.map_or("?".to_string(), |c| c.to_string()),
             match &g.kernels {
                 Ok(()) => "compiled".to_string(),
                 Err(e) => format!("FAILED ({})", e.lines().next().unwrap_or_default()),

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-/// Every flag is also a key of the `--config` TOML file (snake_case); flags win.
+/// Every training flag (not --config or --resume) is also a key of the `--config` TOML file
+/// (snake_case); flags win.
 #[derive(clap::Args)]
 pub struct Args {
     /// TOML file with any of the settings below.

@@ -88,6 +88,21 @@ fn bad_training_flags_are_one_line_errors() {
         &["train", "--data", empty.to_str().unwrap(), "--out", &out],
         &["empty"],
     );
+    // A folder without a tokenizer.json (a model folder, say) is not "no such file".
+    assert_rejected(
+        &[
+            "train",
+            "--tokenizer",
+            empty.to_str().unwrap(),
+            "--out",
+            &out,
+        ],
+        &["a folder without a tokenizer.json"],
+    );
+    assert_rejected(
+        &["train", "--data", &run_dir(&dir, "missing"), "--out", &out],
+        &["--data", "no such file or folder; give a text file"],
+    );
     assert_rejected(
         &["train", "--resume", &run_dir(&dir, "nothing")],
         &["nothing"],
@@ -673,4 +688,26 @@ fn a_run_in_the_current_folder_and_one_that_failed_at_once() {
     std::fs::create_dir_all(&failed).unwrap();
     std::fs::copy(here.join("config.toml"), failed.join("config.toml")).unwrap();
     succeeds(flint_in(&failed, &args));
+}
+
+/// A refused run leaves no empty default folder behind, whether a setting was refused before
+/// the folder was made (`--lr -1`) or its data after (a missing `--data`).
+#[test]
+fn a_refused_run_leaves_no_empty_run_folder() {
+    let dir = scratch("refused");
+    for args in [
+        &["train", "--lr", "-1"][..],
+        &["train", "--data", "missing.txt"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_flint"))
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let left: Vec<_> = std::fs::read_dir(dir.join("runs"))
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{args:?}: {left:?}");
+    }
 }

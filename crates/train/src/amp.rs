@@ -1,5 +1,4 @@
-//! Mixed precision: `--precision`, and dynamic loss scaling for fp16 as `torch.amp.GradScaler`
-//! does it.
+//! Dynamic loss scaling for `--precision fp16`, as `torch.amp.GradScaler` does it.
 //!
 //! fp16 has 5 exponent bits: small gradients underflow to zero. The loss (so every gradient) is
 //! multiplied by a large scale before backward and the gradients divided by it afterwards; a

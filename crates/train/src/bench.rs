@@ -75,12 +75,13 @@ impl std::fmt::Display for Throughput {
     }
 }
 
-/// Median and minimum ms of `steps` timed calls of `step` after `warmup` untimed ones.
+/// Median and minimum milliseconds of a timed step.
 struct Timing {
     median: f64,
     min: f64,
 }
 
+/// Times `steps` calls of `step` after `warmup` untimed ones.
 fn time_steps(warmup: usize, steps: usize, mut step: impl FnMut() -> Result<()>) -> Result<Timing> {
     let mut times = Vec::with_capacity(steps);
     for i in 0..warmup + steps {

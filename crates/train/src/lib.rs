@@ -1,5 +1,6 @@
-//! flint's training layer: tensors in and out, the optimizer, and the commands' bodies
-//! (`forward`, `bench`), all on top of `flint-model`.
+//! flint's training layer, on top of `flint-model`: data and tokenizers, the trainer (AdamW,
+//! schedule, mixed precision, checkpoints), the run folder's files, Hugging Face and PyTorch
+//! weights in and out, device selection, and the bodies of `forward`, `generate` and `bench`.
 
 pub mod amp;
 pub mod bench;

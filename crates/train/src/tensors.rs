@@ -196,19 +196,41 @@ pub fn save_f32(path: &Path, tensors: &[Named], metadata: HashMap<String, String
     write_atomic(path, &out)
 }
 
-/// Whether `name` is one of [`write_atomic`]'s temporary files (`.NAME.tmpPID.N`), which a kill
-/// mid-write leaves behind.
-pub fn is_atomic_temporary(name: &str) -> bool {
-    let Some((head, n)) = name.rsplit_once('.') else {
-        return false;
-    };
+/// The process that writes `name`, when it is one of [`write_atomic`]'s temporary files
+/// (`.NAME.tmpPID.N`).
+fn atomic_temporary_writer(name: &str) -> Option<u32> {
+    let (head, n) = name.rsplit_once('.')?;
+    let (file, pid) = head.rsplit_once(".tmp")?;
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    name.starts_with('.')
-        && digits(n)
-        && head
-            .rsplit_once(".tmp")
-            .is_some_and(|(file, pid)| file.len() > 1 && digits(pid))
+    (name.starts_with('.') && file.len() > 1 && digits(n) && digits(pid))
+        .then(|| pid.parse().ok())
+        .flatten()
 }
+
+/// Removes the temporary files of [`write_atomic`] in `dir` whose writer is gone (a kill
+/// mid-write leaves them; a token shard's can be hundreds of MB). A live writer's are kept: two
+/// runs may share a folder such as the data cache. On a folder shared between machines the
+/// writer may live elsewhere, so a file also has to be untouched for [`STALE`].
+pub fn remove_dead_temporaries(dir: &Path) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let Some(pid) = atomic_temporary_writer(&name.to_string_lossy()) else {
+            continue;
+        };
+        let alive = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        let stale = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE));
+        if !alive && stale && e.file_type().is_ok_and(|t| t.is_file()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// How long a temporary file must have been untouched to count as abandoned: far longer than
+/// any single write takes.
+pub const STALE: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Writes `bytes` to a temporary file next to `path`, syncs it, and renames it over `path`:
 /// readers see the old file or the new one, never a torn one.

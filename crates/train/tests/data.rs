@@ -602,3 +602,24 @@ fn a_file_name_that_is_not_utf8_is_an_error_naming_it() {
     let err = tmp.prepare_bytes().unwrap_err().to_string();
     assert!(err.contains("not UTF-8") && err.contains("bad"), "{err}");
 }
+
+/// A tokenization killed mid-write leaves its temporary shard (possibly hundreds of MB); the
+/// next prepare removes it once untouched for a while, but not one a live process is writing.
+#[test]
+fn a_killed_writers_temporary_files_are_removed_from_the_cache() {
+    let tmp = Tmp::new("dead-temporaries");
+    tmp.write("data/a.txt", "some text");
+    let dead = tmp.write("cache/.tokens-x-0000.bin.tmp4294967295.0", "x");
+    let live = tmp.write(
+        &format!("cache/.tokens-x-0000.bin.tmp{}.7", std::process::id()),
+        "x",
+    );
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    for f in [&dead, &live] {
+        let file = std::fs::File::options().write(true).open(f).unwrap();
+        file.set_modified(hour_ago).unwrap();
+    }
+    tmp.prepare_bytes().unwrap();
+    assert!(!dead.exists());
+    assert!(live.exists());
+}

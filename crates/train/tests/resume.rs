@@ -390,13 +390,24 @@ fn a_resume_removes_the_temporary_files_a_kill_left() {
     let stop = AtomicBool::new(false);
     let run = scratch("temporaries");
     train(options(&run, 3), None, &stop, &mut Quiet::default()).unwrap();
+    // Writers that cannot be alive (beyond any pid_max), last touched an hour ago.
     let left = [
-        run.join(".config.toml.tmp4242.0"),
-        run.join("model/.model.safetensors.tmp17.3"),
+        run.join(".config.toml.tmp4294967295.0"),
+        run.join("model/.model.safetensors.tmp4294967294.3"),
     ];
-    let kept = [run.join(".notes.tmp"), run.join("model/.x.tmp1.y")];
+    let recent = run.join(".metrics.jsonl.tmp4294967295.1");
+    let kept = [
+        run.join(".notes.tmp"),
+        run.join("model/.x.tmp1.y"),
+        recent.clone(),
+    ];
+    let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
     for f in left.iter().chain(&kept) {
         std::fs::write(f, b"x").unwrap();
+        if *f != recent {
+            let file = std::fs::File::options().write(true).open(f).unwrap();
+            file.set_modified(hour_ago).unwrap();
+        }
     }
     let more = TrainOptions {
         steps: Some(4),
@@ -405,4 +416,21 @@ fn a_resume_removes_the_temporary_files_a_kill_left() {
     train(more, Some(&run), &stop, &mut Quiet::default()).unwrap();
     assert!(left.iter().all(|f| !f.exists()));
     assert!(kept.iter().all(|f| f.exists()));
+}
+
+/// A run resumed under another spelling of its folder (from another working folder, say) is
+/// not a run whose settings changed.
+#[test]
+fn a_resume_under_another_spelling_of_the_folder_is_not_a_change() {
+    let stop = AtomicBool::new(false);
+    let run = scratch("spelling");
+    train(options(&run, 3), None, &stop, &mut Quiet::default()).unwrap();
+    let other = run.join("..").join(run.file_name().unwrap());
+    let more = TrainOptions {
+        steps: Some(4),
+        ..TrainOptions::default()
+    };
+    let mut quiet = Quiet::default();
+    train(more, Some(&other), &stop, &mut quiet).unwrap();
+    assert!(quiet.warnings.is_empty(), "{:?}", quiet.warnings);
 }

@@ -31,7 +31,7 @@ pub(super) struct Operand {
 }
 
 /// An operand as it lies in memory: `ld` elements between consecutive stored rows, and `stride`
-/// elements between the matrices of consecutive products of a batch (see [`Blas::gemm`]).
+/// elements between the matrices of consecutive products of a batch (see [`Blas::matmul`]).
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Strided {
     pub op: Operand,
@@ -61,7 +61,7 @@ pub(super) struct Blas {
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct AlgoKey {
     precision: Precision,
-    /// The operands a and b are bf16 in memory (see [`Blas::gemm`]).
+    /// The operands a and b are bf16 in memory (see [`Blas::matmul`]).
     bf16: bool,
     /// `(transposed, ld, stride, alignment)` of a, b and dst.
     operands: [(bool, usize, usize, u32); 3],

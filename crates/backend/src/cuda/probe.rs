@@ -25,8 +25,8 @@ pub struct Gpu {
     pub memory_total: u64,
     pub memory_free: Option<u64>,
     pub sm_count: i32,
-    /// Peak SM clock, MHz.
-    pub clock_mhz: i32,
+    /// Peak SM clock, MHz (`None` when the driver does not say).
+    pub clock_mhz: Option<i32>,
     /// Result of compiling flint's kernels for this GPU's architecture.
     pub kernels: Result<(), String>,
     /// Why flint cannot train on it; `None` when it can.
@@ -397,7 +397,7 @@ fn gpu(driver: &Driver, index: usize, problems: &mut Vec<Problem>) -> Result<Gpu
         memory_total: d.memory_total,
         memory_free,
         sm_count: d.sm_count,
-        clock_mhz: d.clock_khz / 1000,
+        clock_mhz: (d.clock_khz > 0).then_some(d.clock_khz / 1000),
         kernels: match unusable {
             Some(_) => Err("not compiled: the GPU cannot be opened".into()),
             None => Ok(()),

@@ -18,8 +18,9 @@ use crate::tensors::write_atomic;
 /// The most tokens in one shard file (128 MiB of u16, 256 MiB of u32).
 pub const SHARD_TOKENS: usize = 1 << 26;
 
-/// Tokens encoded per parallel step, and the size a long document is cut to (see `pieces`).
+/// Pieces encoded per parallel step.
 const GROUP_PIECES: usize = 256;
+/// The size a long document is cut to, in bytes (see `pieces`).
 const PIECE_BYTES: usize = 64 << 10;
 
 const FORMAT: &str = "flint-tokens 2";
@@ -176,6 +177,7 @@ fn prepare_with(
     }
     let key = h.hex();
     let manifest_path = cache_dir.join(format!("tokens-{key}.json"));
+    crate::tensors::remove_dead_temporaries(cache_dir);
 
     let (manifest, all, reused) = match load(cache_dir, &manifest_path, &key) {
         Some((m, t)) => (m, t, true),

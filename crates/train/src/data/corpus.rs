@@ -70,8 +70,13 @@ fn input_file(path: PathBuf) -> Result<InputFile> {
 /// its first path however many links reach it, hidden names skipped), sorted by path. Paths
 /// are canonical so that `data` and `./data` name the same cache. An empty folder is an error.
 pub(crate) fn list_files(path: &Path) -> Result<Vec<InputFile>> {
-    let meta = std::fs::metadata(path)
-        .with_context(|| format!("--data {}: no such file or folder", path.display()))?;
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => anyhow::anyhow!(
+            "--data {}: no such file or folder; give a text file or a folder of .txt / .jsonl files",
+            path.display()
+        ),
+        _ => anyhow::anyhow!("--data {}: cannot read ({e})", path.display()),
+    })?;
     let root = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     if !meta.is_dir() {
         return Ok(vec![input_file(utf8_named(path, root)?)?]);

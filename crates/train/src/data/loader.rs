@@ -165,7 +165,7 @@ impl Loader {
         };
         if s.pos > limit as u64 {
             bail!(
-                "the checkpoint's data position {} is past the end ({limit}): the data changed",
+                "the checkpoint's data position {} is past the end ({limit}): the data shrank since; restore it, or start a new run with --init-from RUN/model",
                 s.pos
             );
         }

@@ -52,6 +52,9 @@ impl Tokenizer {
         let mut path = PathBuf::from(arg);
         if path.is_dir() {
             path = path.join("tokenizer.json");
+            if !path.is_file() {
+                bail!("--tokenizer {arg}: a folder without a tokenizer.json; give the path to a tokenizer.json, or `bytes`");
+            }
         }
         if !path.is_file() {
             bail!(

@@ -1,12 +1,12 @@
 //! The run folder itself (`--out RUN`): which folders a new run may use, one process at a time,
 //! and what a run that died early left behind.
 
-use crate::tensors::is_atomic_temporary;
+use crate::tensors::remove_dead_temporaries;
 use crate::trainer::checkpoint;
 use crate::trainer::config::TrainOptions;
 use anyhow::{bail, Context, Result};
 use std::fs::{File, TryLockError};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Held while a process trains in the folder; released when dropped (or the process ends).
 const LOCK: &str = ".flint.lock";
@@ -115,21 +115,12 @@ fn refuse_finished_run(dir: &Path) -> Result<()> {
 /// (`.config.toml.tmpPID.N`, in the run folder and `model/`). The lock is held, so no other
 /// process is writing them.
 fn remove_temporaries(dir: &Path) {
-    let entries = |d: PathBuf| {
-        std::fs::read_dir(d)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok())
-    };
-    for e in entries(dir.join("checkpoints")) {
+    let checkpoints = std::fs::read_dir(dir.join("checkpoints"));
+    for e in checkpoints.into_iter().flatten().flatten() {
         if e.file_name().to_string_lossy().starts_with(".tmp_step_") {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
-    for e in entries(dir.to_path_buf()).chain(entries(dir.join("model"))) {
-        let is_file = e.file_type().is_ok_and(|t| t.is_file());
-        if is_file && is_atomic_temporary(&e.file_name().to_string_lossy()) {
-            let _ = std::fs::remove_file(e.path());
-        }
-    }
+    remove_dead_temporaries(dir);
+    remove_dead_temporaries(&dir.join("model"));
 }

@@ -83,11 +83,6 @@ impl MetricsWriter {
         })
     }
 
-    /// The file written to.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// Appends a training line:
     /// `{"step", "loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s"}`.
     pub fn write_train(

@@ -9,7 +9,7 @@
 //! whose data is an `Event` protobuf, hand-encoded here: field 1 `wall_time` (double), field 2
 //! `step` (int64), field 3 `file_version` (string, the first event: `"brain.Event:2"`), field 5
 //! `summary` (message: repeated field 1 `Value { 1: tag (string), 2: simple_value (float) }`),
-//! field 7 `session_log` (message: field 1 `status`, 1 = START; written on resume only).
+//! field 7 `session_log` (message: field 1 `status`, 1 = START; written when a run starts or resumes).
 
 use crate::tensors::cannot_write;
 use anyhow::{Context, Result};

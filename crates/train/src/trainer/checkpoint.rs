@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 pub struct State {
     /// Optimizer steps done.
     pub step: u64,
-    /// AdamW updates done (equals `step`; kept separately for clarity on resume).
+    /// AdamW updates done: fewer than `step` when fp16 overflows skipped updates (AdamW's bias
+    /// correction counts updates, not steps).
     pub adam_updates: u32,
     /// The data loader's position, serialised by the loader.
     pub loader: serde_json::Value,

@@ -103,8 +103,14 @@ impl TrainOptions {
         })
     }
 
-    /// `self` where set, else `other`.
-    pub fn or(self, other: TrainOptions) -> TrainOptions {
+    /// `self` where set, else `other`. `--preset` and `--init-from` both name the model: the one
+    /// `self` gives wins over the other's (a saved `config.toml` names a preset unless its run
+    /// started from `--init-from`).
+    pub fn or(self, mut other: TrainOptions) -> TrainOptions {
+        if self.preset.is_some() || self.init_from.is_some() {
+            other.preset = None;
+            other.init_from = None;
+        }
         macro_rules! pick {
             ($($f:ident),*) => { TrainOptions { $($f: self.$f.or(other.$f)),* } };
         }
@@ -155,7 +161,7 @@ impl TrainOptions {
             (None, Some(dir)) => crate::hf::folder_tokenizer(dir)?,
             _ => "bytes".into(),
         };
-        let c = TrainConfig {
+        let mut c = TrainConfig {
             preset: match self.init_from {
                 Some(_) => self.preset,
                 None => Some(self.preset.unwrap_or_else(|| "tiny".into())),
@@ -186,7 +192,8 @@ impl TrainOptions {
             device: self.device.unwrap_or_else(|| "auto".into()),
             precision: self.precision.unwrap_or_else(|| "auto".into()),
             threads: self.threads,
-            out: self.out.unwrap_or_else(default_out),
+            // Made below, once the settings are known to be valid.
+            out: self.out.clone().unwrap_or_default(),
             n_layer: self.n_layer,
             n_embd: self.n_embd,
             n_head: self.n_head,
@@ -194,6 +201,9 @@ impl TrainOptions {
             n_inner: self.n_inner,
         };
         c.check()?;
+        if self.out.is_none() {
+            c.out = default_out();
+        }
         Ok(c)
     }
 }
@@ -315,4 +325,32 @@ pub(crate) fn below_2_63(flag: &str, v: u64) -> Result<()> {
         bail!("{flag} must be below 2^63 (got {v})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TrainOptions;
+    use std::path::PathBuf;
+
+    /// A config file names a preset; `--init-from` given on top of it names the model instead
+    /// (flags win), and the file's other settings stay.
+    #[test]
+    fn a_model_named_by_flags_replaces_the_files() {
+        let file = TrainOptions {
+            preset: Some("tiny".into()),
+            lr: Some(0.01),
+            ..TrainOptions::default()
+        };
+        let flags = TrainOptions {
+            init_from: Some(PathBuf::from("run/model")),
+            ..TrainOptions::default()
+        };
+        let merged = flags.or(file.clone());
+        assert_eq!(merged.preset, None);
+        assert_eq!(merged.init_from, Some(PathBuf::from("run/model")));
+        assert_eq!(merged.lr, Some(0.01));
+        // Without a model flag, the file's model stands.
+        let merged = TrainOptions::default().or(file);
+        assert_eq!(merged.preset.as_deref(), Some("tiny"));
+    }
 }

@@ -38,7 +38,8 @@ pub trait Observer {
 
 pub struct Started {
     pub run: PathBuf,
-    /// `cpu`, `cpu (no GPU: <why>)` or `cuda:0 (NVIDIA H200, sm_90, 139 GiB)`.
+    /// The device and precision: `cpu, fp32`, `cpu, fp32 (no GPU: <why>)` or
+    /// `cuda:0 (NVIDIA H200, sm_90, 139 GiB), bf16`.
     pub device: String,
     pub parameters: usize,
     pub model: GptConfig,
@@ -81,7 +82,10 @@ fn model_config(cfg: &TrainConfig, vocab: usize) -> Result<GptConfig> {
     m.n_positions = cfg.n_positions.unwrap_or(m.n_positions);
     m.n_inner = cfg.n_inner.or(m.n_inner);
     m.dropout = cfg.dropout as f32;
-    m.validate()?;
+    // The model's own check speaks in its config's names; say which flags set them.
+    m.validate().map_err(|e| {
+        anyhow!("the model (--preset {preset} with --n-layer, --n-embd, --n-head, --n-positions, --n-inner): {e}")
+    })?;
     fits_in_memory(&m)?;
     Ok(m)
 }
@@ -104,7 +108,6 @@ fn fits_in_memory(m: &GptConfig) -> Result<()> {
     }
 }
 
-/// A checkpoint continues only with the tokenizer it was trained with.
 /// The checkpoint's model must be the one `config.toml` describes: a hand-edited architecture
 /// (`n_head`, say, which keeps every tensor's shape) would load and silently compute another
 /// model. Dropout is a setting, not the architecture (see [`changed_settings`]).
@@ -151,12 +154,15 @@ fn changed_settings(state: &checkpoint::State, cfg: &TrainConfig) -> Result<Opti
     let keys: std::collections::BTreeSet<&String> = then.keys().chain(now.keys()).collect();
     let changed: Vec<&str> = keys
         .into_iter()
-        .filter(|k| !RESUME_MAY_CHANGE.contains(&k.as_str()) && then.get(*k) != now.get(*k))
+        // `out` is the folder itself, spelled as the resume names it.
+        .filter(|k| *k != "out" && !RESUME_MAY_CHANGE.contains(&k.as_str()))
+        .filter(|k| then.get(*k) != now.get(*k))
         .map(String::as_str)
         .collect();
     Ok((!changed.is_empty()).then(|| changed.join(", ")))
 }
 
+/// A checkpoint continues only with the tokenizer it was trained with.
 fn same_tokenizer(state: &checkpoint::State, tokenizer: &Tokenizer, run: &Path) -> Result<()> {
     if state.tokenizer_fingerprint == tokenizer.fingerprint() {
         return Ok(());
@@ -262,6 +268,7 @@ pub fn train(
     stop: &AtomicBool,
     obs: &mut dyn Observer,
 ) -> Result<Finished> {
+    let made_out = resume.is_none() && options.out.is_none();
     let cfg = match resume {
         Some(run) => {
             let saved = run.join("config.toml");
@@ -292,20 +299,28 @@ pub fn train(
             options.resolve()?
         }
     };
-    let selection = device::select(DeviceRequest::parse(&cfg.device)?)?;
-    let precision = device::precision(&cfg.precision, &selection.device).map_err(|e| {
-        match &selection.fallback_reason {
-            Some(why) => anyhow!("{e} (no GPU: {why})"),
-            None => e,
+    let out = cfg.out.clone();
+    let result = (|| {
+        let selection = device::select(DeviceRequest::parse(&cfg.device)?)?;
+        let precision = device::precision(&cfg.precision, &selection.device).map_err(|e| {
+            match &selection.fallback_reason {
+                Some(why) => anyhow!("{e} (no GPU: {why})"),
+                None => e,
+            }
+        })?;
+        let mut described = format!("{}, {}", selection.device.describe(), precision.name());
+        if let Some(why) = &selection.fallback_reason {
+            described = format!("{described} (no GPU: {why})");
         }
-    })?;
-    let mut described = format!("{}, {}", selection.device.describe(), precision.name());
-    if let Some(why) = &selection.fallback_reason {
-        described = format!("{described} (no GPU: {why})");
+        crate::on_backend!(&selection.device, precision, |backend| train_on(
+            backend, &described, cfg, resume, stop, obs
+        ))
+    })();
+    // A refused run leaves no empty `runs/run-N` behind (only an empty folder is removed).
+    if result.is_err() && made_out {
+        let _ = std::fs::remove_dir(&out);
     }
-    crate::on_backend!(&selection.device, precision, |backend| train_on(
-        backend, &described, cfg, resume, stop, obs
-    ))
+    result
 }
 
 /// [`train`] on one backend.

@@ -59,7 +59,7 @@ pub struct Cuda {
     attention_scratch: Mutex<Workspace>,
     /// Locked for the whole of a padded product (see [`Cuda::gemm_padded`]).
     pad_workspace: Mutex<Workspace>,
-    /// bf16 copies of a product's operands (see [`Cuda::bf16_operands`]).
+    /// bf16 copies of a product's operands (see [`Cuda::bf16_copies`]).
     bf16_workspace: Mutex<Workspace>,
     /// [`COLUMN_PARTIALS`] floats, locked for the whole of a column reduction: the two levels
     /// of another call must not interleave with its own on the stream.

@@ -30,7 +30,7 @@ impl Cuda {
         let (dst, a, b) = (packed(plain(dst), m, n), packed(a, m, k), packed(b, k, n));
         // Each copy must pay: a padded operand is read by the product once per element of the
         // dimension it does not have (k for dst, n for a, m for b). In bf16, a and b are
-        // copied to aligned rows anyway (`bf16_operands`).
+        // copied to aligned rows anyway (`bf16_copies`).
         let mut f32_operands = vec![(dst, k)];
         if self.precision() != Precision::Bf16 {
             f32_operands.extend([(a, n), (b, m)]);
@@ -128,7 +128,7 @@ impl Cuda {
         self.launch(&self.kernels.copy_rows, grid(rows, 0), args)
     }
 
-    /// `count` strided products (see [`Blas::gemm`]), every dimension nonzero.
+    /// `count` strided products (see [`Blas::matmul`]), every dimension nonzero.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm_batched(
         &self,
@@ -191,7 +191,7 @@ impl Cuda {
     }
 
     /// `dst[m, n] = epilogue(a[m, k] @ b[k, n])` on packed matrices through cuBLASLt (see
-    /// [`Blas::gemm_epilogue`]), with bf16 operands in bf16 precision; `Ok(false)`, having done
+    /// [`Blas::matmul`]), with bf16 operands in bf16 precision; `Ok(false)`, having done
     /// nothing, when the epilogue cannot be used. Every dimension nonzero.
     pub(super) fn gemm_epilogue(
         &self,
