@@ -1,6 +1,6 @@
 //! Hugging Face `transformers` GPT-2 directories (`config.json` + `model.safetensors`), both ways.
 
-use crate::tensors::{save_f32, Named, TensorFile};
+use crate::tensors::{named, save_f32, TensorFile};
 use anyhow::{anyhow, bail, Context, Result};
 use flint_model::gpt::{param_layout, GptConfig};
 use flint_model::layout::shape_str;
@@ -98,27 +98,22 @@ pub fn load_gpt2(dir: &Path) -> Result<(GptConfig, Vec<f32>)> {
     } else {
         "transformer."
     };
-    let layout = param_layout(&config);
-    let mut params = vec![0.0; layout.total()];
-    for e in layout.entries() {
-        let key = e.name.strip_prefix(strip).unwrap_or(&e.name);
-        let Some(shape) = file.shape(key) else {
-            bail!(
-                "{}: missing tensor `{key}` for {} layers",
-                file.path().display(),
+    let path = file.path().display();
+    let params = file.read_layout(
+        &param_layout(&config),
+        |name| name.strip_prefix(strip).unwrap_or(name).to_string(),
+        |key, found, want| match found {
+            None => anyhow!(
+                "{path}: missing tensor `{key}` for {} layers",
                 config.n_layer
-            );
-        };
-        if shape != e.shape {
-            bail!(
-                "{}: tensor `{key}` has shape {}, config.json implies {}",
-                file.path().display(),
-                shape_str(&shape),
-                shape_str(&e.shape)
-            );
-        }
-        params[e.offset..e.offset + e.numel()].copy_from_slice(&file.f32_checked(key, &e.shape)?);
-    }
+            ),
+            Some(shape) => anyhow!(
+                "{path}: tensor `{key}` has shape {}, config.json implies {}",
+                shape_str(shape),
+                shape_str(want)
+            ),
+        },
+    )?;
     Ok((config, params))
 }
 
@@ -191,17 +186,8 @@ pub fn save_gpt2(dir: &Path, config: &GptConfig, params: &[f32], eot: Option<u32
         "torch_dtype": "float32",
     });
     let text = serde_json::to_string_pretty(&hf)? + "\n";
-    crate::tensors::write_atomic(&dir.join("config.json"), text.as_bytes())?;
-    let layout = param_layout(config);
-    let tensors: Vec<Named> = layout
-        .entries()
-        .iter()
-        .map(|e| Named {
-            name: e.name.clone(),
-            shape: e.shape.clone(),
-            data: &params[e.offset..e.offset + e.numel()],
-        })
-        .collect();
+    crate::files::write_atomic(&dir.join("config.json"), text.as_bytes())?;
+    let tensors = named(&param_layout(config), params);
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     save_f32(&dir.join("model.safetensors"), &tensors, meta)
 }

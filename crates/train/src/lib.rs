@@ -6,6 +6,7 @@ pub mod amp;
 pub mod bench;
 pub mod data;
 pub mod device;
+pub mod files;
 pub mod forward;
 pub mod generate;
 pub mod hf;

@@ -1,7 +1,7 @@
 //! PyTorch `state_dict` files in, flat parameter buffers out.
 
 use crate::tensors::TensorFile;
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use flint_model::layout::{shape_str, Layout};
 
 /// The prefix before the encoder's own names (`transformer_encoder.` in the seed program, or
@@ -40,20 +40,6 @@ pub fn layer_count(file: &TensorFile) -> Result<usize> {
 pub fn load(file: &TensorFile, layout: &Layout, describe_config: &str) -> Result<Vec<f32>> {
     let prefix = encoder_prefix(file)?;
     let path = file.path().display();
-    // Every name and shape first: a config that does not match must not allocate its size.
-    for e in layout.entries() {
-        let key = format!("{prefix}{}", e.name);
-        let Some(shape) = file.shape(&key) else {
-            bail!("{path}: missing tensor `{key}` that the config ({describe_config}) needs");
-        };
-        if shape != e.shape {
-            bail!(
-                "{path}: tensor `{key}` has shape {}, the config ({describe_config}) expects {}",
-                shape_str(&shape),
-                shape_str(&e.shape)
-            );
-        }
-    }
     for name in file.names() {
         let Some(own) = name.strip_prefix(&prefix) else {
             continue;
@@ -62,10 +48,18 @@ pub fn load(file: &TensorFile, layout: &Layout, describe_config: &str) -> Result
             bail!("{path}: tensor `{name}` is not part of the config ({describe_config}); fix num_layers or final_norm");
         }
     }
-    let mut out = vec![0.0; layout.total()];
-    for e in layout.entries() {
-        let values = file.f32_checked(&format!("{prefix}{}", e.name), &e.shape)?;
-        out[e.offset..e.offset + e.numel()].copy_from_slice(&values);
-    }
-    Ok(out)
+    file.read_layout(
+        layout,
+        |name| format!("{prefix}{name}"),
+        |key, found, want| match found {
+            None => {
+                anyhow!("{path}: missing tensor `{key}` that the config ({describe_config}) needs")
+            }
+            Some(shape) => anyhow!(
+                "{path}: tensor `{key}` has shape {}, the config ({describe_config}) expects {}",
+                shape_str(shape),
+                shape_str(want)
+            ),
+        },
+    )
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::corpus::{self, InputFile, Read, Source};
 use super::tokenizer::{pieces, Tokenizer};
 use super::{fnv128_hex, Fnv128};
-use crate::tensors::write_atomic;
+use crate::files::write_atomic;
 
 /// The most tokens in one shard file (128 MiB of u16, 256 MiB of u32).
 pub const SHARD_TOKENS: usize = 1 << 26;
@@ -177,7 +177,7 @@ fn prepare_with(
     }
     let key = h.hex();
     let manifest_path = cache_dir.join(format!("tokens-{key}.json"));
-    crate::tensors::remove_dead_temporaries(cache_dir);
+    crate::files::remove_dead_temporaries(cache_dir);
 
     let (manifest, all, reused) = match load(cache_dir, &manifest_path, &key) {
         Some((m, t)) => (m, t, true),

@@ -292,6 +292,6 @@ pub fn train_bpe(inputs: &[PathBuf], vocab_size: usize, out: &Path) -> Result<Ve
         std::fs::create_dir_all(dir)
             .with_context(|| format!("--out {}: cannot create the folder", out.display()))?;
     }
-    crate::tensors::write_atomic(out, json.as_bytes())?;
+    crate::files::write_atomic(out, json.as_bytes())?;
     Ok(warnings)
 }

@@ -1,7 +1,7 @@
 //! The run folder itself (`--out RUN`): which folders a new run may use, one process at a time,
 //! and what a run that died early left behind.
 
-use crate::tensors::remove_dead_temporaries;
+use crate::files::remove_dead_temporaries;
 use crate::trainer::checkpoint;
 use crate::trainer::config::TrainOptions;
 use anyhow::{bail, Context, Result};

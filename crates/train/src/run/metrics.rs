@@ -12,7 +12,7 @@
 //! `"loss_scale"` (the GradScaler's scale the step used) and `"skipped"` (true when the step's
 //! gradients overflowed and the update was skipped).
 
-use crate::tensors::cannot_write;
+use crate::files::cannot_write;
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::fs::{self, File, OpenOptions};
@@ -190,7 +190,7 @@ fn cut_back(path: &Path, k: u64) -> Result<()> {
         }
     }
 
-    crate::tensors::write_atomic(path, &kept)
+    crate::files::write_atomic(path, &kept)
 }
 
 /// The `step` of a metrics line, if it is a JSON object with a non-negative integer `step`.

@@ -11,7 +11,7 @@
 //! `summary` (message: repeated field 1 `Value { 1: tag (string), 2: simple_value (float) }`),
 //! field 7 `session_log` (message: field 1 `status`, 1 = START; written when a run starts or resumes).
 
-use crate::tensors::cannot_write;
+use crate::files::cannot_write;
 use anyhow::{Context, Result};
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};

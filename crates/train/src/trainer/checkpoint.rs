@@ -4,7 +4,8 @@
 //! file synced, then renamed into place: a kill at any moment leaves either the complete
 //! checkpoint or none, and never touches the earlier ones.
 
-use crate::tensors::{save_f32, write_atomic, Named, TensorFile};
+use crate::files::write_atomic;
+use crate::tensors::{named, save_f32, TensorFile};
 use anyhow::{anyhow, bail, Context, Result};
 use flint_model::layout::Layout;
 use serde::{Deserialize, Serialize};
@@ -119,18 +120,6 @@ fn dir_of(run: &Path, step: u64) -> PathBuf {
 
 fn folder_name(step: u64) -> String {
     format!("step_{step:08}")
-}
-
-fn named<'a>(layout: &Layout, data: &'a [f32]) -> Vec<Named<'a>> {
-    layout
-        .entries()
-        .iter()
-        .map(|e| Named {
-            name: e.name.clone(),
-            shape: e.shape.clone(),
-            data: &data[e.offset..e.offset + e.numel()],
-        })
-        .collect()
 }
 
 /// Writes a checkpoint of `step` and keeps only the newest `keep`.
@@ -260,29 +249,24 @@ pub fn load(dir: &Path, layout: &Layout) -> Result<Loaded> {
             );
         }
     }
+    // A missing tensor or another shape: another model's checkpoint. Non-finite values (a run
+    // that diverged) are damage like any other, and an older checkpoint is tried.
     let read = |file: &str, prefix: &str| -> Result<Vec<f32>> {
         let f = TensorFile::open(&dir.join(file))?;
-        let mut out = vec![0.0; layout.total()];
-        for e in layout.entries() {
-            let name = format!("{prefix}{}", e.name);
-            // A missing tensor or another shape: another model's checkpoint. Non-finite values
-            // (a run that diverged) are damage like any other, and an older checkpoint is tried.
-            let foreign = match f.shape(&name) {
-                None => Some(format!("no tensor `{name}`")),
-                Some(shape) if shape != e.shape => Some(format!(
-                    "tensor `{name}` is {shape:?}, this run's model has {:?}",
-                    e.shape
-                )),
-                Some(_) => None,
-            };
-            if let Some(why) = foreign {
-                let why = format!("{}: {why}", f.path().display());
-                return Err(anyhow::Error::new(ForeignCheckpoint(why)));
-            }
-            let values = f.f32_checked(&name, &e.shape)?;
-            out[e.offset..e.offset + e.numel()].copy_from_slice(&values);
-        }
-        Ok(out)
+        let path = f.path().display();
+        f.read_layout(
+            layout,
+            |name| format!("{prefix}{name}"),
+            |key, found, want| {
+                let why = match found {
+                    None => format!("no tensor `{key}`"),
+                    Some(shape) => {
+                        format!("tensor `{key}` is {shape:?}, this run's model has {want:?}")
+                    }
+                };
+                anyhow::Error::new(ForeignCheckpoint(format!("{path}: {why}")))
+            },
+        )
     };
     Ok(Loaded {
         dir: dir.to_path_buf(),

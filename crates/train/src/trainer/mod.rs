@@ -452,7 +452,7 @@ fn train_on<B: Backend>(
     };
     // The run folder and its config, once the settings are known to make a model (and, on a
     // resume, to continue it).
-    crate::tensors::write_atomic(&run.join("config.toml"), cfg.to_toml()?.as_bytes())?;
+    crate::files::write_atomic(&run.join("config.toml"), cfg.to_toml()?.as_bytes())?;
     let params = resumed.as_ref().map_or(&init, |ck| &ck.params);
     let mut model = Gpt::new(backend, model_cfg.clone(), params)?;
     model.plan(BatchShape { batch: b, seq: t })?;
@@ -688,7 +688,7 @@ fn train_on<B: Backend>(
     if let Some(file) = tokenizer.file() {
         let bytes =
             std::fs::read(file).with_context(|| format!("{}: cannot read", file.display()))?;
-        crate::tensors::write_atomic(&run.join("model/tokenizer.json"), &bytes)?;
+        crate::files::write_atomic(&run.join("model/tokenizer.json"), &bytes)?;
     }
     // A short sample to end with. The run itself is done: a sample that fails is a warning.
     let sample = if interrupted {
