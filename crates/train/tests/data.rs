@@ -312,16 +312,6 @@ fn restoring_a_state_of_the_other_order_is_an_error() {
     assert!(l.restore(&s).is_err());
 }
 
-#[test]
-fn data_order_parses_the_flag_values() {
-    assert_eq!(
-        "sequential".parse::<DataOrder>().unwrap(),
-        DataOrder::Sequential
-    );
-    assert_eq!("shuffle".parse::<DataOrder>().unwrap(), DataOrder::Shuffle);
-    assert!("random".parse::<DataOrder>().is_err());
-}
-
 // ---- prepare: sources, cache, warnings ----
 
 #[test]

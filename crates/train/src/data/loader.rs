@@ -15,18 +15,6 @@ pub enum DataOrder {
     Shuffle,
 }
 
-impl std::str::FromStr for DataOrder {
-    type Err = anyhow::Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "sequential" => Ok(DataOrder::Sequential),
-            "shuffle" => Ok(DataOrder::Shuffle),
-            _ => bail!("--data-order {s}: expected `sequential` or `shuffle`"),
-        }
-    }
-}
-
 /// Where a [`Loader`] is: everything a checkpoint needs to continue the exact stream.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct LoaderState {
