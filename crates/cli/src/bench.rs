@@ -1,10 +1,10 @@
 //! `flint bench`: training-step throughput, comparable row for row with the PyTorch scripts.
 
 use anyhow::{bail, Result};
-use flint_backend::Precision;
-use flint_model::gpt::GptConfig;
 use flint_train::bench::{self, GPT_PRESETS, SEED_CONFIGS};
 use flint_train::device::Device;
+use flint_train::GptConfig;
+use flint_train::Precision;
 
 #[derive(clap::Subcommand)]
 pub enum Bench {

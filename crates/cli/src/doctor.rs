@@ -1,10 +1,9 @@
 //! `flint doctor`: what this machine can train on, what is wrong, and how to fix it.
 
 use anyhow::Result;
-use flint_backend::cpu::{cpu_info, Cpu, CpuInfo};
-use flint_backend::cuda::probe::{nvrtc_trial, probe, GpuProbe, Problem};
-use flint_backend::cuda::Cuda;
-use flint_backend::parity::ParityRow;
+use flint_train::device::diagnosis::{
+    cpu_info, nvrtc_trial, probe, table, CpuInfo, GpuProbe, ParityRow, Problem,
+};
 use flint_train::device::{Device, DeviceRequest};
 use serde_json::{json, Value};
 
@@ -88,14 +87,12 @@ fn parity(chosen: &Result<Device, String>) -> Result<Parity, String> {
     let Ok(Device::Cuda(gpu)) = chosen else {
         return Err("no usable GPU".into());
     };
-    let cuda = Cuda::new(gpu.index).map_err(|e| format!("{e:#}"))?;
     // Fresh inputs every run: the kernels must compute the same function on any valid input.
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| d.as_nanos() as u64);
-    let mut rows = flint_backend::parity::run(&Cpu, &cuda, seed).map_err(|e| format!("{e:#}"))?;
-    // The fast paths' self-tests, which the bf16 cases set off.
-    rows.extend(cuda.self_test_rows());
+    let rows =
+        flint_train::device::diagnosis::parity(gpu.index, seed).map_err(|e| format!("{e:#}"))?;
     Ok(Parity { seed, rows })
 }
 
@@ -103,7 +100,7 @@ fn print_parity(p: &Result<Parity, String>) {
     match p {
         Err(why) => println!("parity: not run, {why}"),
         Ok(p) => {
-            print!("{}", flint_backend::parity::table(&p.rows));
+            print!("{}", table(&p.rows));
             let failed = p.rows.iter().filter(|r| !r.passed).count();
             println!(
                 "parity (seed {}): {} of {} outputs within threshold, {failed} failed",

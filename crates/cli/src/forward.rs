@@ -1,10 +1,10 @@
 //! `flint forward`: an encoder trained in PyTorch, run without Python.
 
 use anyhow::Result;
-use flint_backend::Precision;
-use flint_model::layout::shape_str;
 use flint_train::device::Device;
 use flint_train::forward::{self, ForwardRequest};
+use flint_train::shape_str;
+use flint_train::Precision;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

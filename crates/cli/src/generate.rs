@@ -1,9 +1,9 @@
 //! `flint generate`: sample text from a run or a Hugging Face GPT-2 folder.
 
 use anyhow::Result;
-use flint_backend::Precision;
 use flint_train::device::Device;
 use flint_train::generate::{generate_text, Sampling};
+use flint_train::Precision;
 use std::path::PathBuf;
 
 #[derive(clap::Args)]

@@ -134,6 +134,22 @@ pub mod backends {
     pub use flint_backend::Backend;
 }
 
+/// What `flint doctor` reports: the CPU, the CUDA probe, and the CUDA-vs-CPU parity rows.
+pub mod diagnosis {
+    pub use flint_backend::cpu::{cpu_info, CpuInfo};
+    pub use flint_backend::cuda::probe::{nvrtc_trial, probe, GpuProbe, Problem};
+    pub use flint_backend::parity::{table, ParityRow};
+
+    /// Every CUDA kernel of GPU `index` against its CPU twin on inputs drawn from `seed`, then
+    /// the fast paths' self-tests (which the bf16 cases set off).
+    pub fn parity(index: usize, seed: u64) -> anyhow::Result<Vec<ParityRow>> {
+        let cuda = super::backends::Cuda::new(index)?;
+        let mut rows = flint_backend::parity::run(&super::backends::Cpu, &cuda, seed)?;
+        rows.extend(cuda.self_test_rows());
+        Ok(rows)
+    }
+}
+
 /// Evaluates `$body` with `$b` bound to the backend of `$device` (a [`Device`]) computing in
 /// `$precision`: commands are written once, generic over the backend, and this is the one
 /// place that picks it.

@@ -5,6 +5,7 @@
 pub mod amp;
 pub mod bench;
 pub mod data;
+pub mod demo;
 pub mod device;
 pub mod files;
 pub mod forward;
@@ -16,3 +17,8 @@ pub mod schedule;
 pub mod state_dict;
 pub mod tensors;
 pub mod trainer;
+
+// What the command line needs of the layers below, so that it depends on this crate alone.
+pub use flint_backend::Precision;
+pub use flint_model::gpt::GptConfig;
+pub use flint_model::layout::shape_str;
