@@ -834,9 +834,8 @@ fn doctor_reports_a_corrupt_driver_library_instead_of_crashing() {
     assert!(v["device"].is_null(), "{v}");
 }
 
-#[test]
-fn doctor_reports_a_library_that_is_not_the_driver() {
-    // A real shared library under the driver's name: it loads, but lacks the CUDA entry points.
+/// The bytes of this machine's libm.so.6: a real shared library that is not CUDA's.
+fn libm_bytes() -> Vec<u8> {
     let libm = [
         "/lib/x86_64-linux-gnu/libm.so.6",
         "/usr/lib64/libm.so.6",
@@ -845,7 +844,13 @@ fn doctor_reports_a_library_that_is_not_the_driver() {
     .into_iter()
     .find(|p| Path::new(p).exists())
     .expect("libm.so.6 on this machine");
-    let dir = fake_driver(&std::fs::read(libm).unwrap());
+    std::fs::read(libm).unwrap()
+}
+
+#[test]
+fn doctor_reports_a_library_that_is_not_the_driver() {
+    // A real shared library under the driver's name: it loads, but lacks the CUDA entry points.
+    let dir = fake_driver(&libm_bytes());
     let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", &dir.0)], &[]);
     assert_eq!(code, Some(0), "{v}");
     let err = v["libraries"][0]["error"].as_str().unwrap();
@@ -1021,15 +1026,7 @@ fn problem_whats(v: &Value) -> Vec<String> {
 /// passed over for a real one later in the search; a driver older than CUDA 12 is told so.
 #[test]
 fn doctor_survives_truncated_and_stub_drivers_and_names_old_ones() {
-    let libm = [
-        "/lib/x86_64-linux-gnu/libm.so.6",
-        "/usr/lib64/libm.so.6",
-        "/lib64/libm.so.6",
-    ]
-    .into_iter()
-    .find(|p| Path::new(p).exists())
-    .expect("libm.so.6 on this machine");
-    let bytes = std::fs::read(libm).unwrap();
+    let bytes = libm_bytes();
     let dir = fake_driver(&bytes[..bytes.len() / 2]);
     let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", &dir.0)], &[]);
     assert_eq!(code, Some(0), "{v}");
