@@ -25,13 +25,6 @@ pub struct ParityRow {
     pub passed: bool,
 }
 
-/// Both backends compute in f32 and differ only in the order of their sums (cuBLASLt's tiles
-/// against the `gemm` crate's, tree reductions against sequential loops, atomics in the
-/// embedding backward), which costs a few ulp per sum of the ~100 terms used here: about 1e-6
-/// relative to the largest output at worst, so 1e-5 leaves a margin without hiding a wrong
-/// index (which shows as an error of order 1). Dropout masks are bit-identical and add nothing.
-pub const F32_THRESHOLD: f64 = 1e-5;
-
 /// `max_i |a_i - b_i| / max(max_i |a_i|, 1e-6)`, with `a` the reference: the largest difference
 /// relative to the reference's largest magnitude (not element by element, which would blow up
 /// on outputs near zero). Infinite when the lengths differ or either side holds a NaN or an
@@ -270,10 +263,12 @@ impl<A: Backend, B: Backend> Harness<'_, A, B> {
     }
 
     fn push(&mut self, kernel: String, dtype: &'static str, max_rel_err: f64) {
-        let (dtype, threshold) = match self.precision {
-            Precision::Fp32 => (dtype, F32_THRESHOLD),
-            p => (p.name(), p.tolerance()),
+        // fp32 rows name the buffer's type (f32 values, i32 ids), the others the precision.
+        let dtype = match self.precision {
+            Precision::Fp32 => dtype,
+            p => p.name(),
         };
+        let threshold = self.precision.tolerance();
         self.rows.push(ParityRow {
             kernel,
             dtype,
@@ -990,14 +985,14 @@ mod tests {
     fn the_error_metric_fails_on_nan_infinity_and_a_perturbed_value() {
         let a = [1.0, -2.0, 0.5];
         assert_eq!(max_rel_err(&a, &a), 0.0);
-        assert!(max_rel_err(&a, &[1.0, f32::NAN, 0.5]) > F32_THRESHOLD);
-        assert!(max_rel_err(&[f32::NAN, -2.0, 0.5], &a) > F32_THRESHOLD);
-        assert!(max_rel_err(&a, &[1.0, f32::INFINITY, 0.5]) > F32_THRESHOLD);
+        assert!(max_rel_err(&a, &[1.0, f32::NAN, 0.5]) > Precision::Fp32.tolerance());
+        assert!(max_rel_err(&[f32::NAN, -2.0, 0.5], &a) > Precision::Fp32.tolerance());
+        assert!(max_rel_err(&a, &[1.0, f32::INFINITY, 0.5]) > Precision::Fp32.tolerance());
         let err = max_rel_err(&a, &[1.0, -2.0 + 1e-3, 0.5]);
         assert!((err - 5e-4).abs() < 1e-6, "{err}");
-        assert!(max_rel_err(&a, &[1.0, -2.0]) > F32_THRESHOLD);
-        assert!(max_rel_err64(1.0, f64::NAN) > F32_THRESHOLD);
+        assert!(max_rel_err(&a, &[1.0, -2.0]) > Precision::Fp32.tolerance());
+        assert!(max_rel_err64(1.0, f64::NAN) > Precision::Fp32.tolerance());
         // Relative to the largest magnitude: a tiny output next to a large one may differ a bit.
-        assert!(max_rel_err(&[1e3, 1e-3], &[1e3, 1.001e-3]) <= F32_THRESHOLD);
+        assert!(max_rel_err(&[1e3, 1e-3], &[1e3, 1.001e-3]) <= Precision::Fp32.tolerance());
     }
 }
