@@ -43,7 +43,6 @@ type Ctx = *mut c_void;
 /// `libcuda.so.1`'s entry points the probe calls.
 pub struct Driver {
     init: unsafe extern "C" fn(u32) -> i32,
-    version: unsafe extern "C" fn(*mut i32) -> i32,
     count: unsafe extern "C" fn(*mut i32) -> i32,
     get: unsafe extern "C" fn(*mut i32, i32) -> i32,
     attribute: unsafe extern "C" fn(*mut i32, i32, i32) -> i32,
@@ -76,7 +75,6 @@ impl Driver {
         unsafe {
             Ok(Driver {
                 init: raw::entry(Lib::Driver, "cuInit")?,
-                version: raw::entry(Lib::Driver, "cuDriverGetVersion")?,
                 count: raw::entry(Lib::Driver, "cuDeviceGetCount")?,
                 get: raw::entry(Lib::Driver, "cuDeviceGet")?,
                 attribute: raw::entry(Lib::Driver, "cuDeviceGetAttribute")?,
@@ -104,14 +102,6 @@ impl Driver {
             code,
             name: name.flatten(),
         })
-    }
-
-    /// The newest CUDA version the driver supports, as `(major, minor)`.
-    pub fn cuda_version(&self) -> Result<(i32, i32), DriverError> {
-        let mut v = 0;
-        // SAFETY: writes one int.
-        self.check("cuDriverGetVersion", unsafe { (self.version)(&mut v) })?;
-        Ok((v / 1000, (v % 1000) / 10))
     }
 
     pub fn init(&self) -> Result<(), DriverError> {

@@ -334,20 +334,25 @@ fn remove_hint(file: &str) -> String {
 type DriverFacts = ((i32, i32), Vec<Gpu>, Vec<Problem>);
 
 fn probe_driver() -> Result<DriverFacts, Problem> {
-    // A driver older than CUDA 12 lacks entry points flint binds (and cannot run its
-    // libraries): its version alone decides, and `driver_too_old` says what to do.
-    let version = libs::loaded(Lib::Driver).and_then(|d| libs::driver_cuda_version(&d.path).ok());
-    if let Some(v) = version.filter(|v| *v < 12000) {
-        return Ok(((v / 1000, (v % 1000) / 10), Vec::new(), Vec::new()));
-    }
-    let driver = Driver::load().map_err(|e| Problem {
+    let unusable = |e: String| Problem {
         what: format!(
             "the CUDA driver library {} is not one flint can use ({e})",
             found_path(Lib::Driver)
         ),
         fix: format!("reinstall the NVIDIA driver; {STUB_FIX}"),
         blocking: true,
-    })?;
+    };
+    let v = libs::loaded(Lib::Driver)
+        .ok_or_else(|| "it did not load".to_string())
+        .and_then(|d| libs::driver_cuda_version(&d.path))
+        .map_err(unusable)?;
+    let cuda = (v / 1000, (v % 1000) / 10);
+    // A driver older than CUDA 12 lacks entry points flint binds (and cannot run its
+    // libraries): its version alone decides, and `driver_too_old` says what to do.
+    if v < 12000 {
+        return Ok((cuda, Vec::new(), Vec::new()));
+    }
+    let driver = Driver::load().map_err(unusable)?;
     let failed = |e: DriverError| {
         let fix = match e.code {
             driver::NO_DEVICE => "no GPU is visible to this process: check `nvidia-smi`, and that CUDA_VISIBLE_DEVICES (if set) names existing GPUs".to_string(),
@@ -364,7 +369,6 @@ fn probe_driver() -> Result<DriverFacts, Problem> {
             blocking: true,
         }
     };
-    let cuda = driver.cuda_version().map_err(failed)?;
     driver.init().map_err(failed)?;
     let count = driver.device_count().map_err(failed)?;
     let mut problems = Vec::new();

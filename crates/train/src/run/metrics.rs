@@ -107,19 +107,20 @@ impl MetricsWriter {
 
     /// The first `val_loss` the file holds (a resumed run's, logged before it stopped).
     pub fn first_val_loss(&self) -> Option<f32> {
-        let text = fs::read_to_string(&self.path).ok()?;
-        text.lines()
-            .filter_map(|l| serde_json::from_str::<EvalLine>(l).ok())
-            .map(|l| l.val_loss)
-            .next()
+        self.eval_lines().first().map(|l| l.val_loss)
     }
 
     /// Whether the file holds a `val_loss` of `step`.
     pub fn has_val_loss(&self, step: u64) -> bool {
+        self.eval_lines().iter().any(|l| l.step == step)
+    }
+
+    /// The eval lines the file holds so far (none when it cannot be read).
+    fn eval_lines(&self) -> Vec<EvalLine> {
         let text = fs::read_to_string(&self.path).unwrap_or_default();
         text.lines()
-            .filter_map(|l| serde_json::from_str::<EvalLine>(l).ok())
-            .any(|l| l.step == step)
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
     }
 
     /// Appends an eval line: `{"step", "val_loss"}`.
