@@ -1108,6 +1108,62 @@ fn doctor_passes_over_a_broken_library_for_one_that_loads() {
     );
 }
 
+/// A library whose initialiser crashes (a damaged file that still looks like a library) used
+/// to take flint down as it loaded: now a child process takes the crash, and the library is
+/// reported and passed over, by doctor and by `--device auto` alike.
+#[test]
+fn a_library_that_crashes_as_it_loads_is_reported_not_fatal() {
+    let dir = Scratch::new();
+    let (crashing, good) = (dir.path("crashing"), dir.path("good"));
+    std::fs::create_dir_all(&crashing).unwrap();
+    std::fs::create_dir_all(&good).unwrap();
+    let crash = "__attribute__((constructor)) static void init(void) { *(volatile int *)0 = 0; }\n";
+    shared_library(&crashing.join("libcuda.so.1"), crash);
+    let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", &crashing)], &[]);
+    assert_eq!(code, Some(0), "auto still has the CPU: {v}");
+    assert_eq!(v["device"], "cpu", "{v}");
+    let err = v["libraries"][0]["error"].as_str().unwrap();
+    assert!(err.contains("crashed") && err.contains("SIGSEGV"), "{v}");
+    let out = Command::new(env!("CARGO_BIN_EXE_flint"))
+        .arg("demo")
+        .env("LD_LIBRARY_PATH", &crashing)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(stdout.starts_with("Using device: cpu"), "{stdout}");
+    assert!(stderr.contains("SIGSEGV"), "{stderr}");
+
+    std::fs::remove_file(crashing.join("libcuda.so.1")).unwrap();
+    shared_library(&crashing.join("libnvrtc.so.12"), crash);
+    fake_nvrtc(&good.join("libnvrtc.so.12"), (12, 97));
+    let path = std::env::join_paths([&crashing, &good]).unwrap();
+    let cache = dir.path("cache");
+    let (_, v) = doctor_json(
+        &[
+            ("LD_LIBRARY_PATH", Path::new(&path)),
+            ("FLINT_CACHE_DIR", &cache),
+        ],
+        &[],
+    );
+    let nvrtc = &v["libraries"][1];
+    assert_eq!(
+        nvrtc["path"],
+        good.join("libnvrtc.so.12").display().to_string(),
+        "{v}"
+    );
+    let crashed = crashing.join("libnvrtc.so.12").display().to_string();
+    assert!(
+        problem_whats(&v)
+            .iter()
+            .any(|w| w.starts_with(&crashed) && w.contains("SIGSEGV")),
+        "{v}"
+    );
+}
+
 /// The same for NVRTC: a compile that fails with a code NVRTC's enum lacks aborted doctor (a
 /// huge allocation) on a machine without a GPU, where doctor test-compiles the kernels.
 #[test]

@@ -7,6 +7,7 @@
 //! search those folders ourselves and open what we find by its full path first: the loader then
 //! hands cudarc the same, already loaded library when it asks for the soname.
 
+use super::isolate;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -249,12 +250,20 @@ fn mapped_path(stem: &str) -> Option<PathBuf> {
 }
 
 /// Opens a library for the life of the process (RTLD_GLOBAL, so that later opens by soname
-/// resolve to it), if it is whole and has the entry points flint calls.
+/// resolve to it), if it is whole, loads without crashing, and has the entry points flint calls.
 fn open(lib: Lib, path: &Path) -> Result<(), String> {
-    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
     if path.parent().is_some_and(|d| !d.as_os_str().is_empty()) {
         check_elf(path)?;
     }
+    isolate::survives(|| {
+        let _ = load(lib, path);
+    })?;
+    load(lib, path)
+}
+
+/// [`open`]'s loading, run first in a child and then, when that survived, in this process.
+fn load(lib: Lib, path: &Path) -> Result<(), String> {
+    use libloading::os::unix::{Library, RTLD_GLOBAL, RTLD_NOW};
     // SAFETY: loading a shared library runs its initialisers; NVIDIA's libraries are meant to be
     // loaded this way, and a file that is not a valid library is refused by the loader.
     let library = unsafe { Library::open(Some(path), RTLD_NOW | RTLD_GLOBAL) }

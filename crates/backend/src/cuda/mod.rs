@@ -4,6 +4,7 @@ mod backend;
 mod blas;
 pub mod compile;
 pub mod driver;
+mod isolate;
 mod launch;
 pub mod libs;
 pub mod probe;
