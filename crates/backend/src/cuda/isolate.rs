@@ -52,10 +52,12 @@ pub(crate) fn survives(trial: impl FnOnce()) -> Result<(), String> {
                     LIMIT.as_secs()
                 ));
             }
-            r if r == pid && libc::WIFSIGNALED(status) => return Err(format!(
+            r if r == pid && libc::WIFSIGNALED(status) => {
+                return Err(format!(
                 "loading it crashed the process ({}): the file is damaged or is not this library",
                 signal_name(libc::WTERMSIG(status))
-            )),
+            ))
+            }
             // Exited, or cannot be waited for (SIGCHLD ignored): not a crash.
             _ => return Ok(()),
         }
