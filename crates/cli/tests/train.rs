@@ -5,12 +5,16 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
+use tempfile::TempDir;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flint-cli-train-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// An empty folder, and the guard that removes it when the test ends (keep it alive that long).
+fn scratch(name: &str) -> (TempDir, PathBuf) {
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("flint-cli-train-{name}-"))
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
+    (tmp, dir)
 }
 
 /// A model small enough to train in a blink, with a learning rate that does not depend on
@@ -67,7 +71,7 @@ fn run_dir(dir: &Path, name: &str) -> String {
 
 #[test]
 fn bad_training_flags_are_one_line_errors() {
-    let dir = scratch("bad");
+    let (_dir, dir) = scratch("bad");
     let out = run_dir(&dir, "run");
     assert_rejected(
         &["train", "--preset", "gpt5", "--out", &out],
@@ -188,7 +192,7 @@ fn ctrl_c_writes_a_checkpoint_and_resume_continues_from_it() {
 }
 
 fn stop_and_resume(name: &str, signal: i32) {
-    let dir = scratch(name);
+    let (_dir, dir) = scratch(name);
     let run = dir.join("run");
     let child = start_training(&run, 3);
     // SAFETY: sending a signal to our own child process.
@@ -239,7 +243,7 @@ fn stop_and_resume(name: &str, signal: i32) {
 
 #[test]
 fn sigkill_loses_at_most_the_steps_since_the_last_checkpoint() {
-    let dir = scratch("sigkill");
+    let (_dir, dir) = scratch("sigkill");
     let (run, clean) = (dir.join("run"), dir.join("clean"));
     let mut child = start_training(&run, 5);
     child.kill().unwrap();
@@ -267,7 +271,7 @@ fn assert_resumes_like_an_uninterrupted_run(run: &Path, clean: &Path, steps: usi
 
 #[test]
 fn a_full_disk_during_a_checkpoint_is_an_error_that_keeps_the_previous_checkpoints() {
-    let dir = scratch("diskfull");
+    let (_dir, dir) = scratch("diskfull");
     let (run, clean) = (dir.join("run"), dir.join("clean"));
     assert_eq!(flint(&small_run(&run, "4")).status.code(), Some(0));
     // Resume with files limited to 64 KiB, less than a checkpoint's tensors: the write of
@@ -311,7 +315,7 @@ fn a_full_disk_during_a_checkpoint_is_an_error_that_keeps_the_previous_checkpoin
 
 #[test]
 fn generate_continues_a_prompt_from_a_run() {
-    let dir = scratch("generate");
+    let (_dir, dir) = scratch("generate");
     let run = dir.join("run");
     let args = small(&["--steps", "3", "--out", run.to_str().unwrap()]);
     assert_eq!(flint(&args).status.code(), Some(0));
@@ -366,7 +370,7 @@ fn generate_continues_a_prompt_from_a_run() {
 /// tokenizer is copied beside the model, and generation reads that copy.
 #[test]
 fn generate_finds_the_run_tokenizer_from_another_folder() {
-    let dir = scratch("relative-tokenizer");
+    let (_dir, dir) = scratch("relative-tokenizer");
     std::fs::create_dir_all(dir.join("text")).unwrap();
     let text: String = (0..400)
         .map(|i| format!("line {i} of the little corpus\n"))
@@ -423,7 +427,7 @@ fn generate_finds_the_run_tokenizer_from_another_folder() {
 /// logs, as its step 0, the other's last validation loss.
 #[test]
 fn validation_is_logged_for_the_initial_model_and_after_each_update() {
-    let dir = scratch("validation");
+    let (_dir, dir) = scratch("validation");
     let val_losses = |run: &str| -> Vec<(u64, f64)> {
         metric_lines(&dir.join(run))
             .into_iter()
@@ -457,7 +461,7 @@ fn validation_is_logged_for_the_initial_model_and_after_each_update() {
 /// refused with the fix, rather than sampled as bytes.
 #[test]
 fn generate_from_a_folder_without_its_tokenizer_says_which_flag_to_pass() {
-    let dir = scratch("no-tokenizer");
+    let (_dir, dir) = scratch("no-tokenizer");
     let config =
         r#"{"vocab_size": 300, "n_positions": 16, "n_embd": 8, "n_layer": 1, "n_head": 2}"#;
     std::fs::write(dir.join("config.json"), config).unwrap();
@@ -474,7 +478,7 @@ fn generate_from_a_folder_without_its_tokenizer_says_which_flag_to_pass() {
 /// run's alone, and half-written checkpoints of dead processes are removed.
 #[test]
 fn a_new_run_uses_only_empty_folders_or_runs_without_checkpoints() {
-    let dir = scratch("folders");
+    let (_dir, dir) = scratch("folders");
     std::fs::create_dir_all(dir.join("site")).unwrap();
     std::fs::write(dir.join("site/config.toml"), "title = \"mine\"\n").unwrap();
     assert_rejected(
@@ -541,7 +545,7 @@ fn a_new_run_uses_only_empty_folders_or_runs_without_checkpoints() {
 /// with it (which makes the checkpoint's tensors another shape).
 #[test]
 fn resuming_on_changed_data_warns_and_on_a_changed_tokenizer_fails() {
-    let dir = scratch("changed");
+    let (_dir, dir) = scratch("changed");
     let text: String = (0..300)
         .map(|i| format!("line {i} of some text\n"))
         .collect();
@@ -594,7 +598,7 @@ fn resuming_on_changed_data_warns_and_on_a_changed_tokenizer_fails() {
 /// sample and exit status 0.
 #[test]
 fn init_from_reads_the_folders_tokenizer_and_any_tokenizer_samples() {
-    let dir = scratch("init-tokenizer");
+    let (_dir, dir) = scratch("init-tokenizer");
     let text: String = (0..300)
         .map(|i| format!("one two three {}\n", i % 7))
         .collect();
@@ -648,7 +652,7 @@ fn init_from_reads_the_folders_tokenizer_and_any_tokenizer_samples() {
 /// run would otherwise start the folder over under the first one).
 #[test]
 fn a_folder_being_trained_in_is_refused_to_a_second_process() {
-    let dir = scratch("locked");
+    let (_dir, dir) = scratch("locked");
     let run = dir.join("run");
     let path = run.to_str().unwrap();
     // No checkpoint yet: a new run in the folder would otherwise start it over.
@@ -676,7 +680,7 @@ fn a_folder_being_trained_in_is_refused_to_a_second_process() {
 /// run that failed before it logged anything (only its `config.toml`) can be run again.
 #[test]
 fn a_run_in_the_current_folder_and_one_that_failed_at_once() {
-    let dir = scratch("dot");
+    let (_dir, dir) = scratch("dot");
     let here = dir.join("here");
     std::fs::create_dir_all(&here).unwrap();
     let args = small(&["--steps", "1", "--out", "."]);
@@ -694,7 +698,7 @@ fn a_run_in_the_current_folder_and_one_that_failed_at_once() {
 /// the folder was made (`--lr -1`) or its data after (a missing `--data`).
 #[test]
 fn a_refused_run_leaves_no_empty_run_folder() {
-    let dir = scratch("refused");
+    let (_dir, dir) = scratch("refused");
     for args in [
         &["train", "--lr", "-1"][..],
         &["train", "--data", "missing.txt"],

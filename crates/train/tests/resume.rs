@@ -7,6 +7,7 @@ use flint_train::trainer::config::TrainOptions;
 use flint_train::trainer::{train, Observer, Started, StepMetrics};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
+use tempfile::TempDir;
 
 #[derive(Default)]
 struct Quiet {
@@ -23,10 +24,15 @@ impl Observer for Quiet {
     }
 }
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flint-resume-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
+/// A run folder that does not exist yet, inside a temporary folder removed when the test ends
+/// (keep the first value alive for that long).
+fn scratch(name: &str) -> (TempDir, PathBuf) {
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!("flint-resume-{name}-"))
+        .tempdir()
+        .unwrap();
+    let run = tmp.path().join("run");
+    (tmp, run)
 }
 
 fn options(out: &Path, steps: u64) -> TrainOptions {
@@ -63,10 +69,10 @@ fn losses(run: &Path) -> Vec<String> {
 #[test]
 fn resumed_run_logs_the_same_losses_as_an_uninterrupted_one() {
     let stop = AtomicBool::new(false);
-    let full = scratch("full");
+    let (_full, full) = scratch("full");
     let whole = train(options(&full, 7), None, &stop, &mut Quiet::default()).unwrap();
 
-    let part = scratch("part");
+    let (_part, part) = scratch("part");
     train(options(&part, 4), None, &stop, &mut Quiet::default()).unwrap();
     let more = TrainOptions {
         steps: Some(7),
@@ -88,7 +94,7 @@ fn resumed_run_logs_the_same_losses_as_an_uninterrupted_one() {
 #[test]
 fn damaged_newest_checkpoint_is_refused_and_the_previous_one_loads() {
     let stop = AtomicBool::new(false);
-    let run = scratch("damaged");
+    let (_run, run) = scratch("damaged");
     train(options(&run, 6), None, &stop, &mut Quiet::default()).unwrap();
     // Steps 3 and 6 are checkpointed; truncate the newest model file.
     let newest = run.join("checkpoints/step_00000006/model.safetensors");
@@ -121,7 +127,7 @@ fn damaged_newest_checkpoint_is_refused_and_the_previous_one_loads() {
 #[test]
 fn a_new_run_refuses_a_folder_with_checkpoints() {
     let stop = AtomicBool::new(false);
-    let run = scratch("exists");
+    let (_run, run) = scratch("exists");
     train(options(&run, 3), None, &stop, &mut Quiet::default()).unwrap();
     let err = train(options(&run, 3), None, &stop, &mut Quiet::default())
         .err()
@@ -132,7 +138,7 @@ fn a_new_run_refuses_a_folder_with_checkpoints() {
 #[test]
 fn a_checkpoint_of_another_model_stops_the_resume() {
     let stop = AtomicBool::new(false);
-    let (run, other) = (scratch("victim"), scratch("other"));
+    let ((_run, run), (_other, other)) = (scratch("victim"), scratch("other"));
     train(options(&run, 3), None, &stop, &mut Quiet::default()).unwrap();
     let wider = TrainOptions {
         n_embd: Some(48),
@@ -162,7 +168,7 @@ fn a_checkpoint_of_another_model_stops_the_resume() {
 #[test]
 fn settings_that_cannot_change_are_refused_not_ignored() {
     let stop = AtomicBool::new(false);
-    let run = scratch("settings");
+    let (_run, run) = scratch("settings");
     train(options(&run, 2), None, &stop, &mut Quiet::default()).unwrap();
     let changed = TrainOptions {
         steps: Some(3),
@@ -182,10 +188,11 @@ fn settings_that_cannot_change_are_refused_not_ignored() {
 
     // --init-from takes the model's shape from its config.json: a different one is refused.
     let model = run.join("model");
+    let ((_wider, wider_run), (_same, same_run)) = (scratch("init"), scratch("init-same"));
     let wider = TrainOptions {
         init_from: Some(model.clone()),
         n_embd: Some(48),
-        ..options(&scratch("init"), 1)
+        ..options(&wider_run, 1)
     };
     let err = train(wider, None, &stop, &mut Quiet::default())
         .err()
@@ -196,7 +203,7 @@ fn settings_that_cannot_change_are_refused_not_ignored() {
     );
     let same = TrainOptions {
         init_from: Some(model),
-        ..options(&scratch("init-same"), 1)
+        ..options(&same_run, 1)
     };
     train(same, None, &stop, &mut Quiet::default()).unwrap();
 }
@@ -204,7 +211,7 @@ fn settings_that_cannot_change_are_refused_not_ignored() {
 #[test]
 fn a_damaged_newer_checkpoint_is_set_aside_and_never_outlives_the_good_ones() {
     let stop = AtomicBool::new(false);
-    let run = scratch("aside");
+    let (_run, run) = scratch("aside");
     let keep_one = |steps| TrainOptions {
         keep_checkpoints: Some(1),
         ..options(&run, steps)
@@ -225,7 +232,7 @@ fn a_damaged_newer_checkpoint_is_set_aside_and_never_outlives_the_good_ones() {
     assert!(damaged.exists());
     // With a good checkpoint below it, the damaged one is moved aside, and keeping one
     // checkpoint keeps the one just written.
-    let good = scratch("aside-good");
+    let (_good, good) = scratch("aside-good");
     train(options(&good, 3), None, &stop, &mut Quiet::default()).unwrap();
     std::fs::rename(
         good.join("checkpoints/step_00000003"),
@@ -249,9 +256,9 @@ fn a_damaged_newer_checkpoint_is_set_aside_and_never_outlives_the_good_ones() {
 #[test]
 fn a_saved_config_of_an_init_from_run_can_be_given_back() {
     let stop = AtomicBool::new(false);
-    let base = scratch("config-base");
+    let (_base, base) = scratch("config-base");
     train(options(&base, 1), None, &stop, &mut Quiet::default()).unwrap();
-    let first = scratch("config-first");
+    let (_first, first) = scratch("config-first");
     let from_model = TrainOptions {
         init_from: Some(base.join("model")),
         out: Some(first.clone()),
@@ -263,7 +270,7 @@ fn a_saved_config_of_an_init_from_run_can_be_given_back() {
     train(from_model, None, &stop, &mut Quiet::default()).unwrap();
     let saved = TrainOptions::from_toml_file(&first.join("config.toml")).unwrap();
     assert!(saved.preset.is_none() && saved.init_from.is_some());
-    let again = scratch("config-again");
+    let (_again, again) = scratch("config-again");
     let given_back = TrainOptions {
         out: Some(again.clone()),
         ..saved
@@ -278,13 +285,13 @@ fn a_saved_config_of_an_init_from_run_can_be_given_back() {
 #[test]
 fn an_altered_state_json_is_damage_and_the_previous_checkpoint_loads() {
     let stop = AtomicBool::new(false);
-    let full = scratch("state-full");
+    let (_full, full) = scratch("state-full");
     train(options(&full, 7), None, &stop, &mut Quiet::default()).unwrap();
     for (name, from, to) in [
         ("updates", "\"adam_updates\": 6", "\"adam_updates\": 5"),
         ("step", "\"step\": 6", "\"step\": 3"),
     ] {
-        let run = scratch(&format!("state-{name}"));
+        let (_run, run) = scratch(&format!("state-{name}"));
         train(options(&run, 6), None, &stop, &mut Quiet::default()).unwrap();
         let state = run.join("checkpoints/step_00000006/state.json");
         let text = std::fs::read_to_string(&state).unwrap();
@@ -314,7 +321,7 @@ fn an_altered_state_json_is_damage_and_the_previous_checkpoint_loads() {
 #[test]
 fn a_resume_with_no_step_left_finishes_or_says_how_to_go_on() {
     let stop = AtomicBool::new(false);
-    let run = scratch("finished");
+    let (_run, run) = scratch("finished");
     train(options(&run, 3), None, &stop, &mut Quiet::default()).unwrap();
     let again = TrainOptions::default();
     let err = train(again, Some(&run), &stop, &mut Quiet::default())
@@ -322,7 +329,7 @@ fn a_resume_with_no_step_left_finishes_or_says_how_to_go_on() {
         .unwrap();
     assert!(format!("{err:#}").contains("--steps 6"), "{err:#}");
 
-    let cut = scratch("cut");
+    let (_cut, cut) = scratch("cut");
     train(options(&cut, 6), None, &stop, &mut Quiet::default()).unwrap();
     // As if stopped at step 3 of 6: the later checkpoint, lines and model gone.
     std::fs::remove_dir_all(cut.join("checkpoints/step_00000006")).unwrap();
@@ -353,7 +360,7 @@ fn a_hand_edited_config_toml_is_refused_or_reported() {
         ("heads", "n_head = 2", "n_head = 4"),
         ("lr", "lr = 0.002", "lr = 0.001"),
     ] {
-        let run = scratch(&format!("edited-{name}"));
+        let (_run, run) = scratch(&format!("edited-{name}"));
         train(options(&run, 3), None, &stop, &mut Quiet::default()).unwrap();
         let config = run.join("config.toml");
         let text = std::fs::read_to_string(&config).unwrap();
@@ -388,7 +395,7 @@ fn a_hand_edited_config_toml_is_refused_or_reported() {
 #[test]
 fn a_resume_removes_the_temporary_files_a_kill_left() {
     let stop = AtomicBool::new(false);
-    let run = scratch("temporaries");
+    let (_run, run) = scratch("temporaries");
     train(options(&run, 3), None, &stop, &mut Quiet::default()).unwrap();
     // Writers that cannot be alive (beyond any pid_max), last touched an hour ago.
     let left = [
@@ -423,7 +430,7 @@ fn a_resume_removes_the_temporary_files_a_kill_left() {
 #[test]
 fn a_resume_under_another_spelling_of_the_folder_is_not_a_change() {
     let stop = AtomicBool::new(false);
-    let run = scratch("spelling");
+    let (_run, run) = scratch("spelling");
     train(options(&run, 3), None, &stop, &mut Quiet::default()).unwrap();
     let other = run.join("..").join(run.file_name().unwrap());
     let more = TrainOptions {
