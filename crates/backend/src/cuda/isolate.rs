@@ -9,16 +9,22 @@ use std::time::{Duration, Instant};
 /// takes longer is as unusable as one that crashes.
 const LIMIT: Duration = Duration::from_secs(60);
 
-/// Runs `trial` in a forked child and says whether the child survived it. When this process
-/// cannot fork, the trial is skipped (`Ok`): the load then happens in-process, as without it.
+/// Runs `trial` in a forked child and says whether the child survived it: neither killed by a
+/// signal nor ended early (a library can call `exit` as it loads). When this process cannot
+/// fork, the trial is skipped (`Ok`): the load then happens in-process, as without it.
 pub(crate) fn survives(trial: impl FnOnce()) -> Result<(), String> {
+    // The child writes one byte here once the trial is over: an exit without it was the
+    // library's doing.
+    let mut done = [0; 2];
+    // SAFETY: creates a pipe into the array.
+    if unsafe { libc::pipe2(done.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } != 0 {
+        return Ok(());
+    }
+    let [read_end, write_end] = done;
     // SAFETY: the child only runs `trial` (loader calls and allocation, which glibc keeps
     // usable after fork) and leaves with `_exit`, running no destructor or exit handler of the
     // parent's state; a panic is caught before it can unwind into the parent's frames.
     let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Ok(());
-    }
     if pid == 0 {
         // stdout is `doctor --json`'s answer: a library's chatter during the trial stays out.
         // SAFETY: plain descriptor calls in the child.
@@ -28,16 +34,28 @@ pub(crate) fn survives(trial: impl FnOnce()) -> Result<(), String> {
                 libc::dup2(null, libc::STDOUT_FILENO);
             }
         }
-        let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(trial)) {
-            Ok(()) => 0,
-            Err(_) => 101,
-        };
-        // SAFETY: ends the child without touching the parent's copied state.
-        unsafe { libc::_exit(code) }
+        // A panic is the trial's own failure, not the library's: it reports as over.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(trial));
+        // SAFETY: one byte from a live array; then the child ends without touching the
+        // parent's copied state.
+        unsafe {
+            libc::write(write_end, [1u8].as_ptr().cast(), 1);
+            libc::_exit(0)
+        }
     }
+    // SAFETY: our own descriptor; the child holds its copy.
+    unsafe { libc::close(write_end) };
+    let verdict = if pid < 0 { Ok(()) } else { wait(pid, read_end) };
+    // SAFETY: our own descriptor, no longer used.
+    unsafe { libc::close(read_end) };
+    verdict
+}
+
+/// Waits (at most [`LIMIT`]) for the trial child `pid`, and reads its verdict.
+fn wait(pid: libc::pid_t, done: libc::c_int) -> Result<(), String> {
     let start = Instant::now();
+    let mut status = 0;
     loop {
-        let mut status = 0;
         // SAFETY: waits for our own child without blocking.
         match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
             0 if start.elapsed() < LIMIT => std::thread::sleep(Duration::from_millis(2)),
@@ -52,16 +70,26 @@ pub(crate) fn survives(trial: impl FnOnce()) -> Result<(), String> {
                     LIMIT.as_secs()
                 ));
             }
-            r if r == pid && libc::WIFSIGNALED(status) => {
-                return Err(format!(
-                "loading it crashed the process ({}): the file is damaged or is not this library",
-                signal_name(libc::WTERMSIG(status))
-            ))
-            }
-            // Exited, or cannot be waited for (SIGCHLD ignored): not a crash.
+            r if r == pid => break,
+            // Cannot be waited for (SIGCHLD ignored): no verdict, so no objection.
             _ => return Ok(()),
         }
     }
+    if libc::WIFSIGNALED(status) {
+        return Err(format!(
+            "loading it crashed the process ({}): the file is damaged or is not this library",
+            signal_name(libc::WTERMSIG(status))
+        ));
+    }
+    let mut byte = 0u8;
+    // SAFETY: reads at most one byte into a live variable; the pipe does not block.
+    if unsafe { libc::read(done, (&mut byte as *mut u8).cast(), 1) } == 1 {
+        return Ok(());
+    }
+    Err(format!(
+        "loading it ended the process (exit status {}): it is not this library",
+        libc::WEXITSTATUS(status)
+    ))
 }
 
 fn signal_name(signal: i32) -> String {
@@ -91,5 +119,8 @@ mod tests {
         assert_eq!(survives(|| {}), Ok(()));
         // A panic is the child's own business, not a crash of the load.
         assert_eq!(survives(|| panic!("in the child")), Ok(()));
+        // A library that ends the process as it loads would end flint.
+        let e = survives(|| std::process::exit(0)).unwrap_err();
+        assert!(e.contains("ended the process (exit status 0)"), "{e}");
     }
 }
