@@ -3,7 +3,7 @@
 use anyhow::Result;
 use flint_train::data::DataOrder;
 use flint_train::schedule::LrSchedule;
-use flint_train::trainer::config::TrainOptions;
+use flint_train::trainer::config::{default_setting, TrainOptions};
 use flint_train::trainer::{self, Observer, Started, StepMetrics};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
@@ -33,63 +33,76 @@ pub struct Args {
     /// bytes, or a tokenizer.json
     #[arg(long)]
     tokenizer: Option<String>,
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help = help("data_order", "How windows are drawn: sequential (llm.c's loader: consecutive B*T+1 token windows) or shuffle (every window once per epoch, in a seeded random order)"))]
     data_order: Option<Order>,
-    #[arg(long)]
+    #[arg(long, help = help("batch_size", "Sequences per micro-batch (B)"))]
     batch_size: Option<usize>,
-    #[arg(long)]
+    #[arg(long, help = help("seq_len", "Tokens per sequence (T), at most the model's context"))]
     seq_len: Option<usize>,
-    #[arg(long)]
+    #[arg(long, help = help("grad_accum_steps", "Micro-batches per optimizer step; the step's loss is their mean"))]
     grad_accum_steps: Option<usize>,
-    #[arg(long)]
+    #[arg(long, help = help("steps", "Optimizer steps of the whole run"))]
     steps: Option<u64>,
-    #[arg(long)]
+    #[arg(long, help = help("lr", "Peak learning rate, reached at the end of the warm-up"))]
     lr: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help = help("min_lr", "Learning rate the cosine schedule ends at"))]
     min_lr: Option<f64>,
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, help = help("lr_schedule", "Linear warm-up, then cosine decay to --min-lr, or constant"))]
     lr_schedule: Option<Schedule>,
-    #[arg(long)]
+    #[arg(long, help = help("warmup_steps", "Steps of linear warm-up from 0 to --lr"))]
     warmup_steps: Option<u64>,
-    #[arg(long)]
+    #[arg(long, help = help("weight_decay", "AdamW weight decay, on tensors of 2 or more dimensions only"))]
     weight_decay: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help = help("beta1", "AdamW beta1"))]
     beta1: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help = help("beta2", "AdamW beta2"))]
     beta2: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help = help("eps", "AdamW epsilon"))]
     eps: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help = help("grad_clip", "Maximum global L2 norm of the gradients, as clip_grad_norm_ (0: off)"))]
     grad_clip: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help = help("dropout", "Dropout probability (embeddings, attention, residuals), as GPT2Config's *_pdrop"))]
     dropout: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help = help("val_fraction", "Tail of the tokens held out for validation (0: none)"))]
     val_fraction: Option<f64>,
-    #[arg(long)]
+    #[arg(long, help = help("eval_every", "Evaluate every N steps (0: only at the start and end)"))]
     eval_every: Option<u64>,
-    #[arg(long)]
+    #[arg(long, help = help("checkpoint_every", "Checkpoint every N steps (0: only at the end)"))]
     checkpoint_every: Option<u64>,
-    #[arg(long)]
+    #[arg(long, help = help("keep_checkpoints", "How many of the newest checkpoints to keep"))]
     keep_checkpoints: Option<usize>,
-    #[arg(long)]
+    #[arg(long, help = help("seed", "Seed of initialisation, dropout and shuffling"))]
     seed: Option<u64>,
     /// auto (bf16 on GPUs that have it, else fp32) | fp32 | tf32 | bf16 | fp16 (with loss scaling).
     #[arg(long)]
     precision: Option<String>,
-    /// The run folder.
+    /// The run folder (default: a new runs/run-<unix time>).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Transformer blocks (default: the preset's), `n_layer` in GPT2Config.
     #[arg(long)]
     n_layer: Option<usize>,
+    /// Model width (default: the preset's), `n_embd` in GPT2Config.
     #[arg(long)]
     n_embd: Option<usize>,
+    /// Attention heads (default: the preset's), `n_head` in GPT2Config.
     #[arg(long)]
     n_head: Option<usize>,
+    /// Context length (default: the preset's), `n_positions` in GPT2Config.
     #[arg(long)]
     n_positions: Option<usize>,
     /// The feed-forward width (default 4 * n_embd), `n_inner` in GPT2Config.
     #[arg(long)]
     n_inner: Option<usize>,
+}
+
+/// A flag's help line, ending with the default the trainer gives it (read from the trainer, so
+/// the two cannot disagree).
+fn help(key: &str, what: &str) -> String {
+    match default_setting(key) {
+        Some(default) => format!("{what} [default: {default}]"),
+        None => what.to_string(),
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]

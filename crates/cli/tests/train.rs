@@ -715,3 +715,31 @@ fn a_refused_run_leaves_no_empty_run_folder() {
         assert!(left.is_empty(), "{args:?}: {left:?}");
     }
 }
+
+/// `--help` shows each setting's default as the trainer has it, and making the help (which
+/// happens on every command) writes nothing.
+#[test]
+fn help_shows_the_trainers_defaults_and_writes_nothing() {
+    let (_dir, dir) = scratch("help");
+    let out = Command::new(env!("CARGO_BIN_EXE_flint"))
+        .args(["train", "--help"])
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (flag, key) in [
+        ("--lr", "lr"),
+        ("--eps", "eps"),
+        ("--data-order", "data_order"),
+    ] {
+        let default = flint_train::trainer::config::default_setting(key).unwrap();
+        let line = help
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with(flag))
+            .nth(1)
+            .unwrap_or_else(|| panic!("{flag} in\n{help}"));
+        assert!(line.contains(&format!("[default: {default}]")), "{line}");
+    }
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+}

@@ -319,6 +319,29 @@ impl TrainConfig {
     }
 }
 
+/// The value a setting takes when neither a flag nor the config file gives it, as `--help`
+/// shows it (`key` as in config.toml: `lr`, `data_order`); `None` for a setting without one
+/// (`--data`: the embedded corpus) or an unknown key.
+pub fn default_setting(key: &str) -> Option<String> {
+    static DEFAULTS: std::sync::OnceLock<toml::Table> = std::sync::OnceLock::new();
+    let table = DEFAULTS.get_or_init(|| {
+        // With an `out` given, resolving makes no run folder.
+        let defaults = TrainOptions {
+            out: Some(PathBuf::new()),
+            ..TrainOptions::default()
+        }
+        .resolve()
+        .expect("the defaults are valid");
+        toml::Table::try_from(defaults).expect("a config is a TOML table")
+    });
+    Some(match table.get(key)? {
+        toml::Value::String(s) => s.clone(),
+        // TOML would print 1e-8 as 0.00000001.
+        toml::Value::Float(x) if *x != 0.0 && x.abs() < 1e-3 => format!("{x:e}"),
+        v => v.to_string(),
+    })
+}
+
 /// config.toml stores integer settings, and TOML integers are signed 64-bit.
 pub(crate) fn below_2_63(flag: &str, v: u64) -> Result<()> {
     if v > i64::MAX as u64 {
