@@ -10,8 +10,10 @@ use flint_train::Precision;
 pub enum Bench {
     /// The seed model (6 x TransformerEncoderLayer(512, 8)): config A [10, 32, 512], B [128, 32, 512].
     Seed {
+        /// Untimed steps first.
         #[arg(long, default_value_t = 3)]
         warmup: usize,
+        /// Timed steps (the median is reported).
         #[arg(long, default_value_t = 20)]
         steps: usize,
         /// Comma-separated subset of A,B.
@@ -36,8 +38,10 @@ pub enum Bench {
         /// Tokens per sequence (default: the preset's context, 128 for tiny, 1024 for gpt2).
         #[arg(long)]
         seq_len: Option<usize>,
+        /// Untimed steps first.
         #[arg(long, default_value_t = 3)]
         warmup: usize,
+        /// Timed steps (the median is reported).
         #[arg(long, default_value_t = 10)]
         steps: usize,
         /// auto (bf16 on GPUs that have it, else fp32) | fp32 | tf32 | bf16 | fp16.

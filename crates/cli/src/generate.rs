@@ -10,8 +10,10 @@ use std::path::PathBuf;
 pub struct Args {
     /// A run folder (flint train --out) or a Hugging Face GPT-2 folder.
     path: PathBuf,
+    /// The text to continue.
     #[arg(long)]
     prompt: String,
+    /// Tokens to sample after the prompt (fewer when the context fills up).
     #[arg(long, default_value_t = 200)]
     max_new_tokens: usize,
     /// 0 = always the most likely token.
@@ -20,6 +22,7 @@ pub struct Args {
     /// Sample among the K most likely tokens (0 = all).
     #[arg(long, default_value_t = 40)]
     top_k: usize,
+    /// Seed of the sampling: the same seed, prompt and settings give the same text.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// bytes or a tokenizer.json (default: the run's, or the folder's tokenizer.json).

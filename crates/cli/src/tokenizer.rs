@@ -10,8 +10,10 @@ pub enum Tokenizer {
         /// A text file or a folder of .txt / .jsonl files.
         #[arg(long, num_args = 1..)]
         data: Vec<PathBuf>,
+        /// Ids in the trained vocabulary: the 256 bytes, `<|endoftext|>` and the merges.
         #[arg(long)]
         vocab_size: usize,
+        /// Where to write the tokenizer.json.
         #[arg(long)]
         out: PathBuf,
     },
