@@ -8,6 +8,7 @@ use safetensors::{Dtype, SafeTensors};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -1136,6 +1137,24 @@ fn a_library_that_crashes_as_it_loads_is_reported_not_fatal() {
     );
     assert!(stdout.starts_with("Using device: cpu"), "{stdout}");
     assert!(stderr.contains("SIGSEGV"), "{stderr}");
+    // With SIGCHLD ignored (inherited from whatever started flint), the trial child is reaped
+    // by the kernel: the crash must still be seen.
+    let mut doctor = Command::new(env!("CARGO_BIN_EXE_flint"));
+    doctor
+        .args(["doctor", "--json"])
+        .env("LD_LIBRARY_PATH", &crashing);
+    // SAFETY: only sets a signal disposition in the child before exec.
+    unsafe {
+        doctor.pre_exec(|| {
+            libc::signal(libc::SIGCHLD, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let out = doctor.output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let err = v["libraries"][0]["error"].as_str().unwrap();
+    assert!(err.contains("ended the process"), "{v}");
 
     std::fs::remove_file(crashing.join("libcuda.so.1")).unwrap();
     shared_library(&crashing.join("libnvrtc.so.12"), crash);

@@ -9,6 +9,10 @@ use std::time::{Duration, Instant};
 /// takes longer is as unusable as one that crashes.
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// The trial child's exit status once the trial is over. It backs up the byte in the pipe,
+/// which a library that closes every descriptor as it loads takes away.
+const OVER: i32 = 0x5a;
+
 /// Runs `trial` in a forked child and says whether the child survived it: neither killed by a
 /// signal nor ended early (a library can call `exit` as it loads). When this process cannot
 /// fork, the trial is skipped (`Ok`): the load then happens in-process, as without it.
@@ -26,12 +30,16 @@ pub(crate) fn survives(trial: impl FnOnce()) -> Result<(), String> {
     // parent's state; a panic is caught before it can unwind into the parent's frames.
     let pid = unsafe { libc::fork() };
     if pid == 0 {
-        // stdout is `doctor --json`'s answer: a library's chatter during the trial stays out.
-        // SAFETY: plain descriptor calls in the child.
+        // SAFETY: plain process and descriptor calls in the child.
         unsafe {
+            // A child left hanging ends with flint, whatever ends flint.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // A library's chatter during the trial is left out: a good library says it again
+            // when flint loads it, and a bad one is reported.
             let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
             if null >= 0 {
                 libc::dup2(null, libc::STDOUT_FILENO);
+                libc::dup2(null, libc::STDERR_FILENO);
             }
         }
         // A panic is the trial's own failure, not the library's: it reports as over.
@@ -40,7 +48,7 @@ pub(crate) fn survives(trial: impl FnOnce()) -> Result<(), String> {
         // parent's copied state.
         unsafe {
             libc::write(write_end, [1u8].as_ptr().cast(), 1);
-            libc::_exit(0)
+            libc::_exit(OVER)
         }
     }
     // SAFETY: our own descriptor; the child holds its copy.
@@ -66,30 +74,44 @@ fn wait(pid: libc::pid_t, done: libc::c_int) -> Result<(), String> {
                     libc::waitpid(pid, &mut status, 0);
                 }
                 return Err(format!(
-                    "loading it did not finish within {} s",
+                    "its initialisers did not finish within {} s",
                     LIMIT.as_secs()
                 ));
             }
             r if r == pid => break,
-            // Cannot be waited for (SIGCHLD ignored): no verdict, so no objection.
-            _ => return Ok(()),
+            _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) => {}
+            // Reaped by someone else (SIGCHLD ignored, as a parent process or a library may
+            // set it, or a handler that waits): the pipe alone says whether the trial ended.
+            _ if over(done) => return Ok(()),
+            _ => {
+                return Err(
+                    "its initialisers ended the process (a crash or an exit); the file is \
+                            damaged or is not this library"
+                        .into(),
+                )
+            }
         }
     }
     if libc::WIFSIGNALED(status) {
         return Err(format!(
-            "loading it crashed the process ({}): the file is damaged or is not this library",
+            "its initialisers crashed the process ({}); the file is damaged or is not this library",
             signal_name(libc::WTERMSIG(status))
         ));
     }
-    let mut byte = 0u8;
-    // SAFETY: reads at most one byte into a live variable; the pipe does not block.
-    if unsafe { libc::read(done, (&mut byte as *mut u8).cast(), 1) } == 1 {
+    if over(done) || (libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == OVER) {
         return Ok(());
     }
     Err(format!(
-        "loading it ended the process (exit status {}): it is not this library",
+        "its initialisers ended the process (exit status {}); it is not this library",
         libc::WEXITSTATUS(status)
     ))
+}
+
+/// Whether the trial child wrote its byte.
+fn over(done: libc::c_int) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: reads at most one byte into a live variable; the pipe does not block.
+    unsafe { libc::read(done, (&mut byte as *mut u8).cast(), 1) == 1 }
 }
 
 fn signal_name(signal: i32) -> String {
@@ -122,5 +144,15 @@ mod tests {
         // A library that ends the process as it loads would end flint.
         let e = survives(|| std::process::exit(0)).unwrap_err();
         assert!(e.contains("ended the process (exit status 0)"), "{e}");
+        // One that closes every descriptor (the pipe included) has still loaded.
+        assert_eq!(
+            survives(|| {
+                for fd in 3..1024 {
+                    // SAFETY: the child's own copies of the descriptors.
+                    unsafe { libc::close(fd) };
+                }
+            }),
+            Ok(())
+        );
     }
 }
