@@ -41,6 +41,9 @@ pub fn run(a: Args, device: &Device) -> Result<()> {
     let out = flint_train::on_backend!(device, Precision::Fp32, |backend| generate_text(
         backend, path, &a.prompt, tok, s
     ))?;
+    if let Some(which) = out.from_checkpoint {
+        eprintln!("note: {which}");
+    }
     println!("{}{}", a.prompt, out.text);
     if let Some(why) = out.stopped_early {
         eprintln!("note: {why}");

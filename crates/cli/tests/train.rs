@@ -366,6 +366,52 @@ fn generate_continues_a_prompt_from_a_run() {
     assert!(stderr.contains("stopped after 122 new tokens"), "{stderr}");
 }
 
+/// A run still training (or killed) has no `model/` yet: generate samples from its newest
+/// checkpoint that loads, as nanoGPT's sample.py does from ckpt.pt, and touches nothing.
+#[test]
+fn generate_samples_a_run_without_model_from_its_newest_checkpoint() {
+    let (_dir, dir) = scratch("generate-checkpoint");
+    let run = dir.join("run");
+    let args = small(&[
+        "--steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert_eq!(flint(&args).status.code(), Some(0));
+    let sample = || {
+        let out = flint(&[
+            "generate",
+            run.to_str().unwrap(),
+            "--prompt",
+            "ROMEO:",
+            "--max-new-tokens",
+            "12",
+        ]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(0), "{stderr}");
+        (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+    };
+    let (from_model, _) = sample();
+    // The last checkpoint holds the same weights as model/.
+    std::fs::remove_dir_all(run.join("model")).unwrap();
+    let (from_last, note) = sample();
+    assert_eq!(from_last, from_model);
+    assert!(note.contains("step_00000004"), "{note}");
+    // A damaged newest checkpoint is passed over (and left where it is).
+    let newest = run.join("checkpoints/step_00000004/model.safetensors");
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 1;
+    std::fs::write(&newest, bytes).unwrap();
+    let (from_older, note) = sample();
+    assert!(from_older.starts_with("ROMEO:") && from_older != from_model);
+    assert!(note.contains("step_00000002"), "{note}");
+    assert!(newest.exists());
+}
+
 /// A run trained with a tokenizer file given by a relative path samples from anywhere: the
 /// tokenizer is copied beside the model, and generation reads that copy.
 #[test]

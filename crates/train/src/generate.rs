@@ -3,10 +3,12 @@
 
 use crate::data::Tokenizer;
 use crate::hf::load_gpt2;
+use crate::trainer::checkpoint;
 use crate::trainer::config::TrainOptions;
+use crate::trainer::resume::same_tokenizer;
 use anyhow::{bail, Result};
 use flint_backend::{philox, Backend};
-use flint_model::gpt::Gpt;
+use flint_model::gpt::{self, Gpt, GptConfig};
 use std::path::Path;
 
 #[derive(Clone, Copy, Debug)]
@@ -73,6 +75,9 @@ pub struct Generated {
     pub text: String,
     /// Set when the model's context ran out before `--max-new-tokens`: why there is less.
     pub stopped_early: Option<String>,
+    /// Set when a run without `model/` yet (still training, or killed) was sampled from its
+    /// newest checkpoint: which one.
+    pub from_checkpoint: Option<String>,
 }
 
 /// `flint generate PATH`: PATH is a run folder (its `model/` and the tokenizer it trained with)
@@ -84,42 +89,51 @@ pub fn generate_text<B: Backend>(
     tokenizer: Option<&str>,
     s: Sampling,
 ) -> Result<Generated> {
-    let run_config = path.join("config.toml");
-    let (model_dir, spec) = if crate::run::folder::is_run(path) {
+    // The checkpoint sampled from, when a run has no model/ yet.
+    let mut checkpoint = None;
+    let (config, params, spec) = if crate::run::folder::is_run(path) {
         let model = path.join("model");
-        if !model.join("config.json").is_file() {
-            bail!(
-                "{}: the run has no model/ yet (a run writes it when it ends); finish it with `flint train --resume {0}`, or stop it with Ctrl-C",
-                path.display()
-            );
+        if model.join("config.json").is_file() {
+            // The copy in RUN/model first: the path in config.toml may be relative to where
+            // the run was started.
+            let copy = model.join("tokenizer.json");
+            let spec = match (tokenizer, copy.is_file()) {
+                (Some(t), _) => t.to_string(),
+                (None, true) => copy.display().to_string(),
+                (None, false) => TrainOptions::from_toml_file(&path.join("config.toml"))?
+                    .tokenizer
+                    .unwrap_or_else(|| "bytes".into()),
+            };
+            let (config, params) = load_gpt2(&model)?;
+            (config, params, spec)
+        } else {
+            // Still training (or killed): its newest checkpoint, as nanoGPT samples ckpt.pt.
+            let (ck, config) = newest_checkpoint(path)?;
+            let spec = tokenizer.map_or_else(|| ck.state.tokenizer.clone(), str::to_string);
+            checkpoint = Some((ck.dir, ck.state));
+            (config, ck.params, spec)
         }
-        // The copy in RUN/model first: the path in config.toml may be relative to where the
-        // run was started.
-        let copy = model.join("tokenizer.json");
-        let spec = match (tokenizer, copy.is_file()) {
-            (Some(t), _) => t.to_string(),
-            (None, true) => copy.display().to_string(),
-            (None, false) => TrainOptions::from_toml_file(&run_config)?
-                .tokenizer
-                .unwrap_or_else(|| "bytes".into()),
-        };
-        (model, spec)
     } else {
         let spec = match tokenizer {
             Some(t) => t.to_string(),
             None => crate::hf::folder_tokenizer(path)?,
         };
-        (path.to_path_buf(), spec)
+        let (config, params) = load_gpt2(path)?;
+        (config, params, spec)
     };
+    // A tokenizer given on the command line is the user's call; the run's own is checked.
+    let overridden = tokenizer.is_some();
     let tokenizer = Tokenizer::from_arg(&spec)?;
-    let (config, params) = load_gpt2(&model_dir)?;
+    if let (Some((_, state)), false) = (&checkpoint, overridden) {
+        same_tokenizer(state, &tokenizer, path)?;
+    }
     // A byte model may have fewer ids than 256 (ASCII text): the prompt must then fit, and
     // only the model's ids are drawn.
     if tokenizer.vocab_size() > config.vocab_size && !matches!(tokenizer, Tokenizer::Bytes) {
         bail!(
             "the tokenizer ({spec}) has {} tokens but the model in {} has {}; pass the model's tokenizer with --tokenizer",
             tokenizer.vocab_size(),
-            model_dir.display(),
+            path.display(),
             config.vocab_size
         );
     }
@@ -137,7 +151,36 @@ pub fn generate_text<B: Backend>(
     Ok(Generated {
         text: tokenizer.decode(&ids)?,
         stopped_early,
+        from_checkpoint: checkpoint.map(|(dir, _)| {
+            format!(
+                "{} has no model/ yet: sampling from its newest checkpoint, {}",
+                path.display(),
+                dir.display()
+            )
+        }),
     })
+}
+
+/// The newest checkpoint of `run` that loads, and its model's config. Read only: the run may
+/// be training now, so a damaged or vanishing (pruned) checkpoint is passed over, never moved.
+fn newest_checkpoint(run: &Path) -> Result<(checkpoint::Loaded, GptConfig)> {
+    let mut why = None;
+    for dir in checkpoint::complete(run)?.iter().rev() {
+        let loaded = std::fs::read_to_string(dir.join("state.json"))
+            .map_err(anyhow::Error::from)
+            .and_then(|text| checkpoint::State::from_json(&text))
+            .and_then(|state| Ok(serde_json::from_value::<GptConfig>(state.model)?))
+            .and_then(|config| Ok((checkpoint::load(dir, &gpt::param_layout(&config))?, config)));
+        match loaded {
+            Ok(found) => return Ok(found),
+            Err(e) => why = Some(format!("{}: {e:#}", dir.display())),
+        }
+    }
+    bail!(
+        "{}: the run has no model/ and no checkpoint that loads{}; finish it with `flint train --resume {0}`",
+        run.display(),
+        why.map_or(String::new(), |w| format!(" ({w})"))
+    )
 }
 
 /// Draws a token from `logits` with temperature and top-k; draw `i` of the seed's stream.

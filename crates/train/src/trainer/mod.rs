@@ -4,7 +4,7 @@
 
 pub mod checkpoint;
 pub mod config;
-mod resume;
+pub(crate) mod resume;
 
 use crate::amp::GradScaler;
 use crate::data::{self, DataOrder, Loader, LoaderState, Source, Tokenizer, Tokens};

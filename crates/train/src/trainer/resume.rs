@@ -66,7 +66,7 @@ pub(super) fn changed_settings(
 }
 
 /// A checkpoint continues only with the tokenizer it was trained with.
-pub(super) fn same_tokenizer(
+pub(crate) fn same_tokenizer(
     state: &checkpoint::State,
     tokenizer: &Tokenizer,
     run: &Path,
