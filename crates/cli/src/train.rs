@@ -30,7 +30,7 @@ pub struct Args {
     /// A text file, or a folder of .txt / .jsonl files (default: the embedded corpus).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// bytes, or a tokenizer.json
+    /// bytes, or a tokenizer.json (default: bytes, or the --init-from folder's tokenizer.json).
     #[arg(long)]
     tokenizer: Option<String>,
     #[arg(long, value_enum, help = help("data_order", "How windows are drawn: sequential (llm.c's loader: consecutive B*T+1 token windows) or shuffle (every window once per epoch, in a seeded random order)"))]
