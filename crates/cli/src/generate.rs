@@ -41,8 +41,8 @@ pub fn run(a: Args, device: &Device) -> Result<()> {
     let out = flint_train::on_backend!(device, Precision::Fp32, |backend| generate_text(
         backend, path, &a.prompt, tok, s
     ))?;
-    if let Some(which) = out.from_checkpoint {
-        eprintln!("note: {which}");
+    for note in &out.notes {
+        eprintln!("note: {note}");
     }
     println!("{}{}", a.prompt, out.text);
     if let Some(why) = out.stopped_early {

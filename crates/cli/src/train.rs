@@ -21,8 +21,7 @@ pub struct Args {
     /// Continue the run in this folder from its newest complete checkpoint.
     #[arg(long, value_name = "RUN")]
     resume: Option<PathBuf>,
-    /// tiny | gpt2 | gpt2-medium | gpt2-large
-    #[arg(long)]
+    #[arg(long, help = help("preset", "tiny | gpt2 | gpt2-medium | gpt2-large"))]
     preset: Option<String>,
     /// Start from a Hugging Face GPT-2 folder (config.json + model.safetensors).
     #[arg(long, value_name = "DIR")]
@@ -47,7 +46,7 @@ pub struct Args {
     lr: Option<f64>,
     #[arg(long, help = help("min_lr", "Learning rate the cosine schedule ends at"))]
     min_lr: Option<f64>,
-    #[arg(long, value_enum, help = help("lr_schedule", "Linear warm-up, then cosine decay to --min-lr, or constant"))]
+    #[arg(long, value_enum, help = help("lr_schedule", "cosine: linear warm-up, then cosine decay to --min-lr; constant: the same warm-up, then --lr"))]
     lr_schedule: Option<Schedule>,
     #[arg(long, help = help("warmup_steps", "Steps of linear warm-up from 0 to --lr"))]
     warmup_steps: Option<u64>,
@@ -71,7 +70,7 @@ pub struct Args {
     checkpoint_every: Option<u64>,
     #[arg(long, help = help("keep_checkpoints", "How many of the newest checkpoints to keep"))]
     keep_checkpoints: Option<usize>,
-    #[arg(long, help = help("seed", "Seed of initialisation, dropout and shuffling"))]
+    #[arg(long, help = help("seed", "Seed of initialisation, dropout, shuffling and the closing sample"))]
     seed: Option<u64>,
     /// auto (bf16 on GPUs that have it, else fp32) | fp32 | tf32 | bf16 | fp16 (with loss scaling).
     #[arg(long)]

@@ -367,7 +367,7 @@ fn generate_continues_a_prompt_from_a_run() {
 }
 
 /// A run still training (or killed) has no `model/` yet: generate samples from its newest
-/// checkpoint that loads, as nanoGPT's sample.py does from ckpt.pt, and touches nothing.
+/// checkpoint that loads, as nanoGPT's sample.py does from ckpt.pt, and changes nothing.
 #[test]
 fn generate_samples_a_run_without_model_from_its_newest_checkpoint() {
     let (_dir, dir) = scratch("generate-checkpoint");
@@ -391,25 +391,79 @@ fn generate_samples_a_run_without_model_from_its_newest_checkpoint() {
             "12",
         ]);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert_eq!(out.status.code(), Some(0), "{stderr}");
-        (String::from_utf8_lossy(&out.stdout).into_owned(), stderr)
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr,
+        )
     };
-    let (from_model, _) = sample();
+    let listing = || {
+        let mut files: Vec<_> = walk(&run)
+            .into_iter()
+            .map(|p| (p.clone(), std::fs::read(&p).unwrap()))
+            .collect();
+        files.sort();
+        files
+    };
+    let (code, from_model, note) = sample();
+    assert_eq!(code, Some(0));
+    assert!(!note.contains("sampling from"), "{note}");
+    // A checkpoint newer than model/ (a resume training the run further) is what is sampled.
+    let newest = run.join("checkpoints/step_00000004");
+    let later = std::time::SystemTime::now() + Duration::from_secs(60);
+    std::fs::File::options()
+        .write(true)
+        .open(newest.join("state.json"))
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let (_, from_newer, note) = sample();
+    assert!(
+        note.contains("sampling from") && note.contains("step_00000004"),
+        "{note}"
+    );
     // The last checkpoint holds the same weights as model/.
+    assert_eq!(from_newer, from_model);
     std::fs::remove_dir_all(run.join("model")).unwrap();
-    let (from_last, note) = sample();
+    let (_, from_last, note) = sample();
     assert_eq!(from_last, from_model);
     assert!(note.contains("step_00000004"), "{note}");
-    // A damaged newest checkpoint is passed over (and left where it is).
-    let newest = run.join("checkpoints/step_00000004/model.safetensors");
-    let mut bytes = std::fs::read(&newest).unwrap();
+    // A damaged newest checkpoint is passed over, said, and left as it was.
+    let weights = newest.join("model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
     let middle = bytes.len() / 2;
     bytes[middle] ^= 1;
-    std::fs::write(&newest, bytes).unwrap();
-    let (from_older, note) = sample();
+    std::fs::write(&weights, bytes).unwrap();
+    let before = listing();
+    let (code, from_older, note) = sample();
+    assert_eq!(code, Some(0));
     assert!(from_older.starts_with("ROMEO:") && from_older != from_model);
-    assert!(note.contains("step_00000002"), "{note}");
-    assert!(newest.exists());
+    assert!(
+        note.contains("passed over checkpoint")
+            && note.contains("sampling from")
+            && note.contains("step_00000002"),
+        "{note}"
+    );
+    assert!(listing() == before, "generate changed the run folder");
+    // Without any checkpoint: what to do.
+    std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
+    let (code, _, stderr) = sample();
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("no checkpoint yet"), "{stderr}");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
 }
 
 /// A run trained with a tokenizer file given by a relative path samples from anywhere: the

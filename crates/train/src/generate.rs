@@ -6,9 +6,9 @@ use crate::hf::load_gpt2;
 use crate::trainer::checkpoint;
 use crate::trainer::config::TrainOptions;
 use crate::trainer::resume::same_tokenizer;
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use flint_backend::{philox, Backend};
-use flint_model::gpt::{self, Gpt, GptConfig};
+use flint_model::gpt::{Gpt, GptConfig};
 use std::path::Path;
 
 #[derive(Clone, Copy, Debug)]
@@ -75,13 +75,14 @@ pub struct Generated {
     pub text: String,
     /// Set when the model's context ran out before `--max-new-tokens`: why there is less.
     pub stopped_early: Option<String>,
-    /// Set when a run without `model/` yet (still training, or killed) was sampled from its
-    /// newest checkpoint: which one.
-    pub from_checkpoint: Option<String>,
+    /// What the user should know about where the weights came from: a run sampled from a
+    /// checkpoint (which one, and the damaged ones passed over).
+    pub notes: Vec<String>,
 }
 
-/// `flint generate PATH`: PATH is a run folder (its `model/` and the tokenizer it trained with)
-/// or a Hugging Face GPT-2 folder (its `tokenizer.json` if present). `tokenizer` overrides.
+/// `flint generate PATH`: PATH is a run folder (its `model/` and the tokenizer it trained with,
+/// or its newest checkpoint until the run writes `model/`) or a Hugging Face GPT-2 folder (its
+/// `tokenizer.json` if present). `tokenizer` overrides.
 pub fn generate_text<B: Backend>(
     backend: B,
     path: &Path,
@@ -89,44 +90,37 @@ pub fn generate_text<B: Backend>(
     tokenizer: Option<&str>,
     s: Sampling,
 ) -> Result<Generated> {
-    // The checkpoint sampled from, when a run has no model/ yet.
-    let mut checkpoint = None;
-    let (config, params, spec) = if crate::run::folder::is_run(path) {
-        let model = path.join("model");
-        if model.join("config.json").is_file() {
-            // The copy in RUN/model first: the path in config.toml may be relative to where
-            // the run was started.
-            let copy = model.join("tokenizer.json");
-            let spec = match (tokenizer, copy.is_file()) {
-                (Some(t), _) => t.to_string(),
-                (None, true) => copy.display().to_string(),
-                (None, false) => TrainOptions::from_toml_file(&path.join("config.toml"))?
-                    .tokenizer
-                    .unwrap_or_else(|| "bytes".into()),
-            };
-            let (config, params) = load_gpt2(&model)?;
-            (config, params, spec)
-        } else {
-            // Still training (or killed): its newest checkpoint, as nanoGPT samples ckpt.pt.
-            let (ck, config) = newest_checkpoint(path)?;
-            let spec = tokenizer.map_or_else(|| ck.state.tokenizer.clone(), str::to_string);
-            checkpoint = Some((ck.dir, ck.state));
-            (config, ck.params, spec)
-        }
+    let w = if crate::run::folder::is_run(path) {
+        run_weights(path, tokenizer)?
     } else {
-        let spec = match tokenizer {
+        let tokenizer = match tokenizer {
             Some(t) => t.to_string(),
             None => crate::hf::folder_tokenizer(path)?,
         };
         let (config, params) = load_gpt2(path)?;
-        (config, params, spec)
+        Weights {
+            config,
+            params,
+            tokenizer,
+            checkpoint: None,
+            notes: Vec::new(),
+        }
     };
-    // A tokenizer given on the command line is the user's call; the run's own is checked.
-    let overridden = tokenizer.is_some();
-    let tokenizer = Tokenizer::from_arg(&spec)?;
-    if let (Some((_, state)), false) = (&checkpoint, overridden) {
-        same_tokenizer(state, &tokenizer, path)?;
-    }
+    let (config, spec) = (w.config, w.tokenizer);
+    // A tokenizer given on the command line is the user's call; a checkpoint's is checked.
+    let tokenizer = match (&w.checkpoint, tokenizer) {
+        (Some(state), None) => {
+            let t = Tokenizer::from_arg(&spec).map_err(|e| {
+                anyhow!(
+                    "{}: the run's tokenizer cannot be read ({e:#}); give it with --tokenizer",
+                    path.display()
+                )
+            })?;
+            same_tokenizer(state, &t, path)?;
+            t
+        }
+        _ => Tokenizer::from_arg(&spec)?,
+    };
     // A byte model may have fewer ids than 256 (ASCII text): the prompt must then fit, and
     // only the model's ids are drawn.
     if tokenizer.vocab_size() > config.vocab_size && !matches!(tokenizer, Tokenizer::Bytes) {
@@ -138,7 +132,7 @@ pub fn generate_text<B: Backend>(
         );
     }
     let ctx = config.n_positions;
-    let mut model = Gpt::new(backend, config, &params)?;
+    let mut model = Gpt::new(backend, config, &w.params)?;
     let prompt = tokenizer.encode(prompt)?;
     let ids = generate(&mut model, &prompt, tokenizer.vocab_size(), s)?;
     let stopped_early = (ids.len() < s.max_new_tokens).then(|| {
@@ -151,36 +145,90 @@ pub fn generate_text<B: Backend>(
     Ok(Generated {
         text: tokenizer.decode(&ids)?,
         stopped_early,
-        from_checkpoint: checkpoint.map(|(dir, _)| {
-            format!(
-                "{} has no model/ yet: sampling from its newest checkpoint, {}",
-                path.display(),
-                dir.display()
-            )
-        }),
+        notes: w.notes,
     })
 }
 
-/// The newest checkpoint of `run` that loads, and its model's config. Read only: the run may
-/// be training now, so a damaged or vanishing (pruned) checkpoint is passed over, never moved.
-fn newest_checkpoint(run: &Path) -> Result<(checkpoint::Loaded, GptConfig)> {
-    let mut why = None;
-    for dir in checkpoint::complete(run)?.iter().rev() {
-        let loaded = std::fs::read_to_string(dir.join("state.json"))
-            .map_err(anyhow::Error::from)
-            .and_then(|text| checkpoint::State::from_json(&text))
-            .and_then(|state| Ok(serde_json::from_value::<GptConfig>(state.model)?))
-            .and_then(|config| Ok((checkpoint::load(dir, &gpt::param_layout(&config))?, config)));
-        match loaded {
-            Ok(found) => return Ok(found),
-            Err(e) => why = Some(format!("{}: {e:#}", dir.display())),
-        }
+/// The weights and tokenizer [`generate_text`] samples with.
+struct Weights {
+    config: GptConfig,
+    params: Vec<f32>,
+    /// `bytes` or a tokenizer.json path.
+    tokenizer: String,
+    /// The state of the checkpoint the weights came from, if they did.
+    checkpoint: Option<checkpoint::State>,
+    notes: Vec<String>,
+}
+
+/// A run's newest weights: `model/` once the run has ended, else (still training, killed, or
+/// trained further since `model/` was written) its newest checkpoint that loads, as nanoGPT
+/// samples `ckpt.pt`. Read only: a damaged checkpoint is passed over, never moved.
+fn run_weights(run: &Path, tokenizer: Option<&str>) -> Result<Weights> {
+    let model = run.join("model");
+    // model.safetensors is written after config.json: both, or the model is not there yet.
+    let weights = model.join("model.safetensors");
+    let model_time = (model.join("config.json").is_file())
+        .then(|| std::fs::metadata(&weights).and_then(|m| m.modified()).ok())
+        .flatten();
+    let checkpoints = checkpoint::complete(run)?;
+    let checkpoint_time = checkpoints.last().and_then(|dir| {
+        let state = std::fs::metadata(dir.join("state.json")).ok()?;
+        state.modified().ok()
+    });
+    // Written after the newest checkpoint: the run's end (a resume that trains further writes
+    // newer checkpoints, and those are sampled until it ends).
+    if model_time.is_some() && model_time >= checkpoint_time {
+        // The copy in RUN/model first: the path in config.toml may be relative to where
+        // the run was started.
+        let copy = model.join("tokenizer.json");
+        let tokenizer = match (tokenizer, copy.is_file()) {
+            (Some(t), _) => t.to_string(),
+            (None, true) => copy.display().to_string(),
+            (None, false) => TrainOptions::from_toml_file(&run.join("config.toml"))?
+                .tokenizer
+                .unwrap_or_else(|| "bytes".into()),
+        };
+        let (config, params) = load_gpt2(&model)?;
+        return Ok(Weights {
+            config,
+            params,
+            tokenizer,
+            checkpoint: None,
+            notes: Vec::new(),
+        });
     }
-    bail!(
-        "{}: the run has no model/ and no checkpoint that loads{}; finish it with `flint train --resume {0}`",
+    if checkpoints.is_empty() {
+        bail!(
+            "{}: the run has no model/ and no checkpoint yet: wait for its first checkpoint (one every --checkpoint-every steps), or train it again if it stopped before one",
+            run.display()
+        );
+    }
+    let found = checkpoint::newest(run, |dir| {
+        Ok(checkpoint::load_model(dir).map(|m| (dir.to_path_buf(), m)))
+    })?;
+    let mut notes: Vec<String> = found
+        .skipped
+        .iter()
+        .map(|(dir, e)| format!("passed over checkpoint {}: {e:#}", dir.display()))
+        .collect();
+    let (dir, (state, config, params)) = found.loaded.map_err(|e| {
+        anyhow!(
+            "{}: the run has no model/ and no checkpoint that loads (the oldest: {e:#})",
+            run.display()
+        )
+    })?;
+    notes.push(format!(
+        "{} has no model/ newer than its checkpoints: sampling from {}",
         run.display(),
-        why.map_or(String::new(), |w| format!(" ({w})"))
-    )
+        dir.display()
+    ));
+    Ok(Weights {
+        config,
+        params,
+        tokenizer: tokenizer.map_or_else(|| state.tokenizer.clone(), str::to_string),
+        checkpoint: Some(state),
+        notes,
+    })
 }
 
 /// Draws a token from `logits` with temperature and top-k; draw `i` of the seed's stream.

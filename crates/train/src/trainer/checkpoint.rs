@@ -7,6 +7,7 @@
 use crate::files::write_atomic;
 use crate::tensors::{named, save_f32, TensorFile};
 use anyhow::{anyhow, bail, Context, Result};
+use flint_model::gpt::{self, GptConfig};
 use flint_model::layout::Layout;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -219,6 +220,30 @@ pub fn newest_state(run: &Path) -> Option<State> {
 
 /// Loads one checkpoint folder, verifying every file against `state.json`.
 pub fn load(dir: &Path, layout: &Layout) -> Result<Loaded> {
+    let state = read_state(dir)?;
+    verify(dir, &state, |_| true)?;
+    Ok(Loaded {
+        dir: dir.to_path_buf(),
+        params: read_tensors(dir, "model.safetensors", "", layout)?,
+        m: read_tensors(dir, "optimizer.safetensors", "exp_avg.", layout)?,
+        v: read_tensors(dir, "optimizer.safetensors", "exp_avg_sq.", layout)?,
+        state,
+    })
+}
+
+/// The model of one checkpoint folder (its parameters, verified like [`load`]'s, and its
+/// config), without the optimizer's moments: what sampling needs.
+pub fn load_model(dir: &Path) -> Result<(State, GptConfig, Vec<f32>)> {
+    let state = read_state(dir)?;
+    verify(dir, &state, |name| name == "model.safetensors")?;
+    let config: GptConfig = serde_json::from_value(state.model.clone())
+        .map_err(|e| anyhow!("{}: corrupted model config ({e})", dir.display()))?;
+    let params = read_tensors(dir, "model.safetensors", "", &gpt::param_layout(&config))?;
+    Ok((state, config, params))
+}
+
+/// `dir/state.json`, which must belong to its folder's step.
+fn read_state(dir: &Path) -> Result<State> {
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path)
         .with_context(|| format!("{}: cannot read", state_path.display()))?;
@@ -231,7 +256,12 @@ pub fn load(dir: &Path, layout: &Layout) -> Result<Loaded> {
             state.step
         );
     }
-    for (name, (size, sum)) in &state.files {
+    Ok(state)
+}
+
+/// Checks the size and checksum `state.json` records of each file `wanted` names.
+fn verify(dir: &Path, state: &State, wanted: impl Fn(&str) -> bool) -> Result<()> {
+    for (name, (size, sum)) in state.files.iter().filter(|(name, _)| wanted(name)) {
         let path = dir.join(name);
         let bytes =
             std::fs::read(&path).with_context(|| format!("{}: cannot read", path.display()))?;
@@ -249,32 +279,28 @@ pub fn load(dir: &Path, layout: &Layout) -> Result<Loaded> {
             );
         }
     }
-    // A missing tensor or another shape: another model's checkpoint. Non-finite values (a run
-    // that diverged) are damage like any other, and an older checkpoint is tried.
-    let read = |file: &str, prefix: &str| -> Result<Vec<f32>> {
-        let f = TensorFile::open(&dir.join(file))?;
-        let path = f.path().display();
-        f.read_layout(
-            layout,
-            |name| format!("{prefix}{name}"),
-            |key, found, want| {
-                let why = match found {
-                    None => format!("no tensor `{key}`"),
-                    Some(shape) => {
-                        format!("tensor `{key}` is {shape:?}, this run's model has {want:?}")
-                    }
-                };
-                anyhow::Error::new(ForeignCheckpoint(format!("{path}: {why}")))
-            },
-        )
-    };
-    Ok(Loaded {
-        dir: dir.to_path_buf(),
-        params: read("model.safetensors", "")?,
-        m: read("optimizer.safetensors", "exp_avg.")?,
-        v: read("optimizer.safetensors", "exp_avg_sq.")?,
-        state,
-    })
+    Ok(())
+}
+
+/// The tensors of `file` named `prefix` + each layout name. A missing tensor or another shape:
+/// another model's checkpoint. Non-finite values (a run that diverged) are damage like any
+/// other, and an older checkpoint is tried.
+fn read_tensors(dir: &Path, file: &str, prefix: &str, layout: &Layout) -> Result<Vec<f32>> {
+    let f = TensorFile::open(&dir.join(file))?;
+    let path = f.path().display();
+    f.read_layout(
+        layout,
+        |name| format!("{prefix}{name}"),
+        |key, found, want| {
+            let why = match found {
+                None => format!("no tensor `{key}`"),
+                Some(shape) => {
+                    format!("tensor `{key}` is {shape:?}, this run's model has {want:?}")
+                }
+            };
+            anyhow::Error::new(ForeignCheckpoint(format!("{path}: {why}")))
+        },
+    )
 }
 
 /// A checkpoint whose files are intact but whose tensors do not fit the run's model: not
@@ -294,35 +320,73 @@ impl std::error::Error for ForeignCheckpoint {}
 /// The newest checkpoint of `run` that loads; a damaged newer one is reported through `warn`
 /// and skipped. One of another model is an error.
 pub fn latest(run: &Path, layout: &Layout, mut warn: impl FnMut(String)) -> Result<Loaded> {
-    let dirs = complete(run)?;
-    if dirs.is_empty() {
+    if complete(run)?.is_empty() {
         bail!(
             "{}: no checkpoint to resume from (checkpoints/ is empty or missing)",
             run.display()
         );
     }
-    let (mut last_err, mut skipped) = (None, Vec::new());
-    for dir in dirs.iter().rev() {
-        match load(dir, layout) {
-            Ok(l) => {
-                set_aside(&skipped, &mut warn);
-                return Ok(l);
-            }
-            Err(e) if e.is::<ForeignCheckpoint>() => bail!(
-                "{}: a checkpoint of another model than {}: {e}; resume the run it belongs to, \
-                 or move it out of {}",
-                dir.display(),
-                run.join("config.toml").display(),
-                dir.parent().unwrap_or(dir).display()
-            ),
-            Err(e) => {
-                warn(format!("skipping checkpoint {}: {e:#}", dir.display()));
-                skipped.push(dir);
-                last_err = Some(e);
+    let found = newest(run, |dir| match load(dir, layout) {
+        Err(e) if e.is::<ForeignCheckpoint>() => Err(Stop(anyhow!(
+            "{}: a checkpoint of another model than {}: {e}; resume the run it belongs to, \
+             or move it out of {}",
+            dir.display(),
+            run.join("config.toml").display(),
+            dir.parent().unwrap_or(dir).display()
+        ))),
+        loaded => Ok(loaded),
+    })?;
+    for (dir, e) in &found.skipped {
+        warn(format!("skipping checkpoint {}: {e:#}", dir.display()));
+    }
+    let loaded = found.loaded?;
+    let damaged: Vec<&PathBuf> = found.skipped.iter().map(|(dir, _)| dir).collect();
+    set_aside(&damaged, &mut warn);
+    Ok(loaded)
+}
+
+/// What [`newest`] found: the first result that loaded (or the last error), and the newer
+/// folders that did not load, each with its error.
+pub(crate) struct Newest<T> {
+    pub loaded: Result<T>,
+    pub skipped: Vec<(PathBuf, anyhow::Error)>,
+}
+
+/// An error that ends [`newest`]'s walk at once, instead of trying an older checkpoint.
+pub(crate) struct Stop(pub anyhow::Error);
+
+/// Tries `load` on the complete checkpoints of `run`, newest first, until one loads. A folder
+/// that vanishes meanwhile was pruned by the run training in it (which then wrote a newer
+/// one): the folders are listed again, rather than the prune taken for damage.
+pub(crate) fn newest<T>(
+    run: &Path,
+    load: impl Fn(&Path) -> std::result::Result<Result<T>, Stop>,
+) -> Result<Newest<T>> {
+    'listing: for _ in 0..100 {
+        let mut skipped = Vec::new();
+        let mut last = None;
+        for dir in complete(run)?.into_iter().rev() {
+            match load(&dir).map_err(|Stop(e)| e)? {
+                Ok(found) => {
+                    return Ok(Newest {
+                        loaded: Ok(found),
+                        skipped,
+                    })
+                }
+                Err(_) if !dir.exists() => continue 'listing,
+                Err(e) => {
+                    last = Some(anyhow!("{e:#}"));
+                    skipped.push((dir, e));
+                }
             }
         }
+        let loaded = Err(last.unwrap_or_else(|| anyhow!("no checkpoint")));
+        return Ok(Newest { loaded, skipped });
     }
-    Err(last_err.expect("at least one checkpoint was tried"))
+    bail!(
+        "{}: its checkpoints kept changing while being read",
+        run.display()
+    )
 }
 
 /// Renames the damaged checkpoints newer than the one a run resumes from to `damaged_step_N`:

@@ -336,8 +336,8 @@ pub fn default_setting(key: &str) -> Option<String> {
     });
     Some(match table.get(key)? {
         toml::Value::String(s) => s.clone(),
-        // TOML would print 1e-8 as 0.00000001.
-        toml::Value::Float(x) if *x != 0.0 && x.abs() < 1e-3 => format!("{x:e}"),
+        // As the README writes them (TOML would print 1e-8 as 0.00000001).
+        toml::Value::Float(x) if *x != 0.0 && x.abs() < 1e-2 => format!("{x:e}"),
         v => v.to_string(),
     })
 }
