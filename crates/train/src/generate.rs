@@ -93,6 +93,15 @@ pub fn generate_text<B: Backend>(
     let w = if crate::run::folder::is_run(path) {
         run_weights(path, tokenizer)?
     } else {
+        if !path.is_dir() {
+            bail!("{}: no such folder", path.display());
+        }
+        if !path.join("config.json").is_file() {
+            bail!(
+                "{}: neither a run folder (no config.toml: a run writes it as it starts) nor a Hugging Face GPT-2 folder (no config.json)",
+                path.display()
+            );
+        }
         let tokenizer = match tokenizer {
             Some(t) => t.to_string(),
             None => crate::hf::folder_tokenizer(path)?,

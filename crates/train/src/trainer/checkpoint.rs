@@ -373,7 +373,7 @@ pub(crate) fn newest<T>(
                         skipped,
                     })
                 }
-                Err(_) if !dir.exists() => continue 'listing,
+                Err(e) if pruned(&dir, &e) => continue 'listing,
                 Err(e) => {
                     last = Some(anyhow!("{e:#}"));
                     skipped.push((dir, e));
@@ -387,6 +387,20 @@ pub(crate) fn newest<T>(
         "{}: its checkpoints kept changing while being read",
         run.display()
     )
+}
+
+/// Whether `dir` failed to load because a training process removed it meanwhile: it is gone,
+/// or a file of it was, and the folder follows within moments (it is removed file by file).
+fn pruned(dir: &Path, e: &anyhow::Error) -> bool {
+    let vanished = e.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+    });
+    if vanished && dir.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    !dir.exists()
 }
 
 /// Renames the damaged checkpoints newer than the one a run resumes from to `damaged_step_N`:
