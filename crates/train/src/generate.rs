@@ -184,11 +184,9 @@ fn run_weights(run: &Path, tokenizer: Option<&str>) -> Result<Weights> {
         let state = std::fs::metadata(dir.join("state.json")).ok()?;
         state.modified().ok()
     });
-    // Written after the newest checkpoint: the run's end (a resume that trains further writes
-    // newer checkpoints, and those are sampled until it ends).
-    if model_time.is_some() && model_time >= checkpoint_time {
-        // The copy in RUN/model first: the path in config.toml may be relative to where
-        // the run was started.
+    let from_model = |notes: Vec<String>| -> Result<Weights> {
+        // The copy in RUN/model first: the path in config.toml may be relative to where the
+        // run was started.
         let copy = model.join("tokenizer.json");
         let tokenizer = match (tokenizer, copy.is_file()) {
             (Some(t), _) => t.to_string(),
@@ -198,13 +196,18 @@ fn run_weights(run: &Path, tokenizer: Option<&str>) -> Result<Weights> {
                 .unwrap_or_else(|| "bytes".into()),
         };
         let (config, params) = load_gpt2(&model)?;
-        return Ok(Weights {
+        Ok(Weights {
             config,
             params,
             tokenizer,
             checkpoint: None,
-            notes: Vec::new(),
-        });
+            notes,
+        })
+    };
+    // Written after the newest checkpoint: the run's end (a resume that trains further writes
+    // newer checkpoints, and those are sampled until it ends).
+    if model_time.is_some() && model_time >= checkpoint_time {
+        return from_model(Vec::new());
     }
     if checkpoints.is_empty() {
         bail!(
@@ -220,12 +223,15 @@ fn run_weights(run: &Path, tokenizer: Option<&str>) -> Result<Weights> {
         .iter()
         .map(|(dir, e)| format!("passed over checkpoint {}: {e:#}", dir.display()))
         .collect();
-    let (dir, (state, config, params)) = found.loaded.map_err(|e| {
-        anyhow!(
+    let (dir, (state, config, params)) = match found.loaded {
+        Ok(found) => found,
+        // An older model/ is still the run's newest weights that load.
+        Err(_) if model_time.is_some() => return from_model(notes),
+        Err(e) => bail!(
             "{}: the run has no model/ and no checkpoint that loads (the oldest: {e:#})",
             run.display()
-        )
-    })?;
+        ),
+    };
     notes.push(format!(
         "{} has no model/ newer than its checkpoints: sampling from {}",
         run.display(),
