@@ -313,22 +313,27 @@ fn a_full_disk_during_a_checkpoint_is_an_error_that_keeps_the_previous_checkpoin
     assert_resumes_like_an_uninterrupted_run(&run, &clean, 8);
 }
 
-#[test]
-fn generate_continues_a_prompt_from_a_run() {
-    let (_dir, dir) = scratch("generate");
-    let run = dir.join("run");
-    let args = small(&["--steps", "3", "--out", run.to_str().unwrap()]);
-    assert_eq!(flint(&args).status.code(), Some(0));
-    let out = flint(&[
+/// `flint generate RUN --prompt ROMEO: --max-new-tokens 12`, and `extra` flags.
+fn generate_romeo(run: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
         "generate",
         run.to_str().unwrap(),
         "--prompt",
         "ROMEO:",
         "--max-new-tokens",
         "12",
-        "--seed",
-        "3",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    flint(&args)
+}
+
+#[test]
+fn generate_continues_a_prompt_from_a_run() {
+    let (_dir, dir) = scratch("generate");
+    let run = dir.join("run");
+    let args = small(&["--steps", "3", "--out", run.to_str().unwrap()]);
+    assert_eq!(flint(&args).status.code(), Some(0));
+    let out = generate_romeo(&run, &["--seed", "3"]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -336,16 +341,7 @@ fn generate_continues_a_prompt_from_a_run() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("ROMEO:"));
-    let again = flint(&[
-        "generate",
-        run.to_str().unwrap(),
-        "--prompt",
-        "ROMEO:",
-        "--max-new-tokens",
-        "12",
-        "--seed",
-        "3",
-    ]);
+    let again = generate_romeo(&run, &["--seed", "3"]);
     assert_eq!(
         out.stdout, again.stdout,
         "the same seed gives the same text"
@@ -382,14 +378,7 @@ fn generate_samples_a_run_without_model_from_its_newest_checkpoint() {
     ]);
     assert_eq!(flint(&args).status.code(), Some(0));
     let sample = || {
-        let out = flint(&[
-            "generate",
-            run.to_str().unwrap(),
-            "--prompt",
-            "ROMEO:",
-            "--max-new-tokens",
-            "12",
-        ]);
+        let out = generate_romeo(&run, &[]);
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         (
             out.status.code(),
