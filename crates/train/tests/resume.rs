@@ -122,6 +122,17 @@ fn damaged_newest_checkpoint_is_refused_and_the_previous_one_loads() {
         .map(|l| l.split(' ').next().unwrap().to_string())
         .collect();
     assert_eq!(steps, ["1", "2", "3", "4", "5", "6", "7"]);
+    // A newest "checkpoint" that is a dangling link is damage too (not a folder being pruned,
+    // which the walk would wait for).
+    let link = run.join("checkpoints/step_00000099");
+    std::os::unix::fs::symlink("/nonexistent/flint", &link).unwrap();
+    let more = TrainOptions {
+        steps: Some(8),
+        ..TrainOptions::default()
+    };
+    let done = train(more, Some(&run), &stop, &mut Quiet::default()).unwrap();
+    assert_eq!(done.last_step, 8);
+    assert!(std::fs::symlink_metadata(run.join("checkpoints/damaged_step_00000099")).is_ok());
 }
 
 #[test]

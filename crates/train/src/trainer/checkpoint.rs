@@ -366,7 +366,17 @@ pub(crate) fn newest<T>(
         let mut skipped = Vec::new();
         let mut last = None;
         for dir in complete(run)?.into_iter().rev() {
-            match load(&dir).map_err(|Stop(e)| e)? {
+            let attempt = match load(&dir) {
+                Ok(attempt) => attempt,
+                // The folders passed over so far are still reported.
+                Err(Stop(e)) => {
+                    return Ok(Newest {
+                        loaded: Err(e),
+                        skipped,
+                    })
+                }
+            };
+            match attempt {
                 Ok(found) => {
                     return Ok(Newest {
                         loaded: Ok(found),
@@ -380,7 +390,7 @@ pub(crate) fn newest<T>(
                 }
             }
         }
-        let loaded = Err(last.unwrap_or_else(|| anyhow!("no checkpoint")));
+        let loaded = Err(last.unwrap_or_else(|| anyhow!("{}: no checkpoint", run.display())));
         return Ok(Newest { loaded, skipped });
     }
     bail!(
@@ -391,16 +401,19 @@ pub(crate) fn newest<T>(
 
 /// Whether `dir` failed to load because a training process removed it meanwhile: it is gone,
 /// or a file of it was, and the folder follows within moments (it is removed file by file).
+/// Gone means no entry at all: a dangling or looping link is damage, not a prune.
 fn pruned(dir: &Path, e: &anyhow::Error) -> bool {
+    let not_found = |e: &std::io::Error| e.kind() == std::io::ErrorKind::NotFound;
+    let gone = || std::fs::symlink_metadata(dir).is_err_and(|e| not_found(&e));
     let vanished = e.chain().any(|cause| {
         cause
             .downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+            .is_some_and(not_found)
     });
-    if vanished && dir.exists() {
+    if vanished && !gone() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    !dir.exists()
+    gone()
 }
 
 /// Renames the damaged checkpoints newer than the one a run resumes from to `damaged_step_N`:
