@@ -75,7 +75,7 @@ impl State {
 
     /// Parses `state.json`, refusing text whose checksum does not match. The check is on the
     /// text itself: a float parsed and written again need not give the same digits.
-    pub(crate) fn from_json(text: &str) -> Result<State> {
+    fn from_json(text: &str) -> Result<State> {
         let state: State = serde_json::from_str(text)?;
         let field = format!("\"checksum\": \"{}\"", state.checksum);
         let blank = match text.rfind(&field) {
