@@ -9,14 +9,18 @@ use std::time::{Duration, Instant};
 /// takes longer is as unusable as one that crashes.
 const LIMIT: Duration = Duration::from_secs(60);
 
+/// How long a load may take before flint says it is waiting.
+const PATIENCE: Duration = Duration::from_secs(5);
+
 /// The trial child's exit status once the trial is over. It backs up the byte in the pipe,
 /// which a library that closes every descriptor as it loads takes away.
 const OVER: i32 = 0x5a;
 
-/// Runs `trial` in a forked child and says whether the child survived it: neither killed by a
-/// signal nor ended early (a library can call `exit` as it loads). When this process cannot
-/// fork, the trial is skipped (`Ok`): the load then happens in-process, as without it.
-pub(crate) fn survives(trial: impl FnOnce()) -> Result<(), String> {
+/// Runs `trial` (the loading of `what`) in a forked child and says whether the child survived
+/// it: neither killed by a signal nor ended early (a library can call `exit` as it loads). When
+/// this process cannot fork, the trial is skipped (`Ok`): the load then happens in-process, as
+/// without it.
+pub(crate) fn survives(what: &str, trial: impl FnOnce()) -> Result<(), String> {
     // The child writes one byte here once the trial is over: an exit without it was the
     // library's doing.
     let mut done = [0; 2];
@@ -53,20 +57,35 @@ pub(crate) fn survives(trial: impl FnOnce()) -> Result<(), String> {
     }
     // SAFETY: our own descriptor; the child holds its copy.
     unsafe { libc::close(write_end) };
-    let verdict = if pid < 0 { Ok(()) } else { wait(pid, read_end) };
+    let verdict = if pid < 0 {
+        Ok(())
+    } else {
+        wait(what, pid, read_end)
+    };
     // SAFETY: our own descriptor, no longer used.
     unsafe { libc::close(read_end) };
     verdict
 }
 
 /// Waits (at most [`LIMIT`]) for the trial child `pid`, and reads its verdict.
-fn wait(pid: libc::pid_t, done: libc::c_int) -> Result<(), String> {
+fn wait(what: &str, pid: libc::pid_t, done: libc::c_int) -> Result<(), String> {
     let start = Instant::now();
     let mut status = 0;
+    let mut told = false;
     loop {
         // SAFETY: waits for our own child without blocking.
         match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
-            0 if start.elapsed() < LIMIT => std::thread::sleep(Duration::from_millis(2)),
+            0 if start.elapsed() < LIMIT => {
+                // A silent wait of up to a minute would look like a hang.
+                if !told && start.elapsed() > PATIENCE {
+                    eprintln!(
+                        "note: {what} is slow to load; a library that has not loaded within {} s is passed over",
+                        LIMIT.as_secs()
+                    );
+                    told = true;
+                }
+                std::thread::sleep(Duration::from_millis(2))
+            }
             0 => {
                 // SAFETY: our own child, then reaped.
                 unsafe {
@@ -134,19 +153,22 @@ mod tests {
     #[test]
     fn a_crash_in_the_trial_is_reported_and_this_process_lives_on() {
         // SAFETY: deliberately the crash a damaged library's initialiser causes.
-        let e = survives(|| unsafe { std::ptr::null_mut::<i32>().write_volatile(0) }).unwrap_err();
+        let e = survives("test", || unsafe {
+            std::ptr::null_mut::<i32>().write_volatile(0)
+        })
+        .unwrap_err();
         assert!(e.contains("SIGSEGV"), "{e}");
-        let e = survives(|| std::process::abort()).unwrap_err();
+        let e = survives("test", || std::process::abort()).unwrap_err();
         assert!(e.contains("SIGABRT"), "{e}");
-        assert_eq!(survives(|| {}), Ok(()));
+        assert_eq!(survives("test", || {}), Ok(()));
         // A panic is the child's own business, not a crash of the load.
-        assert_eq!(survives(|| panic!("in the child")), Ok(()));
+        assert_eq!(survives("test", || panic!("in the child")), Ok(()));
         // A library that ends the process as it loads would end flint.
-        let e = survives(|| std::process::exit(0)).unwrap_err();
+        let e = survives("test", || std::process::exit(0)).unwrap_err();
         assert!(e.contains("ended the process (exit status 0)"), "{e}");
         // One that closes every descriptor (the pipe included) has still loaded.
         assert_eq!(
-            survives(|| {
+            survives("test", || {
                 for fd in 3..1024 {
                     // SAFETY: the child's own copies of the descriptors.
                     unsafe { libc::close(fd) };

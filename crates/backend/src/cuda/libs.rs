@@ -255,7 +255,7 @@ fn open(lib: Lib, path: &Path) -> Result<(), String> {
     if path.parent().is_some_and(|d| !d.as_os_str().is_empty()) {
         check_elf(path)?;
     }
-    isolate::survives(|| {
+    isolate::survives(&path.display().to_string(), || {
         let _ = load(lib, path);
     })?;
     load(lib, path)
