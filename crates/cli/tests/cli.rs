@@ -11,7 +11,6 @@ use std::ffi::OsStr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 const CASES: [&str; 5] = [
     "post_relu",
@@ -34,29 +33,24 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 /// A fresh directory under the system temp dir, unique per test, removed when dropped.
-struct Scratch(PathBuf);
+struct Scratch(tempfile::TempDir);
 
 impl Scratch {
     fn new() -> Self {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "flint-cli-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("create scratch dir");
-        Scratch(dir)
+        Scratch(
+            tempfile::Builder::new()
+                .prefix("flint-cli-test-")
+                .tempdir()
+                .expect("create scratch dir"),
+        )
+    }
+
+    fn root(&self) -> &Path {
+        self.0.path()
     }
 
     fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.root().join(name)
     }
 }
 
@@ -808,7 +802,7 @@ fn fake_driver(contents: &[u8]) -> Scratch {
 #[test]
 fn doctor_reports_a_corrupt_driver_library_instead_of_crashing() {
     let dir = fake_driver(&[0x55; 4096]);
-    let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", &dir.0)], &[]);
+    let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", dir.root())], &[]);
     assert_eq!(code, Some(0), "auto still has the CPU: {v}");
     assert_eq!(v["device"], "cpu");
     let lib = &v["libraries"][0];
@@ -830,7 +824,7 @@ fn doctor_reports_a_corrupt_driver_library_instead_of_crashing() {
         "{problem}"
     );
     // Asking for the GPU explicitly fails: exit status 1.
-    let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", &dir.0)], &["--device", "cuda"]);
+    let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", dir.root())], &["--device", "cuda"]);
     assert_eq!(code, Some(1), "{v}");
     assert!(v["device"].is_null(), "{v}");
 }
@@ -852,7 +846,7 @@ fn libm_bytes() -> Vec<u8> {
 fn doctor_reports_a_library_that_is_not_the_driver() {
     // A real shared library under the driver's name: it loads, but lacks the CUDA entry points.
     let dir = fake_driver(&libm_bytes());
-    let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", &dir.0)], &[]);
+    let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", dir.root())], &[]);
     assert_eq!(code, Some(0), "{v}");
     let err = v["libraries"][0]["error"].as_str().unwrap();
     assert!(err.contains("cuDriverGetVersion"), "{err}");
@@ -1029,7 +1023,7 @@ fn problem_whats(v: &Value) -> Vec<String> {
 fn doctor_survives_truncated_and_stub_drivers_and_names_old_ones() {
     let bytes = libm_bytes();
     let dir = fake_driver(&bytes[..bytes.len() / 2]);
-    let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", &dir.0)], &[]);
+    let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", dir.root())], &[]);
     assert_eq!(code, Some(0), "{v}");
     let err = v["libraries"][0]["error"].as_str().unwrap();
     assert!(err.contains("truncated"), "{v}");
@@ -1122,7 +1116,7 @@ fn doctor_passes_over_a_broken_library_for_one_that_loads() {
 fn a_library_that_crashes_as_it_loads_is_reported_not_fatal() {
     let dir = Scratch::new();
     shared_library(&dir.path("libcuda.so.1"), CRASHING_LIBRARY);
-    let crashing = dir.0.as_path();
+    let crashing = dir.root();
     let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", crashing)], &[]);
     assert_eq!(code, Some(0), "auto still has the CPU: {v}");
     assert_eq!(v["device"], "cpu", "{v}");
@@ -1168,7 +1162,7 @@ fn doctor_reports_unknown_nvrtc_codes() {
     fake_nvrtc(&dir.path("libnvrtc.so.12"), (12, 99));
     let cache = dir.path("cache");
     let (code, v) = doctor_json(
-        &[("LD_LIBRARY_PATH", &dir.0), ("FLINT_CACHE_DIR", &cache)],
+        &[("LD_LIBRARY_PATH", dir.root()), ("FLINT_CACHE_DIR", &cache)],
         &[],
     );
     if v["libraries"][0]["found"] == true {
@@ -1298,7 +1292,7 @@ fn doctor_finds_nvrtc_in_a_virtual_environments_pip_wheel() {
     // Only the venv is set: the folders a user names explicitly would be searched first.
     let out = Command::new(env!("CARGO_BIN_EXE_flint"))
         .args(["doctor", "--json"])
-        .env("VIRTUAL_ENV", &venv.0)
+        .env("VIRTUAL_ENV", venv.root())
         .env_remove("LD_LIBRARY_PATH")
         .env_remove("CUDA_HOME")
         .env_remove("CUDA_PATH")

@@ -7,25 +7,25 @@ use flint_train::data::{
 };
 
 /// A fresh folder under the system temp dir, removed on drop.
-struct Tmp(PathBuf);
+struct Tmp(tempfile::TempDir);
 
 impl Tmp {
     fn new(name: &str) -> Tmp {
-        let p = std::env::temp_dir().join(format!("flint-data-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Tmp(p)
+        Tmp(tempfile::Builder::new()
+            .prefix(&format!("flint-data-{name}-"))
+            .tempdir()
+            .unwrap())
     }
 
     fn write(&self, rel: &str, bytes: impl AsRef<[u8]>) -> PathBuf {
-        let p = self.0.join(rel);
+        let p = self.path(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, bytes).unwrap();
         p
     }
 
     fn path(&self, rel: &str) -> PathBuf {
-        self.0.join(rel)
+        self.0.path().join(rel)
     }
 
     /// `data/` read with the byte tokenizer, cached in `cache/`, nothing held out.
@@ -36,12 +36,6 @@ impl Tmp {
             &self.path("cache"),
             0.0,
         )
-    }
-}
-
-impl Drop for Tmp {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

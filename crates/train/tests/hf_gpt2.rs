@@ -196,8 +196,8 @@ fn saved_model_loads_back_identically() {
     // The end-of-text id is the tokenizer's (none for `bytes`), never a guess from the vocabulary.
     for (name, eot) in [("model", Some(3)), ("variant", None)] {
         let (config, params) = load_gpt2(&fixture(name)).unwrap();
-        let dir =
-            std::env::temp_dir().join(format!("flint-hf-roundtrip-{name}-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         flint_train::hf::save_gpt2(&dir, &config, &params, eot).unwrap();
         let (again, back) = load_gpt2(&dir).unwrap();
         assert_eq!(again, config);
@@ -218,14 +218,13 @@ fn saved_model_loads_back_identically() {
         for key in ["layer_norm_epsilon", "n_inner", "vocab_size", "n_embd"] {
             assert_eq!(json[key], hf[key], "{name}: {key}");
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
 #[test]
 fn checkpoints_with_attention_buffers_and_a_tied_head_load_the_same() {
-    let dir = std::env::temp_dir().join(format!("flint-hf-buffers-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
     std::fs::copy(fixture("model/config.json"), dir.join("config.json")).unwrap();
     std::fs::copy(
         fixture("model_legacy_buffers.safetensors"),
@@ -238,13 +237,12 @@ fn checkpoints_with_attention_buffers_and_a_tied_head_load_the_same() {
         .iter()
         .zip(&with_buffers)
         .all(|(a, b)| a.to_bits() == b.to_bits()));
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn architecture_variants_flint_does_not_compute_are_refused_by_name() {
-    let dir = std::env::temp_dir().join(format!("flint-hf-variants-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
     std::fs::copy(
         fixture("model/model.safetensors"),
         dir.join("model.safetensors"),
@@ -267,7 +265,6 @@ fn architecture_variants_flint_does_not_compute_are_refused_by_name() {
             "{field}: {err}"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A byte model may have fewer than 256 ids (ASCII text): a folder without a tokenizer is read
@@ -280,7 +277,8 @@ fn a_byte_model_smaller_than_256_ids_generates_from_ascii() {
         ..gpt::GptConfig::preset("tiny").unwrap()
     };
     let params = gpt::init_params(&config, &gpt::param_layout(&config), 7);
-    let dir = std::env::temp_dir().join(format!("flint-hf-ascii-{}", std::process::id()));
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
     flint_train::hf::save_gpt2(&dir, &config, &params, None).unwrap();
     let s = Sampling {
         max_new_tokens: 5,
@@ -295,5 +293,4 @@ fn a_byte_model_smaller_than_256_ids_generates_from_ascii() {
         .unwrap()
         .to_string();
     assert!(err.contains("--prompt") && err.contains("128"), "{err}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
