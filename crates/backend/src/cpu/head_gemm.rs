@@ -144,27 +144,26 @@ mod avx512 {
                 acc[1] = _mm512_fmadd_ps(a, b1, acc[1]);
             }
         }
-        // Masked stores are slow on some CPUs (AMD's Zen 4) even with every lane set: a whole
-        // tile, the usual case, is stored plainly.
-        let whole = m0 == u16::MAX && m1 == u16::MAX;
         for (r, acc) in acc.iter().enumerate() {
             let out = dst.0.add(r * dst.1) as *mut f32;
             let (mut o0, mut o1) = (acc[0], acc[1]);
-            if whole {
-                if accumulate {
-                    o0 = _mm512_add_ps(o0, _mm512_loadu_ps(out));
-                    o1 = _mm512_add_ps(o1, _mm512_loadu_ps(out.add(16)));
-                }
-                _mm512_storeu_ps(out, o0);
-                _mm512_storeu_ps(out.add(16), o1);
-                continue;
-            }
             if accumulate {
                 o0 = _mm512_add_ps(o0, _mm512_maskz_loadu_ps(m0, out));
                 o1 = _mm512_add_ps(o1, _mm512_maskz_loadu_ps(m1, out.wrapping_add(16)));
             }
-            _mm512_mask_storeu_ps(out, m0, o0);
-            _mm512_mask_storeu_ps(out.wrapping_add(16), m1, o1);
+            store(out, m0, o0);
+            store(out.wrapping_add(16), m1, o1);
+        }
+    }
+
+    /// `_mm512_mask_storeu_ps`, but a plain store when every lane is set: masked stores are
+    /// slow on some CPUs (AMD's Zen 4) even then, and whole vectors are the usual case.
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, m: __mmask16, v: __m512) {
+        if m == u16::MAX {
+            _mm512_storeu_ps(p, v)
+        } else {
+            _mm512_mask_storeu_ps(p, m, v)
         }
     }
 }
