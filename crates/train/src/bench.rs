@@ -255,13 +255,7 @@ pub fn gpt<B: Backend>(
         weight_decay: 0.1,
         ..AdamWConfig::default()
     };
-    let mut opt = AdamW::new(
-        model.backend(),
-        model.layout(),
-        adamw,
-        gpt::decays,
-        &model.mirrors(),
-    )?;
+    let mut opt = AdamW::for_gpt(&model, adamw)?;
     let shape = BatchShape { batch, seq };
     model.plan(shape)?;
     let plan = model.describe_plan()?;

@@ -3,6 +3,7 @@
 
 use anyhow::Result;
 use flint_backend::{AdamW as Hyper, Backend, Buffer, DType, Mirror, Tensor};
+use flint_model::gpt::{self, Gpt};
 use flint_model::layout::{Entry, Layout};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -80,6 +81,17 @@ impl<B: Backend> AdamW<B> {
             groups,
             step: 0,
         })
+    }
+
+    /// The optimizer of GPT training: weight decay on matrices only, as nanoGPT's param groups.
+    pub fn for_gpt(model: &Gpt<B>, config: AdamWConfig) -> Result<Self> {
+        AdamW::new(
+            model.backend(),
+            model.layout(),
+            config,
+            gpt::decays,
+            &model.mirrors(),
+        )
     }
 
     /// The first and second moments and the number of updates so far, for checkpoints.

@@ -92,7 +92,7 @@ fn five_steps_with_accumulation_clipping_and_adamw_match_torch() {
         eps: num("eps"),
         weight_decay: num("weight_decay"),
     };
-    let mut opt = AdamW::new(&Cpu, gpt.layout(), config, gpt::decays, &gpt.mirrors()).unwrap();
+    let mut opt = AdamW::for_gpt(&gpt, config).unwrap();
     let p0 = download(gpt.params());
     let (ids, targets) = (ints(&data, "micro_input_ids"), ints(&data, "micro_targets"));
     let (losses, norms) = (

@@ -366,13 +366,7 @@ fn train_on<B: Backend>(
     };
     // fp16 needs dynamic loss scaling; the other precisions have fp32's exponent range.
     let mut scaler = (model.backend().precision() == Precision::Fp16).then(GradScaler::default);
-    let mut opt = AdamW::new(
-        model.backend(),
-        model.layout(),
-        adamw,
-        gpt::decays,
-        &model.mirrors(),
-    )?;
+    let mut opt = AdamW::for_gpt(&model, adamw)?;
     let first_step = match &resumed {
         Some(ck) => {
             let (m, v, _) = opt.state();
