@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs `flint bench seed` and PyTorch's counterpart (../shared/bench/torch_seed_bench.py) one
+# Runs `flint bench seed` and PyTorch's counterpart (bench/torch_seed_bench.py) one
 # after the other on this machine with the same threads, and prints a Markdown table with the
 # ratio and each process's peak memory. Needs: cargo, python3 with torch.
 # Usage: scripts/bench-vs-torch.sh [THREADS] [STEPS]
@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${1:-2}
 steps=${2:-20}
-torch_script=${TORCH_BENCH:-../shared/bench/torch_seed_bench.py}
+torch_script=${TORCH_BENCH:-bench/torch_seed_bench.py}
 cargo build --release --bin flint -q
 out=$(mktemp -d)
 /usr/bin/time -f '%M' -o "$out/flint.mem" ./target/release/flint bench seed --threads "$threads" --steps "$steps" --json > "$out/flint.json"

@@ -18,10 +18,7 @@ mkdir -p "$OUT"
 FLINT=${FLINT:-target/gpu/flint}
 [ -x "$FLINT" ] || FLINT=target/release/flint
 PY=${PYTHON:-python3}
-SEED_BENCH=${SEED_BENCH:-}
-for c in ../shared/bench/torch_seed_bench.py shared/bench/torch_seed_bench.py; do
-    [ -z "$SEED_BENCH" ] && [ -f "$c" ] && SEED_BENCH=$c
-done
+SEED_BENCH=${SEED_BENCH:-bench/torch_seed_bench.py}
 GPT_BATCH=${GPT_BATCH:-8}
 export FLINT_CACHE_DIR="$OUT/cache"
 status=0
@@ -63,11 +60,7 @@ done
 # fp32 on both sides: the PyTorch script runs the seed model without autocast (and, by
 # PyTorch's default, without TF32).
 run flint-seed 90 "$FLINT" bench seed --device cuda --precision fp32 --json
-if [ -n "$SEED_BENCH" ]; then
-    run torch-seed 90 "$PY" "$SEED_BENCH" --json
-else
-    echo "torch_seed_bench.py not found (set SEED_BENCH)" >"$OUT/torch-seed.log"
-fi
+run torch-seed 90 "$PY" "$SEED_BENCH" --json
 run flint-gpt2 150 "$FLINT" bench gpt --device cuda --precision bf16 --preset gpt2 --seq-len 1024 \
     --batch-size "$GPT_BATCH" --json
 run flint-gpt2-noflash 150 env FLINT_FLASH_ATTENTION=0 "$FLINT" bench gpt --device cuda --precision bf16 \

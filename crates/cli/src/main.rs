@@ -26,7 +26,7 @@ struct Cli {
     /// pass, else the CPU (and says why).
     #[arg(long, global = true, value_name = "DEVICE")]
     device: Option<String>,
-    /// Print more, e.g. the activation memory plan.
+    /// Print more: the activation memory plan (train, bench, forward, demo).
     #[arg(long, short, global = true)]
     verbose: bool,
     #[command(subcommand)]
@@ -48,7 +48,7 @@ enum Command {
     Tokenizer(tokenizer::Tokenizer),
     /// Check this machine for training: CPU, NVIDIA driver, GPUs, CUDA libraries, with fixes.
     Doctor(doctor::Args),
-    /// Time training steps side by side with PyTorch's counterpart scripts.
+    /// Time training steps, comparable with the PyTorch scripts in bench/ (same flags and rows).
     #[command(subcommand)]
     Bench(bench::Bench),
 }

@@ -1,6 +1,6 @@
 //! `flint train`: flags in, progress out.
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use flint_train::data::DataOrder;
 use flint_train::schedule::LrSchedule;
 use flint_train::trainer::config::{default_setting, TrainOptions};
@@ -143,7 +143,13 @@ impl Observer for Printer {
             s.train_tokens, s.val_tokens
         );
         println!("run: {}", s.run.display());
-        if s.first_step > 1 {
+        if s.first_step > s.steps {
+            // Checkpointed at --steps, then stopped before the model was written.
+            println!(
+                "resuming after step {}, the last: no step left to train",
+                s.steps
+            );
+        } else if s.first_step > 1 {
             println!("resuming at step {}", s.first_step);
         }
         if self.verbose {
@@ -231,7 +237,9 @@ pub fn run(a: Args, device: Option<String>, threads: Option<usize>, verbose: boo
         n_inner: a.n_inner,
     };
     let options = match &a.config {
-        Some(path) => flags.or(TrainOptions::from_toml_file(path)?),
+        Some(path) => {
+            flags.or(TrainOptions::from_toml_file(path).map_err(|e| anyhow!("--config {e:#}"))?)
+        }
         None => flags,
     };
     // The flag, else `threads` from the TOML file, else one per core.

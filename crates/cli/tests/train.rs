@@ -111,6 +111,25 @@ fn bad_training_flags_are_one_line_errors() {
         &["train", "--resume", &run_dir(&dir, "nothing")],
         &["nothing"],
     );
+    // Each names the flag that led there, and only the flags given.
+    let missing = run_dir(&dir, "missing.toml");
+    assert_rejected(
+        &["train", "--config", &missing, "--out", &out],
+        &["--config", "missing.toml"],
+    );
+    let not_hf = empty.to_str().unwrap();
+    assert_rejected(
+        &["train", "--init-from", not_hf, "--out", &out],
+        &["--init-from", "no config.json", "save_pretrained"],
+    );
+    assert_rejected(
+        &["train", "--init-from", &missing, "--out", &out],
+        &["--init-from", "no such folder"],
+    );
+    let heads = ["train", "--n-head", "3", "--n-layer", "2", "--out", &out];
+    assert_rejected(&heads, &["--n-head 3", "--n-layer 2", "n_head"]);
+    let out_of_heads = flint(&heads);
+    assert!(!String::from_utf8_lossy(&out_of_heads.stderr).contains("--n-embd"));
     assert_rejected(
         &["generate", &run_dir(&dir, "nothing"), "--prompt", "hi"],
         &["nothing"],
@@ -562,6 +581,37 @@ fn generate_from_a_folder_without_its_tokenizer_says_which_flag_to_pass() {
     assert_rejected(&args, &["merges.txt", "save_pretrained", "--tokenizer"]);
 }
 
+/// A run killed after its last checkpoint but before its model was written resumes with no
+/// step to train: it says so, and writes the model.
+#[test]
+fn a_run_killed_before_its_model_resumes_to_write_it() {
+    let (_dir, dir) = scratch("model_left");
+    let run = dir.join("run");
+    succeeds(flint(&small(&[
+        "--steps",
+        "2",
+        "--out",
+        run.to_str().unwrap(),
+    ])));
+    let model = std::fs::read(run.join("model/model.safetensors")).unwrap();
+    std::fs::remove_dir_all(run.join("model")).unwrap();
+    let out = succeeds(flint(&["train", "--resume", run.to_str().unwrap()]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("resuming after step 2, the last: no step left to train"),
+        "{stdout}"
+    );
+    assert_eq!(
+        std::fs::read(run.join("model/model.safetensors")).unwrap(),
+        model
+    );
+    // Now finished: a plain --resume is refused with the command that trains further.
+    assert_rejected(
+        &["train", "--resume", run.to_str().unwrap()],
+        &["finished at its last step", "--steps 4"],
+    );
+}
+
 /// A new run refuses a folder that is not a run (it would write over the files there), and
 /// starts over in a run folder that died before its first checkpoint: its logs are the new
 /// run's alone, and half-written checkpoints of dead processes are removed.
@@ -589,7 +639,12 @@ fn a_new_run_uses_only_empty_folders_or_runs_without_checkpoints() {
         run.to_str().unwrap(),
     ]);
     succeeds(flint(&args));
-    // A finished run is not started over, even with its checkpoints deleted.
+    // A finished run is not started over; the error gives the --resume that trains it further
+    // (a plain --resume is refused), and the way to start anew from its model.
+    let resume_further = format!("flint train --resume {} --steps 4", run.display());
+    let init_from = format!("--init-from {}/model", run.display());
+    assert_rejected(&args, &["finished at step 2", &resume_further, &init_from]);
+    // Even with its checkpoints deleted.
     std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
     assert_rejected(&args, &["has finished", "--out"]);
     // As if killed before any checkpoint: no checkpoints or model, an extra log line, a dead

@@ -4,6 +4,7 @@
 use crate::files::remove_dead_temporaries;
 use crate::trainer::checkpoint;
 use crate::trainer::config::TrainOptions;
+use crate::trainer::resume::finished;
 use anyhow::{bail, Context, Result};
 use std::fs::{File, TryLockError};
 use std::path::Path;
@@ -96,6 +97,16 @@ fn refuse_other_folders(dir: &Path) -> Result<()> {
 /// to save space) is finished. Neither is started over.
 fn refuse_finished_run(dir: &Path) -> Result<()> {
     if !checkpoint::complete(dir)?.is_empty() {
+        // One that reached its last step resumes only with a larger --steps: say so, rather
+        // than point at a --resume that is then refused.
+        if let Some(state) = checkpoint::newest_state(dir).filter(finished) {
+            bail!(
+                "--out {0}: this run finished at step {1}; train it further with `flint train --resume {0} --steps {2}`, or give --out a new folder (with `--init-from {0}/model` to start from its model)",
+                dir.display(),
+                state.step,
+                state.step.saturating_mul(2)
+            );
+        }
         bail!(
             "--out {}: this run already has checkpoints; continue it with --resume {0} or choose another --out",
             dir.display()

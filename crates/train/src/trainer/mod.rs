@@ -86,7 +86,23 @@ fn model_config(cfg: &TrainConfig, vocab: usize) -> Result<GptConfig> {
     m.dropout = cfg.dropout as f32;
     // The model's own check speaks in its config's names; say which flags set them.
     m.validate().map_err(|e| {
-        anyhow!("the model (--preset {preset} with --n-layer, --n-embd, --n-head, --n-positions, --n-inner): {e}")
+        let given = [
+            ("--n-layer", cfg.n_layer),
+            ("--n-embd", cfg.n_embd),
+            ("--n-head", cfg.n_head),
+            ("--n-positions", cfg.n_positions),
+            ("--n-inner", cfg.n_inner),
+        ]
+        .iter()
+        .filter_map(|(flag, v)| v.map(|v| format!("{flag} {v}")))
+        .collect::<Vec<_>>();
+        match given.is_empty() {
+            true => anyhow!("--preset {preset}: {e}"),
+            false => anyhow!(
+                "the model (--preset {preset} with {}): {e}",
+                given.join(", ")
+            ),
+        }
     })?;
     fits_in_memory(&m)?;
     Ok(m)
@@ -237,6 +253,13 @@ fn train_on<B: Backend>(
     let tokenizer = Tokenizer::from_arg(&cfg.tokenizer)?;
     let (model_cfg, init) = match &cfg.init_from {
         Some(dir) => {
+            if !dir.join("config.json").is_file() {
+                bail!(
+                    "--init-from {}: {}; give a transformers GPT-2 folder (config.json + model.safetensors, as save_pretrained writes), e.g. a run's model/",
+                    dir.display(),
+                    if dir.is_dir() { "no config.json in it" } else { "no such folder" }
+                );
+            }
             let (mut m, params) = hf::load_gpt2(dir)?;
             if tokenizer.vocab_size() > m.vocab_size {
                 bail!(
@@ -327,7 +350,10 @@ fn train_on<B: Backend>(
                     ck.dir.display()
                 ));
             }
-            if cfg.steps == ck.state.step && finished(&ck.state) {
+            // Finished: its last step checkpointed and its model written (a kill between the
+            // two leaves the model to write).
+            let has_model = run.join("model/model.safetensors").is_file();
+            if cfg.steps == ck.state.step && finished(&ck.state) && has_model {
                 bail!(
                     "{}: this run finished at its last step, {}; to train it further give a larger --steps, e.g. flint train --resume {} --steps {}",
                     run.display(),
@@ -336,8 +362,8 @@ fn train_on<B: Backend>(
                     cfg.steps.saturating_mul(2)
                 );
             }
-            // Equal otherwise: killed between the last checkpoint and the model, or cut short
-            // with --steps: what is left is the last evaluation and the model.
+            // Equal otherwise: killed before the model was written, or cut short with
+            // --steps: what is left is the last evaluation and the model.
             if cfg.steps < ck.state.step {
                 bail!(
                     "--steps {} is below the checkpoint's step {}: the run is past it; give a larger --steps",

@@ -31,7 +31,7 @@ pub(super) fn same_model(ck: &checkpoint::Loaded, model: &GptConfig, run: &Path)
 
 /// Whether the checkpoint is its run's last step (the steps it was written with), rather than
 /// that of an interrupted run.
-pub(super) fn finished(state: &checkpoint::State) -> bool {
+pub(crate) fn finished(state: &checkpoint::State) -> bool {
     let steps = state
         .config
         .as_deref()
