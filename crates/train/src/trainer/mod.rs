@@ -96,12 +96,13 @@ fn model_config(cfg: &TrainConfig, vocab: usize) -> Result<GptConfig> {
         .iter()
         .filter_map(|(flag, v)| v.map(|v| format!("{flag} {v}")))
         .collect::<Vec<_>>();
-        match given.is_empty() {
-            true => anyhow!("--preset {preset}: {e}"),
-            false => anyhow!(
+        if given.is_empty() {
+            anyhow!("--preset {preset}: {e}")
+        } else {
+            anyhow!(
                 "the model (--preset {preset} with {}): {e}",
                 given.join(", ")
-            ),
+            )
         }
     })?;
     fits_in_memory(&m)?;
