@@ -10,6 +10,7 @@ mod train;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use flint_train::device::{self, Device, DeviceRequest};
+use std::io::Write;
 use std::process::ExitCode;
 
 #[derive(Parser)]
@@ -65,13 +66,13 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     if cli.threads == Some(0) {
-        eprintln!("error: --threads must be at least 1");
+        to_stderr("error: --threads must be at least 1");
         return ExitCode::from(2);
     }
     // `train` may take its thread count from its TOML file, so it starts the pool itself.
     if !matches!(cli.command, Command::Train(_)) {
         if let Err(e) = start_threads(cli.threads) {
-            eprintln!("error: {e:#}");
+            to_stderr(&format!("error: {e:#}"));
             return ExitCode::from(2);
         }
     }
@@ -119,12 +120,12 @@ fn main() -> ExitCode {
         // line), after the output, so that a failed command's stderr is its one error line.
         Ok(fallback) => {
             if let Some(why) = fallback {
-                eprintln!("note: running on the CPU: {why}");
+                to_stderr(&format!("note: running on the CPU: {why}"));
             }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: {e:#}");
+            to_stderr(&format!("error: {e:#}"));
             ExitCode::from(2)
         }
     }
@@ -171,7 +172,9 @@ fn parse_args() -> Result<Cli, ExitCode> {
     for tip in tips {
         line = format!("{line} ({tip})");
     }
-    eprintln!("{line}; `flint --help` and `flint COMMAND --help` list the flags");
+    to_stderr(&format!(
+        "{line}; `flint --help` and `flint COMMAND --help` list the flags"
+    ));
     Err(ExitCode::from(2))
 }
 
@@ -187,4 +190,10 @@ pub fn start_threads(threads: Option<usize>) -> anyhow::Result<()> {
     };
     pool.build_global()
         .map_err(|e| anyhow::anyhow!("cannot start the worker threads: {e}"))
+}
+
+/// A line on stderr. With SIGPIPE ignored (`flint train` turns a closed pipe into a stop), a
+/// closed stderr is an error from the write, not worth a panic.
+fn to_stderr(line: &str) {
+    let _ = writeln!(std::io::stderr(), "{line}");
 }

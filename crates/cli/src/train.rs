@@ -6,7 +6,8 @@ use flint_train::schedule::LrSchedule;
 use flint_train::trainer::config::{default_setting, TrainOptions};
 use flint_train::trainer::{self, Observer, Started, StepMetrics};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::io::IsTerminal;
+use std::cell::Cell;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -119,41 +120,52 @@ enum Schedule {
 struct Printer {
     bar: Option<ProgressBar>,
     verbose: bool,
+    /// Set when a line cannot be written (`flint train | head` closed the pipe): the run then
+    /// stops as on Ctrl-C, after a checkpoint, instead of dying mid-step.
+    stop: Arc<AtomicBool>,
+    closed: Cell<bool>,
 }
 
 impl Printer {
     fn line(&self, text: &str) {
         match &self.bar {
             Some(bar) => bar.println(text),
-            None => println!("{text}"),
+            None => self.write(std::io::stdout(), text),
+        }
+    }
+
+    fn write(&self, mut to: impl Write, text: &str) {
+        if writeln!(to, "{text}").is_err() {
+            self.closed.set(true);
+            self.stop.store(true, Ordering::SeqCst);
         }
     }
 }
 
 impl Observer for Printer {
     fn started(&mut self, s: &Started) {
-        println!("Using device: {}", s.device);
+        self.line(&format!("Using device: {}", s.device));
         let m = &s.model;
-        println!(
+        self.line(&format!(
             "model: GPT-2, {} parameters (n_layer {}, n_embd {}, n_head {}, context {}, vocab {})",
             s.parameters, m.n_layer, m.n_embd, m.n_head, m.n_positions, m.vocab_size
-        );
-        println!(
+        ));
+        self.line(&format!(
             "data: {} training tokens, {} validation tokens",
             s.train_tokens, s.val_tokens
-        );
-        println!("run: {}", s.run.display());
+        ));
+        self.line(&format!("run: {}", s.run.display()));
         if s.first_step > s.steps {
             // Checkpointed at --steps, then stopped before the model was written.
-            println!(
+            self.line(&format!(
                 "resuming after step {}, the last: no step left to train",
                 s.steps
-            );
+            ));
         } else if s.first_step > 1 {
-            println!("resuming at step {}", s.first_step);
+            self.line(&format!("resuming at step {}", s.first_step));
         }
         if self.verbose {
-            println!("{}", s.plan);
+            self.line(&s.plan);
         }
         if std::io::stdout().is_terminal() {
             let bar = ProgressBar::new(s.steps);
@@ -173,10 +185,10 @@ impl Observer for Printer {
                 bar.set_position(m.step);
                 bar.set_message(msg);
             }
-            None => println!(
+            None => self.line(&format!(
                 "step {}/{} | loss {:.4} | lr {:.2e} | grad norm {:.3} | {:.0} tokens/s",
                 m.step, m.steps, m.loss, m.lr, m.grad_norm, m.tokens_per_s
-            ),
+            )),
         }
     }
 
@@ -189,7 +201,7 @@ impl Observer for Printer {
     }
 
     fn warn(&mut self, message: &str) {
-        eprintln!("warning: {message}");
+        self.write(std::io::stderr(), &format!("warning: {message}"));
     }
 }
 
@@ -255,28 +267,47 @@ pub fn run(a: Args, device: Option<String>, threads: Option<usize>, verbose: boo
         // SAFETY: setting a signal's disposition to "ignore" has no preconditions.
         unsafe { libc::signal(libc::SIGHUP, libc::SIG_IGN) };
     }
-    let mut printer = Printer { bar: None, verbose };
+    // A closed stdout (or stderr) is an error from the write that `Printer` turns into a stop,
+    // not the signal that would kill the run between checkpoints.
+    // SAFETY: setting a signal's disposition to "ignore" has no preconditions.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    let mut printer = Printer {
+        bar: None,
+        verbose,
+        stop: stop.clone(),
+        closed: Cell::new(false),
+    };
     let done = trainer::train(options, a.resume.as_deref(), &stop, &mut printer)?;
     if let Some(bar) = &printer.bar {
         bar.finish_and_clear();
     }
     if done.interrupted {
-        println!(
+        let line = format!(
             "interrupted at step {}; continue with: flint train --resume {}",
             done.last_step,
             done.run.display()
         );
+        printer.line(&line);
+        if printer.closed.get() {
+            printer.write(
+                std::io::stderr(),
+                &format!("warning: the output was closed, so training stopped; {line}"),
+            );
+        }
         return Ok(true);
     }
     if let (Some(first), Some(last)) = (done.first_val_loss, done.last_val_loss) {
-        println!("val loss {first:.4} -> {last:.4} ({:.2}x)", last / first);
+        printer.line(&format!(
+            "val loss {first:.4} -> {last:.4} ({:.2}x)",
+            last / first
+        ));
     }
-    println!(
+    printer.line(&format!(
         "model: {} (Hugging Face GPT-2 layout)",
         done.run.join("model").display()
-    );
+    ));
     if let Some(sample) = done.sample {
-        println!("sample:\n{sample}");
+        printer.line(&format!("sample:\n{sample}"));
     }
     Ok(false)
 }

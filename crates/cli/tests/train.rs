@@ -2,6 +2,7 @@
 //! status 2, Ctrl-C checkpoints, a SIGKILL loses only the steps since the last checkpoint, a full
 //! disk during a checkpoint keeps the earlier ones.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -227,17 +228,7 @@ fn stop_and_resume(name: &str, signal: i32) {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("interrupted at step"), "{stdout}");
     let stopped = losses(&run).len();
-    let newest = std::fs::read_dir(run.join("checkpoints"))
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name())
-        .max()
-        .unwrap();
-    assert_eq!(
-        newest.to_str().unwrap(),
-        format!("step_{stopped:08}"),
-        "Ctrl-C checkpoints the last finished step"
-    );
+    assert_checkpointed_last_step(&run, stopped);
     let resumed = flint(&[
         "train",
         "--resume",
@@ -258,6 +249,46 @@ fn stop_and_resume(name: &str, signal: i32) {
         .filter_map(|v| v["elapsed_s"].as_f64())
         .collect();
     assert!(elapsed.windows(2).all(|w| w[0] <= w[1]), "{elapsed:?}");
+}
+
+/// That the newest checkpoint is of `step`, the run's last.
+fn assert_checkpointed_last_step(run: &Path, step: usize) {
+    let newest = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .max()
+        .unwrap();
+    assert_eq!(
+        newest.to_str().unwrap(),
+        format!("step_{step:08}"),
+        "the stop checkpoints the last finished step"
+    );
+}
+
+/// `flint train | head`: once the pipe is closed the run stops as on Ctrl-C, with a checkpoint
+/// of its last step, instead of dying between checkpoints; the reason goes to stderr.
+#[test]
+fn a_closed_output_stops_the_run_with_a_checkpoint() {
+    let (_dir, dir) = scratch("pipe");
+    let (run, clean) = (dir.join("run"), dir.join("clean"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flint"))
+        .args(small_run(&run, "100000"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // As `head` does: read some lines, then close the pipe.
+    while !lines.next().unwrap().unwrap().starts_with("step 3/") {}
+    drop(lines);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("the output was closed"), "{stderr}");
+    let stopped = losses(&run).len();
+    assert_checkpointed_last_step(&run, stopped);
+    assert_resumes_like_an_uninterrupted_run(&run, &clean, stopped + 2);
 }
 
 #[test]
