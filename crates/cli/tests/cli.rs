@@ -1320,3 +1320,94 @@ fn doctor_finds_nvrtc_in_a_virtual_environments_pip_wheel() {
     };
     assert!(reported.contains("invalid ELF header"), "{v}");
 }
+
+/// A cuBLASLt at `path` with every entry point flint binds (none is called: doctor only checks
+/// them and asks the version, `version` in cuBLASLt's MAJOR * 10000 + MINOR * 100 + PATCH).
+fn fake_cublaslt(path: &Path, version: u32) {
+    let entries: String = [
+        "Create",
+        "Destroy",
+        "Matmul",
+        "MatmulAlgoGetHeuristic",
+        "MatmulDescCreate",
+        "MatmulDescDestroy",
+        "MatmulDescSetAttribute",
+        "MatmulPreferenceCreate",
+        "MatmulPreferenceDestroy",
+        "MatmulPreferenceSetAttribute",
+        "MatrixLayoutCreate",
+        "MatrixLayoutDestroy",
+        "MatrixLayoutSetAttribute",
+    ]
+    .iter()
+    .map(|e| format!("int cublasLt{e}(void) {{ return 0; }}\n"))
+    .collect();
+    shared_library(
+        path,
+        &format!("{entries}unsigned long cublasLtGetVersion(void) {{ return {version}; }}\n"),
+    );
+}
+
+/// cudarc, which flint calls the driver and cuBLASLt through, asks the loader for
+/// `libcuda.so` and `libcublasLt.so` before the sonames flint found and checked: when those
+/// names are other files (a toolkit's lib64 or stubs on the path), doctor says so, and another
+/// driver version keeps flint off the GPU. Links to the checked files, or copies of the same
+/// driver, are no problem.
+#[test]
+fn doctor_reports_libraries_cudarc_would_open_instead_of_the_checked_ones() {
+    let dir = Scratch::new();
+    let driver = driver_returning(&dir, 0, 0);
+    let others = dir.path("others");
+    std::fs::create_dir_all(&others).unwrap();
+    shared_library(
+        &others.join("libcuda.so"),
+        "int cuInit(unsigned f) { return 0; }\nint cuDriverGetVersion(int *v) { *v = 12000; return 0; }\n",
+    );
+    let cublas = dir.path("cublas");
+    std::fs::create_dir_all(&cublas).unwrap();
+    fake_cublaslt(&cublas.join("libcublasLt.so.13"), 130401);
+    fake_cublaslt(&others.join("libcublasLt.so"), 130100);
+    let path = std::env::join_paths([&driver, &cublas, &others]).unwrap();
+    let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", Path::new(&path))], &[]);
+    assert_eq!(code, Some(0), "{v}");
+    assert_eq!(
+        v["device"], "cpu",
+        "another driver file blocks the GPU: {v}"
+    );
+    let problem = |file: &str| {
+        v["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| {
+                let what = p["what"].as_str().unwrap();
+                what.starts_with("cudarc") && what.contains(file)
+            })
+            .unwrap_or_else(|| panic!("no problem naming {file}: {v}"))
+            .clone()
+    };
+    let driver_problem = problem(&others.join("libcuda.so").display().to_string());
+    assert_eq!(driver_problem["blocking"], true, "{driver_problem}");
+    let blas = problem(&others.join("libcublasLt.so").display().to_string());
+    assert!(blas["what"].as_str().unwrap().contains("13.1.0"), "{blas}");
+    // A CUDA 13 cuBLASLt on a CUDA 13 driver runs: worth knowing, not blocking.
+    assert_eq!(blas["blocking"], false, "{blas}");
+    assert!(blas["fix"].as_str().unwrap().contains("ln -sf"), "{blas}");
+
+    // The same names as a link to the cuBLASLt flint checked, and a copy of its driver: nothing
+    // to report.
+    let links = dir.path("links");
+    std::fs::create_dir_all(&links).unwrap();
+    std::fs::copy(driver.join("libcuda.so.1"), links.join("libcuda.so")).unwrap();
+    std::os::unix::fs::symlink(
+        cublas.join("libcublasLt.so.13"),
+        links.join("libcublasLt.so"),
+    )
+    .unwrap();
+    let path = std::env::join_paths([&driver, &cublas, &links, &others]).unwrap();
+    let (_, v) = doctor_json(&[("LD_LIBRARY_PATH", Path::new(&path))], &[]);
+    assert!(
+        !problem_whats(&v).iter().any(|w| w.starts_with("cudarc")),
+        "{v}"
+    );
+}

@@ -5,9 +5,12 @@
 //! environment or the `nvidia-*` wheels pip installed with PyTorch. cudarc opens libraries by
 //! their soname through the system loader, which knows none of the pip or conda folders, so we
 //! search those folders ourselves and open what we find by its full path first: the loader then
-//! hands cudarc the same, already loaded library when it asks for the soname.
+//! hands cudarc the same, already loaded library when it asks for the soname. cudarc asks for
+//! the unversioned names first, though, which the loader may resolve to other files:
+//! [`cudarc_binding`] finds those out.
 
 use super::isolate;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -233,6 +236,64 @@ fn find(lib: Lib, dirs: &[PathBuf]) -> Option<Found> {
         loaded: Err(e),
         skipped,
     })
+}
+
+/// The file cudarc opens for `lib` when that is another file than the one flint found, checked
+/// and reports (`Ok(None)` when they are one file, or for a library flint binds itself). cudarc
+/// asks the loader for its own list of names, the unversioned `libcuda.so` and
+/// `libcublasLt.so` first, before the sonames flint loaded; under such a name the loader may
+/// find another copy (a toolkit's `lib64`, or its `lib64/stubs`, on LD_LIBRARY_PATH or in
+/// /etc/ld.so.cache). `Err` when opening it crashes, or it lacks the entry point looked up.
+pub fn cudarc_binding(lib: Lib) -> Result<Option<PathBuf>, String> {
+    let Some(found) = loaded(lib) else {
+        return Ok(None);
+    };
+    // SAFETY: cudarc's `culib` only opens the library (running its initialisers, first in a
+    // child below); the symbol's address is read, never called.
+    let entry = || unsafe {
+        let (library, symbol) = match lib {
+            Lib::Driver => (cudarc::driver::sys::culib(), "cuInit"),
+            Lib::CublasLt => (cudarc::cublaslt::sys::culib(), "cublasLtCreate"),
+            Lib::Nvrtc | Lib::Nccl => return Ok(None),
+        };
+        library
+            .get::<*const ()>(symbol.as_bytes())
+            .map(|address| Some(*address))
+            .map_err(|e| format!("has no {symbol}: {}", loader_message(&e)))
+    };
+    // The sonames flint loaded end cudarc's list, so it finds a library and does not panic.
+    isolate::survives(&format!("the {} cudarc opens", lib.name()), || {
+        let _ = entry();
+    })?;
+    let Some(address) = entry()? else {
+        return Ok(None);
+    };
+    let file = file_of(address).ok_or("its file is unknown (dladdr)")?;
+    Ok((!same_file(&file, &found.path)).then_some(file))
+}
+
+/// The file the code at `address` was loaded from.
+fn file_of(address: *const ()) -> Option<PathBuf> {
+    // SAFETY: dladdr only reads the loader's tables; `dli_fname` points into them.
+    unsafe {
+        let mut info: libc::Dl_info = std::mem::zeroed();
+        if libc::dladdr(address.cast(), &mut info) == 0 || info.dli_fname.is_null() {
+            return None;
+        }
+        let name = std::ffi::CStr::from_ptr(info.dli_fname);
+        Some(PathBuf::from(std::ffi::OsStr::from_bytes(name.to_bytes())))
+    }
+}
+
+/// Whether two paths name one file (links followed): the loader maps a file once. Only two
+/// files that both exist can be told apart (a bare soname, when `/proc` could not say where
+/// the loader found it, counts as the same).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => true,
+    }
 }
 
 /// The file a loaded library whose name starts with `stem` (`libcuda.so`) was mapped from, from
