@@ -927,10 +927,11 @@ fn doctor_takes_the_nvrtc_the_driver_can_run() {
     }
 }
 
-/// A driver with one GPU (sm_90) whose `cuInit` and `cuDevicePrimaryCtxRetain` return the given
-/// status codes, and which names no code (as for one it does not know).
-fn driver_returning(dir: &Scratch, init: i32, retain: i32) -> PathBuf {
-    let folder = dir.path(&format!("driver-{init}-{retain}"));
+/// A driver with one GPU (sm_90) whose `cuInit`, `cuDevicePrimaryCtxRetain` and
+/// `cuDeviceGetName` return the given status codes, and which names no code (as for one it
+/// does not know).
+fn driver_returning(dir: &Scratch, init: i32, retain: i32, name: i32) -> PathBuf {
+    let folder = dir.path(&format!("driver-{init}-{retain}-{name}"));
     std::fs::create_dir_all(&folder).unwrap();
     shared_library(
         &folder.join("libcuda.so.1"),
@@ -941,7 +942,7 @@ fn driver_returning(dir: &Scratch, init: i32, retain: i32) -> PathBuf {
              int cuDeviceGetCount(int *c) {{ *c = 1; return 0; }}\n\
              int cuDeviceGet(int *d, int i) {{ *d = i; return 0; }}\n\
              int cuDeviceGetAttribute(int *v, int a, int d) {{ *v = a == 75 ? 9 : a == 76 ? 0 : 100; return 0; }}\n\
-             int cuDeviceGetName(char *n, int len, int d) {{ n[0] = 'G'; n[1] = 0; return 0; }}\n\
+             int cuDeviceGetName(char *n, int len, int d) {{ n[0] = 'G'; n[1] = 0; return {name}; }}\n\
              int cuDeviceTotalMem_v2(size_t *b, int d) {{ *b = (size_t)1 << 34; return 0; }}\n\
              int cuDevicePrimaryCtxRetain(void **c, int d) {{ return {retain}; }}\n\
              int cuDevicePrimaryCtxRelease_v2(int d) {{ return 0; }}\n\
@@ -961,7 +962,7 @@ fn driver_returning(dir: &Scratch, init: i32, retain: i32) -> PathBuf {
 #[test]
 fn doctor_reports_unknown_driver_codes_and_gpus_that_do_not_open() {
     let dir = Scratch::new();
-    let driver = driver_returning(&dir, 1001, 0);
+    let driver = driver_returning(&dir, 1001, 0, 0);
     let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", &driver)], &[]);
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["device"], "cpu");
@@ -971,8 +972,21 @@ fn doctor_reports_unknown_driver_codes_and_gpus_that_do_not_open() {
             .any(|w| w.contains("cuInit failed") && w.contains("(1001)")),
         "{v}"
     );
+    // The CUDA version the driver library reports is known without cuInit.
+    assert_eq!(v["driver"]["cuda"], "13.0", "{v}");
 
-    let driver = driver_returning(&dir, 0, 46);
+    // A GPU whose properties cannot be read is left out, and said.
+    let driver = driver_returning(&dir, 0, 0, 999);
+    let (_, v) = doctor_json(&[("LD_LIBRARY_PATH", &driver)], &[]);
+    assert_eq!(v["gpus"].as_array().unwrap().len(), 0, "{v}");
+    assert!(
+        problem_whats(&v)
+            .iter()
+            .any(|w| w.contains("cannot read the properties of cuda:0") && w.contains("(999)")),
+        "{v}"
+    );
+
+    let driver = driver_returning(&dir, 0, 46, 0);
     let (code, v) = doctor_json(&[("LD_LIBRARY_PATH", &driver)], &[]);
     assert_eq!(code, Some(0), "{v}");
     assert_eq!(v["device"], "cpu", "{v}");
@@ -1034,7 +1048,7 @@ fn doctor_survives_truncated_and_stub_drivers_and_names_old_ones() {
         &stub.join("libcuda.so.1"),
         "int cuDriverGetVersion(int *v) { return 34; }\nint cuInit(unsigned f) { return 34; }\n",
     );
-    let real = driver_returning(&dir, 0, 46);
+    let real = driver_returning(&dir, 0, 46, 0);
     let path = std::env::join_paths([&stub, &real]).unwrap();
     let (_, v) = doctor_json(&[("LD_LIBRARY_PATH", Path::new(&path))], &[]);
     let driver = &v["libraries"][0];
@@ -1356,7 +1370,7 @@ fn fake_cublaslt(path: &Path, version: u32) {
 #[test]
 fn doctor_reports_libraries_cudarc_would_open_instead_of_the_checked_ones() {
     let dir = Scratch::new();
-    let driver = driver_returning(&dir, 0, 0);
+    let driver = driver_returning(&dir, 0, 0, 0);
     let others = dir.path("others");
     std::fs::create_dir_all(&others).unwrap();
     shared_library(

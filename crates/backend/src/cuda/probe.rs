@@ -103,14 +103,15 @@ pub fn probe() -> GpuProbe {
         p.libraries.push(library_status(lib, found));
     }
     let driver_ok = library_problems(&mut p);
-    // Before the driver is initialised: the check forks.
     if driver_ok {
+        // Before the driver is initialised: the check forks.
         cudarc_problems(&mut p);
-    }
-    if driver_ok {
+        // Known even when the driver then fails to start, for `driver_too_old`.
+        p.driver_cuda = libs::loaded(Lib::Driver)
+            .and_then(|d| libs::driver_cuda_version(&d.path).ok())
+            .map(cuda_version);
         match probe_driver() {
-            Ok((cuda, gpus, problems)) => {
-                p.driver_cuda = Some(cuda);
+            Ok((gpus, problems)) => {
                 p.gpus = gpus;
                 p.problems.extend(problems);
             }
@@ -210,7 +211,8 @@ fn library_version(lib: Lib, found: &libs::Found) -> Result<String, String> {
             Lib::Driver => {
                 let v = libs::driver_cuda_version(&found.path)
                     .map_err(|e| format!("is not a usable {} ({e})", lib.name()))?;
-                Ok(format!("CUDA {}.{}", v / 1000, (v % 1000) / 10))
+                let (major, minor) = cuda_version(v);
+                Ok(format!("CUDA {major}.{minor}"))
             }
             Lib::Nvrtc => {
                 let f = l
@@ -393,7 +395,7 @@ fn remove_hint(file: &str) -> String {
 }
 
 /// Initialises the driver and lists the GPUs, with a problem for each that cannot be opened.
-type DriverFacts = ((i32, i32), Vec<Gpu>, Vec<Problem>);
+type DriverFacts = (Vec<Gpu>, Vec<Problem>);
 
 fn probe_driver() -> Result<DriverFacts, Problem> {
     let unusable = |e: String| Problem {
@@ -408,11 +410,10 @@ fn probe_driver() -> Result<DriverFacts, Problem> {
         .ok_or_else(|| "it did not load".to_string())
         .and_then(|d| libs::driver_cuda_version(&d.path))
         .map_err(unusable)?;
-    let cuda = (v / 1000, (v % 1000) / 10);
     // A driver older than CUDA 12 lacks entry points flint binds (and cannot run its
     // libraries): its version alone decides, and `driver_too_old` says what to do.
     if v < 12000 {
-        return Ok((cuda, Vec::new(), Vec::new()));
+        return Ok((Vec::new(), Vec::new()));
     }
     let driver = Driver::load().map_err(unusable)?;
     let failed = |e: DriverError| {
@@ -434,10 +435,26 @@ fn probe_driver() -> Result<DriverFacts, Problem> {
     driver.init().map_err(failed)?;
     let count = driver.device_count().map_err(failed)?;
     let mut problems = Vec::new();
+    // A GPU whose properties cannot be read is left out of the list, with the reason.
     let gpus = (0..count)
-        .filter_map(|i| gpu(&driver, i, &mut problems).ok())
+        .filter_map(|i| {
+            gpu(&driver, i, &mut problems)
+                .map_err(|e| {
+                    problems.push(Problem {
+                        what: format!("cannot read the properties of cuda:{i}: {e}"),
+                        fix: "check `nvidia-smi`; choose another GPU with --device cuda:N, or train on the CPU with --device cpu".into(),
+                        blocking: false,
+                    })
+                })
+                .ok()
+        })
         .collect();
-    Ok((cuda, gpus, problems))
+    Ok((gpus, problems))
+}
+
+/// `(major, minor)` of a CUDA version as the driver gives it (`13000` is 13.0).
+fn cuda_version(v: i32) -> (i32, i32) {
+    (v / 1000, (v % 1000) / 10)
 }
 
 /// What to do about a stub `libcuda.so.1`.
