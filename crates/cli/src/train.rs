@@ -6,7 +6,7 @@ use flint_train::schedule::LrSchedule;
 use flint_train::trainer::config::{default_setting, TrainOptions};
 use flint_train::trainer::{self, Observer, Started, StepMetrics};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::cell::Cell;
+use std::cell::RefCell;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -123,7 +123,8 @@ struct Printer {
     /// Set when a line cannot be written (`flint train | head` closed the pipe): the run then
     /// stops as on Ctrl-C, after a checkpoint, instead of dying mid-step.
     stop: Arc<AtomicBool>,
-    closed: Cell<bool>,
+    /// Why the output could not be written, once it could not.
+    closed: RefCell<Option<std::io::Error>>,
 }
 
 impl Printer {
@@ -135,8 +136,8 @@ impl Printer {
     }
 
     fn write(&self, mut to: impl Write, text: &str) {
-        if writeln!(to, "{text}").is_err() {
-            self.closed.set(true);
+        if let Err(e) = writeln!(to, "{text}") {
+            self.closed.borrow_mut().get_or_insert(e);
             self.stop.store(true, Ordering::SeqCst);
         }
     }
@@ -156,7 +157,8 @@ impl Observer for Printer {
         ));
         self.line(&format!("run: {}", s.run.display()));
         if s.first_step > s.steps {
-            // Checkpointed at --steps, then stopped before the model was written.
+            // Checkpointed at --steps, then killed before the model was written, or resumed
+            // with --steps equal to the checkpoint's step.
             self.line(&format!(
                 "resuming after step {}, the last: no step left to train",
                 s.steps
@@ -167,7 +169,9 @@ impl Observer for Printer {
         if self.verbose {
             self.line(&s.plan);
         }
-        if std::io::stdout().is_terminal() {
+        // The bar draws on stderr, and the lines printed above it go there too: only when both
+        // are a terminal, else plain lines on stdout.
+        if std::io::stdout().is_terminal() && std::io::stderr().is_terminal() {
             let bar = ProgressBar::new(s.steps);
             bar.set_style(
                 ProgressStyle::with_template("{bar:30} step {pos}/{len} {msg} eta {eta}")
@@ -275,10 +279,11 @@ pub fn run(a: Args, device: Option<String>, threads: Option<usize>, verbose: boo
         bar: None,
         verbose,
         stop: stop.clone(),
-        closed: Cell::new(false),
+        closed: RefCell::new(None),
     };
     let done = trainer::train(options, a.resume.as_deref(), &stop, &mut printer)?;
-    if let Some(bar) = &printer.bar {
+    // The closing lines go to stdout, not above a bar that is gone.
+    if let Some(bar) = printer.bar.take() {
         bar.finish_and_clear();
     }
     if done.interrupted {
@@ -288,10 +293,13 @@ pub fn run(a: Args, device: Option<String>, threads: Option<usize>, verbose: boo
             done.run.display()
         );
         printer.line(&line);
-        if printer.closed.get() {
+        let closed = printer.closed.borrow_mut().take();
+        if let Some(e) = closed {
             printer.write(
                 std::io::stderr(),
-                &format!("warning: the output was closed, so training stopped; {line}"),
+                &format!(
+                    "warning: the output could not be written ({e}), so training stopped; {line}"
+                ),
             );
         }
         return Ok(true);

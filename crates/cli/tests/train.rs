@@ -127,6 +127,18 @@ fn bad_training_flags_are_one_line_errors() {
         &["train", "--init-from", &missing, "--out", &out],
         &["--init-from", "no such folder"],
     );
+    let file = dir.join("model.safetensors");
+    std::fs::write(&file, b"").unwrap();
+    assert_rejected(
+        &[
+            "train",
+            "--init-from",
+            file.to_str().unwrap(),
+            "--out",
+            &out,
+        ],
+        &["--init-from", "a file, not a folder"],
+    );
     let heads = ["train", "--n-head", "3", "--n-layer", "2", "--out", &out];
     assert_rejected(&heads, &["--n-head 3", "--n-layer 2", "n_head"]);
     let out_of_heads = flint(&heads);
@@ -285,10 +297,35 @@ fn a_closed_output_stops_the_run_with_a_checkpoint() {
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(130), "{stderr}");
-    assert!(stderr.contains("the output was closed"), "{stderr}");
+    assert!(
+        stderr.contains("the output could not be written") && stderr.contains("Broken pipe"),
+        "{stderr}"
+    );
     let stopped = losses(&run).len();
     assert_checkpointed_last_step(&run, stopped);
     assert_resumes_like_an_uninterrupted_run(&run, &clean, stopped + 2);
+
+    // Closed during the last step, the run finishes as one: exit status 0, its model written.
+    let (finished, steps) = (dir.join("finished"), "4");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flint"))
+        .args(small(&[
+            "--steps",
+            steps,
+            "--out",
+            finished.to_str().unwrap(),
+        ]))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while !lines.next().unwrap().unwrap().starts_with("step 3/") {}
+    drop(lines);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(finished.join("model/model.safetensors").is_file());
+    assert_checkpointed_last_step(&finished, 4);
 }
 
 #[test]
@@ -626,6 +663,10 @@ fn a_run_killed_before_its_model_resumes_to_write_it() {
     ])));
     let model = std::fs::read(run.join("model/model.safetensors")).unwrap();
     std::fs::remove_dir_all(run.join("model")).unwrap();
+    // A new run in the folder is refused, with the --resume that writes the model.
+    let args = small(&["--steps", "2", "--out", run.to_str().unwrap()]);
+    let write_it = format!("flint train --resume {}", run.display());
+    assert_rejected(&args, &["model/ was not written", &write_it]);
     let out = succeeds(flint(&["train", "--resume", run.to_str().unwrap()]));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -641,6 +682,24 @@ fn a_run_killed_before_its_model_resumes_to_write_it() {
         &["train", "--resume", run.to_str().unwrap()],
         &["finished at its last step", "--steps 4"],
     );
+    // Trained further to step 4, then killed before its model: the model/ left is step 2's,
+    // older than the last checkpoint, which does not make the run finished.
+    let weights = run.join("model/model.safetensors");
+    let before = std::fs::metadata(&weights).unwrap().modified().unwrap();
+    let resume = ["train", "--resume", run.to_str().unwrap(), "--steps", "4"];
+    succeeds(flint(&resume));
+    let step_4 = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &model).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&weights)
+        .unwrap()
+        .set_modified(before)
+        .unwrap();
+    let out = succeeds(flint(&["train", "--resume", run.to_str().unwrap()]));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("no step left to train"), "{stdout}");
+    assert_eq!(std::fs::read(&weights).unwrap(), step_4);
 }
 
 /// A new run refuses a folder that is not a run (it would write over the files there), and

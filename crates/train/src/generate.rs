@@ -3,6 +3,7 @@
 
 use crate::data::Tokenizer;
 use crate::hf::load_gpt2;
+use crate::run::folder;
 use crate::trainer::checkpoint;
 use crate::trainer::config::TrainOptions;
 use crate::trainer::resume::same_tokenizer;
@@ -174,16 +175,11 @@ struct Weights {
 /// samples `ckpt.pt`. Read only: a damaged checkpoint is passed over, never moved.
 fn run_weights(run: &Path, tokenizer: Option<&str>) -> Result<Weights> {
     let model = run.join("model");
-    // model.safetensors is written after config.json: both, or the model is not there yet.
-    let weights = model.join("model.safetensors");
-    let model_time = (model.join("config.json").is_file())
-        .then(|| std::fs::metadata(&weights).and_then(|m| m.modified()).ok())
-        .flatten();
+    let model_time = folder::model_time(run);
     let checkpoints = checkpoint::complete(run)?;
-    let checkpoint_time = checkpoints.last().and_then(|dir| {
-        let state = std::fs::metadata(dir.join("state.json")).ok()?;
-        state.modified().ok()
-    });
+    let checkpoint_time = checkpoints
+        .last()
+        .and_then(|dir| folder::checkpoint_time(dir));
     let from_model = |notes: Vec<String>| -> Result<Weights> {
         // The copy in RUN/model first: the path in config.toml may be relative to where the
         // run was started.

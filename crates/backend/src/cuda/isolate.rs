@@ -78,10 +78,10 @@ fn wait(what: &str, pid: libc::pid_t, done: libc::c_int) -> Result<(), String> {
             0 if start.elapsed() < LIMIT => {
                 // A silent wait of up to a minute would look like a hang.
                 if !told && start.elapsed() > PATIENCE {
-                    eprintln!(
-                        "note: {what} is slow to load; a library that has not loaded within {} s is passed over",
+                    super::note(&format!(
+                        "{what} is slow to load; a library that has not loaded within {} s is passed over",
                         LIMIT.as_secs()
-                    );
+                    ));
                     told = true;
                 }
                 std::thread::sleep(Duration::from_millis(2))

@@ -111,9 +111,9 @@ impl Cuda {
                 difference: Some(err),
             }),
             Ok(err) => {
-                eprintln!(
-                    "note: {what} is off on {device}: its self-test differs from the plain path by {err:.1e} (more than {TOLERANCE:.0e}); {instead}"
-                );
+                super::note(&format!(
+                    "{what} is off on {device}: its self-test differs from the plain path by {err:.1e} (more than {TOLERANCE:.0e}); {instead}"
+                ));
                 Ok(Verdict {
                     difference: Some(err),
                 })
@@ -122,9 +122,9 @@ impl Cuda {
                 if let Err(fault) = self.synchronize() {
                     anyhow::bail!("the GPU failed in the self-test of {what} ({e:#}): {fault:#}");
                 }
-                eprintln!(
-                    "note: {what} is off on {device}: its self-test failed ({e:#}); {instead}"
-                );
+                super::note(&format!(
+                    "{what} is off on {device}: its self-test failed ({e:#}); {instead}"
+                ));
                 Ok(Verdict { difference: None })
             }
         }

@@ -4,10 +4,11 @@
 use crate::files::remove_dead_temporaries;
 use crate::trainer::checkpoint;
 use crate::trainer::config::TrainOptions;
-use crate::trainer::resume::finished;
+use crate::trainer::resume::{finished, train_further};
 use anyhow::{bail, Context, Result};
 use std::fs::{File, TryLockError};
 use std::path::Path;
+use std::time::SystemTime;
 
 /// Held while a process trains in the folder; released when dropped (or the process ends).
 const LOCK: &str = ".flint.lock";
@@ -96,15 +97,22 @@ fn refuse_other_folders(dir: &Path) -> Result<()> {
 /// A run with checkpoints continues with `--resume`; one with a model (its checkpoints deleted
 /// to save space) is finished. Neither is started over.
 fn refuse_finished_run(dir: &Path) -> Result<()> {
-    if !checkpoint::complete(dir)?.is_empty() {
+    if let Some(newest) = checkpoint::complete(dir)?.last() {
         // One that reached its last step resumes only with a larger --steps: say so, rather
         // than point at a --resume that is then refused.
         if let Some(state) = checkpoint::newest_state(dir).filter(finished) {
+            if model_is_current(dir, newest) {
+                bail!(
+                    "--out {0}: this run finished at step {1}; train it further with `{2}`, or give --out a new folder (with `--init-from {0}/model` to start from its model)",
+                    dir.display(),
+                    state.step,
+                    train_further(dir, state.step)
+                );
+            }
             bail!(
-                "--out {0}: this run finished at step {1}; train it further with `flint train --resume {0} --steps {2}`, or give --out a new folder (with `--init-from {0}/model` to start from its model)",
+                "--out {0}: this run's last step, {1}, is checkpointed but its model/ was not written; write it with `flint train --resume {0}`, or choose another --out",
                 dir.display(),
-                state.step,
-                state.step.saturating_mul(2)
+                state.step
             );
         }
         bail!(
@@ -112,13 +120,41 @@ fn refuse_finished_run(dir: &Path) -> Result<()> {
             dir.display()
         );
     }
-    if dir.join("model/config.json").exists() {
+    if model_time(dir).is_some() {
         bail!(
             "--out {}: this run has finished (it holds model/); choose another --out",
             dir.display()
         );
     }
     Ok(())
+}
+
+/// When `RUN/model/` was completed (its `model.safetensors`, written after `config.json`);
+/// `None` while it is not there.
+pub fn model_time(run: &Path) -> Option<SystemTime> {
+    let model = run.join("model");
+    if !model.join("config.json").is_file() {
+        return None;
+    }
+    std::fs::metadata(model.join("model.safetensors"))
+        .and_then(|m| m.modified())
+        .ok()
+}
+
+/// When the checkpoint folder `dir` was committed (its `state.json`, written last).
+pub fn checkpoint_time(dir: &Path) -> Option<SystemTime> {
+    std::fs::metadata(dir.join("state.json"))
+        .and_then(|m| m.modified())
+        .ok()
+}
+
+/// Whether `RUN/model/` was written no earlier than the checkpoint `dir`: the model of that step
+/// or a later one, not one that an earlier end (or a Ctrl-C) left before the run went on.
+pub fn model_is_current(run: &Path, dir: &Path) -> bool {
+    match (model_time(run), checkpoint_time(dir)) {
+        (Some(model), Some(checkpoint)) => model >= checkpoint,
+        _ => false,
+    }
 }
 
 /// Removes what a kill mid-write leaves: half-written checkpoints (`checkpoints/.tmp_step_N_PID`,

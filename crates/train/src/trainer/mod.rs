@@ -21,7 +21,9 @@ use config::{TrainConfig, TrainOptions};
 use flint_backend::{Backend, Precision};
 use flint_model::gpt::{self, Gpt, GptConfig};
 use flint_model::BatchShape;
-use resume::{changed_settings, finished, refuse_changes_on_resume, same_model, same_tokenizer};
+use resume::{
+    changed_settings, finished, refuse_changes_on_resume, same_model, same_tokenizer, train_further,
+};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -258,7 +260,11 @@ fn train_on<B: Backend>(
                 bail!(
                     "--init-from {}: {}; give a transformers GPT-2 folder (config.json + model.safetensors, as save_pretrained writes), e.g. a run's model/",
                     dir.display(),
-                    if dir.is_dir() { "no config.json in it" } else { "no such folder" }
+                    match (dir.is_dir(), dir.exists()) {
+                        (true, _) => "no config.json in it",
+                        (false, true) => "a file, not a folder",
+                        (false, false) => "no such folder",
+                    }
                 );
             }
             let (mut m, params) = hf::load_gpt2(dir)?;
@@ -353,14 +359,13 @@ fn train_on<B: Backend>(
             }
             // Finished: its last step checkpointed and its model written (a kill between the
             // two leaves the model to write).
-            let has_model = run.join("model/model.safetensors").is_file();
+            let has_model = folder::model_is_current(&run, &ck.dir);
             if cfg.steps == ck.state.step && finished(&ck.state) && has_model {
                 bail!(
-                    "{}: this run finished at its last step, {}; to train it further give a larger --steps, e.g. flint train --resume {} --steps {}",
+                    "{}: this run finished at its last step, {}; to train it further give a larger --steps, e.g. {}",
                     run.display(),
                     cfg.steps,
-                    run.display(),
-                    cfg.steps.saturating_mul(2)
+                    train_further(&run, cfg.steps)
                 );
             }
             // Equal otherwise: killed before the model was written, or cut short with
@@ -586,7 +591,9 @@ fn train_on<B: Backend>(
             validation.log(step, &mut model, &mut metrics, &mut events, obs)?;
         }
         events.flush()?;
-        interrupted = stop.load(Ordering::SeqCst);
+        // A stop during the last step finds the run finished: it ends as one, not as a run to
+        // resume (which would then be refused as finished).
+        interrupted = stop.load(Ordering::SeqCst) && !last;
         if every(step, cfg.checkpoint_every) || last || interrupted {
             metrics.sync()?;
             events.sync()?;

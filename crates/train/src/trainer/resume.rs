@@ -29,6 +29,15 @@ pub(super) fn same_model(ck: &checkpoint::Loaded, model: &GptConfig, run: &Path)
     Ok(())
 }
 
+/// The command that trains `run`, finished at `step`, as far again.
+pub(crate) fn train_further(run: &Path, step: u64) -> String {
+    format!(
+        "flint train --resume {} --steps {}",
+        run.display(),
+        step.saturating_mul(2)
+    )
+}
+
 /// Whether the checkpoint is its run's last step (the steps it was written with), rather than
 /// that of an interrupted run.
 pub(crate) fn finished(state: &checkpoint::State) -> bool {
