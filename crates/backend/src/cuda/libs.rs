@@ -238,38 +238,83 @@ fn find(lib: Lib, dirs: &[PathBuf]) -> Option<Found> {
     })
 }
 
-/// The file cudarc opens for `lib` when that is another file than the one flint found, checked
-/// and reports (`Ok(None)` when they are one file, or for a library flint binds itself). cudarc
-/// asks the loader for its own list of names, the unversioned `libcuda.so` and
+/// A file cudarc would open for a library in place of the one flint found and checked.
+pub struct OtherFile {
+    /// The name cudarc asked the loader for (`libcublasLt.so`).
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// The file cudarc would open for `lib` when that is another file than the one flint found,
+/// checked and reports (`Ok(None)` when they are one file, or for a library flint binds
+/// itself). cudarc asks the loader for its own list of names, the unversioned `libcuda.so` and
 /// `libcublasLt.so` first, before the sonames flint loaded; under such a name the loader may
 /// find another copy (a toolkit's `lib64`, or its `lib64/stubs`, on LD_LIBRARY_PATH or in
-/// /etc/ld.so.cache). `Err` when opening it crashes, or it lacks the entry point looked up.
-pub fn cudarc_binding(lib: Lib) -> Result<Option<PathBuf>, String> {
+/// /etc/ld.so.cache). `Err` when opening it crashes, or it lacks an entry point flint calls
+/// (cudarc would panic on the call).
+pub fn cudarc_binding(lib: Lib) -> Result<Option<OtherFile>, String> {
     let Some(found) = loaded(lib) else {
         return Ok(None);
     };
-    // SAFETY: cudarc's `culib` only opens the library (running its initialisers, first in a
-    // child below); the symbol's address is read, never called.
-    let entry = || unsafe {
-        let (library, symbol) = match lib {
-            Lib::Driver => (cudarc::driver::sys::culib(), "cuInit"),
-            Lib::CublasLt => (cudarc::cublaslt::sys::culib(), "cublasLtCreate"),
-            Lib::Nvrtc | Lib::Nccl => return Ok(None),
-        };
-        library
-            .get::<*const ()>(symbol.as_bytes())
-            .map(|address| Some(*address))
-            .map_err(|e| format!("has no {symbol}: {}", loader_message(&e)))
+    let (stems, symbols): (&[&str], &[&str]) = match lib {
+        Lib::Driver => (&["cuda", "nvcuda"], &["cuInit"]),
+        Lib::CublasLt => (&["cublasLt"], lib.symbols()),
+        Lib::Nvrtc | Lib::Nccl => return Ok(None),
     };
-    // The sonames flint loaded end cudarc's list, so it finds a library and does not panic.
+    let names: Vec<String> = stems
+        .iter()
+        .flat_map(|stem| cudarc::get_lib_name_candidates(stem))
+        .collect();
+    // As cudarc's `culib` does: the first name that opens. Opening runs the file's initialisers,
+    // so first in a child.
+    // SAFETY: loading a library NVIDIA ships under a CUDA name, as cudarc would.
+    let first = || {
+        names.iter().find_map(|name| {
+            unsafe { libloading::Library::new(name) }
+                .ok()
+                .map(|library| (name, library))
+        })
+    };
     isolate::survives(&format!("the {} cudarc opens", lib.name()), || {
-        let _ = entry();
+        let _ = first();
     })?;
-    let Some(address) = entry()? else {
+    // The soname flint loaded is on cudarc's list, so some name opens.
+    let Some((name, library)) = first() else {
         return Ok(None);
     };
-    let file = file_of(address).ok_or("its file is unknown (dladdr)")?;
-    Ok((!same_file(&file, &found.path)).then_some(file))
+    let mut address = None;
+    for symbol in symbols {
+        // SAFETY: only the symbol's address is read; nothing is called.
+        match unsafe { library.get::<*const ()>(symbol.as_bytes()) } {
+            Ok(a) => address = address.or(Some(*a)),
+            Err(e) => {
+                return Err(format!(
+                    "as {name} has no {symbol} ({})",
+                    loader_message(&e)
+                ))
+            }
+        }
+    }
+    let file = address
+        .and_then(file_of)
+        .ok_or_else(|| format!("as {name}: its file is unknown (dladdr)"))?;
+    Ok((!same_file(&file, &found.path)).then(|| OtherFile {
+        name: name.clone(),
+        path: file,
+    }))
+}
+
+/// Whether two driver libraries are one release: their files' real names
+/// (`libcuda.so.580.65.06`) agree, whatever the links to them. The user-space driver must match
+/// the kernel module exactly, so another release does not run even where its CUDA version is
+/// the same.
+pub fn same_release(a: &Path, b: &Path) -> bool {
+    let real = |p: &Path| {
+        p.canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_owned()))
+    };
+    real(a).is_some() && real(a) == real(b)
 }
 
 /// The file the code at `address` was loaded from.

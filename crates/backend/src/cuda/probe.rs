@@ -243,12 +243,13 @@ fn library_version(lib: Lib, found: &libs::Found) -> Result<String, String> {
 
 /// Where cudarc, which flint calls the driver and cuBLASLt through, would open another file than
 /// the one flint checked and lists (see [`libs::cudarc_binding`]). Blocking when that file does
-/// not open or lacks an entry point, when it is another driver version (or a stub), or a
-/// cuBLASLt newer than the driver runs: the checks were not of what would run. A copy of the
-/// same driver is no problem, and another cuBLASLt the driver runs is worth knowing.
+/// not open or lacks an entry point, when it is another driver release (or a stub), or a
+/// cuBLASLt the driver cannot run: the checks were not of what would run. A copy of the same
+/// driver release is no problem, and another cuBLASLt the driver runs is worth knowing.
 fn cudarc_problems(p: &mut GpuProbe) {
-    let driver_cuda = |path: &std::path::Path| libs::driver_cuda_version(path).ok();
-    let checked_driver = libs::loaded(Lib::Driver).and_then(|d| driver_cuda(&d.path));
+    let driver_major = libs::loaded(Lib::Driver)
+        .and_then(|d| libs::driver_cuda_version(&d.path).ok())
+        .map(|v| cuda_version(v).0);
     for lib in [Lib::Driver, Lib::CublasLt] {
         let checked = found_path(lib);
         let (what, blocking) = match libs::cudarc_binding(lib) {
@@ -263,26 +264,29 @@ fn cudarc_problems(p: &mut GpuProbe) {
             Ok(Some(other)) => {
                 let found = libs::Found {
                     lib,
-                    path: other.clone(),
+                    path: other.path.clone(),
                     loaded: Ok(()),
                     skipped: Vec::new(),
                 };
                 let version = library_version(lib, &found);
                 let blocking = match (lib, &version) {
                     (_, Err(_)) => true,
-                    (Lib::Driver, Ok(_)) if driver_cuda(&other) == checked_driver => continue,
+                    (Lib::Driver, Ok(_)) if libs::same_release(&other.path, checked.as_ref()) => {
+                        continue
+                    }
                     (Lib::Driver, Ok(_)) => true,
                     (_, Ok(v)) => {
                         let major = v.split('.').next().and_then(|m| m.parse::<i32>().ok());
-                        matches!((major, checked_driver), (Some(m), Some(d)) if m > d / 1000)
+                        !matches!((major, driver_major), (Some(m), Some(d)) if (12..=d).contains(&m))
                     }
                 };
                 let version = version.unwrap_or_else(|e| e);
                 (
                     format!(
-                        "cudarc, which flint calls {0} through, would open {1} ({version}) instead of {checked}, the file checked here: it asks the loader for {0}.so first, and that name is {1}",
+                        "cudarc, which flint calls {} through, would open {} ({version}) instead of {checked}, the file checked here: it asks the loader for {} first, and that name is this other file",
                         lib.name(),
-                        other.display(),
+                        other.path.display(),
+                        other.name,
                     ),
                     blocking,
                 )
@@ -291,7 +295,7 @@ fn cudarc_problems(p: &mut GpuProbe) {
         p.problems.push(Problem {
             what,
             fix: format!(
-                "make {0}.so name {checked}: put a link to it first on the loader's path (`mkdir -p ~/.flint-libs && ln -sf {checked} ~/.flint-libs/{0}.so && export LD_LIBRARY_PATH=~/.flint-libs:$LD_LIBRARY_PATH`), or take the other file's folder out of LD_LIBRARY_PATH",
+                "make {0}.so name {checked}: put a link to it first on the loader's path (`mkdir -p ~/.flint-libs && ln -sf {checked} ~/.flint-libs/{0}.so && export LD_LIBRARY_PATH=~/.flint-libs${{LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}}`), or take the other file's folder out of LD_LIBRARY_PATH",
                 lib.name()
             ),
             blocking,
