@@ -102,6 +102,15 @@ fn a_training_run_matches_pytorch_step_by_step() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // The split first: a token more or less in either part shifts every window after it.
+    let data = &expected["data"];
+    let split = format!(
+        "data: {} training tokens, {} validation tokens",
+        data["train_tokens"], data["val_tokens"]
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&split), "expected `{split}` in:\n{stdout}");
+
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     let lines: Vec<Value> = metrics
         .lines()
