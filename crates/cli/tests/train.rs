@@ -278,25 +278,33 @@ fn assert_checkpointed_last_step(run: &Path, step: usize) {
     );
 }
 
+/// Runs `flint ARGS` and, as `head` does, closes its output once it has printed the line of step
+/// 3; returns its exit status and stderr.
+fn close_output_after_step_3(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flint"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    while !lines.next().unwrap().unwrap().starts_with("step 3/") {}
+    drop(lines);
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
 /// `flint train | head`: once the pipe is closed the run stops as on Ctrl-C, with a checkpoint
 /// of its last step, instead of dying between checkpoints; the reason goes to stderr.
 #[test]
 fn a_closed_output_stops_the_run_with_a_checkpoint() {
     let (_dir, dir) = scratch("pipe");
     let (run, clean) = (dir.join("run"), dir.join("clean"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flint"))
-        .args(small_run(&run, "100000"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    // As `head` does: read some lines, then close the pipe.
-    while !lines.next().unwrap().unwrap().starts_with("step 3/") {}
-    drop(lines);
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let (code, stderr) = close_output_after_step_3(&small_run(&run, "100000"));
+    assert_eq!(code, Some(130), "{stderr}");
     assert!(
         stderr.contains("the output could not be written") && stderr.contains("Broken pipe"),
         "{stderr}"
@@ -306,24 +314,10 @@ fn a_closed_output_stops_the_run_with_a_checkpoint() {
     assert_resumes_like_an_uninterrupted_run(&run, &clean, stopped + 2);
 
     // Closed during the last step, the run finishes as one: exit status 0, its model written.
-    let (finished, steps) = (dir.join("finished"), "4");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_flint"))
-        .args(small(&[
-            "--steps",
-            steps,
-            "--out",
-            finished.to_str().unwrap(),
-        ]))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    while !lines.next().unwrap().unwrap().starts_with("step 3/") {}
-    drop(lines);
-    let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let finished = dir.join("finished");
+    let args = small(&["--steps", "4", "--out", finished.to_str().unwrap()]);
+    let (code, stderr) = close_output_after_step_3(&args);
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(finished.join("model/model.safetensors").is_file());
     assert_checkpointed_last_step(&finished, 4);
 }
